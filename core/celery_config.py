@@ -1,0 +1,65 @@
+"""The Celery configuration both sides share: broker, results, delivery guarantees, names.
+
+The gateway and the worker each build their own `Celery` instance from this one function; the
+gateway never imports the worker and enqueues by `HARVEST_TASK_NAME`.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from core import embedded_redis
+from core.settings import Settings
+
+HARVEST_TASK_NAME = "projects.v1.harvest_page"
+
+# Bounds how long one attempt to reach the broker or the result backend may block a thread.
+SOCKET_CONNECT_TIMEOUT_SECONDS = 2.0
+SOCKET_TIMEOUT_SECONDS = 10.0
+
+
+def broker_and_backend(settings: Settings) -> tuple[str, str]:
+    """The URLs to use, starting the embedded Redis when no broker is configured."""
+    broker = settings.celery_broker_url or embedded_redis.ensure_running(settings.data_dir)
+    backend = settings.celery_result_backend or broker
+    return broker, backend
+
+
+def make_celery(settings: Settings, main: str) -> Celery:
+    broker, backend = broker_and_backend(settings)
+    app = Celery(main, broker=broker, backend=backend, set_as_current=False)
+    redis_socket_options = {
+        "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_SECONDS,
+        "socket_timeout": SOCKET_TIMEOUT_SECONDS,
+    }
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_default_queue=settings.task_queue,
+        # At-least-once: a message is acked only after the task ran, and is handed back when
+        # the process running it dies; storage is idempotent, so a second run is harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_track_started=True,
+        task_soft_time_limit=settings.task_soft_time_limit_seconds,
+        task_time_limit=settings.task_time_limit_seconds,
+        result_expires=settings.result_expires_seconds,
+        broker_transport_options={
+            "visibility_timeout": settings.broker_visibility_timeout_seconds,
+            **redis_socket_options,
+        },
+        broker_connection_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,
+        broker_connection_retry_on_startup=True,
+        redis_socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,
+        redis_socket_timeout=SOCKET_TIMEOUT_SECONDS,
+        redis_retry_on_timeout=True,
+        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        # One long-lived event loop per process serves a pool of threads (see worker.runtime),
+        # so the pool and its size are part of the configuration, not only of the command line.
+        worker_pool="threads",
+        worker_concurrency=settings.worker_concurrency,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+    )
+    return app

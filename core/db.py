@@ -1,0 +1,128 @@
+"""The database: table models shared by gateway and worker, and the one engine factory.
+
+`projects` holds what the worker harvests; the link (`url`) is a project's identity.
+`tasks` is the gateway's record of every task it issued, which every gateway instance sees, and
+which the worker marks when it starts a task (so GetStatus can tell a task never issued from one
+still queued, and a task redelivered after crashes from a fresh one).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    event,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# SQLite has no 64-bit autoincrement type name of its own; INTEGER PRIMARY KEY is its rowid.
+BigIntId = BigInteger().with_variant(Integer(), "sqlite")
+
+MAX_URL_LENGTH = 2048
+MAX_CLIENT_LENGTH = 64
+MAX_REQUEST_ID_LENGTH = 128
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp stored in UTC and always read back timezone-aware, on SQLite as on PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(
+        self, value: dt.datetime | None, dialect: Dialect
+    ) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Project(Base):
+    """A harvested project; one row per link."""
+
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    url: Mapped[str] = mapped_column(String(MAX_URL_LENGTH), unique=True)
+    title: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(Text, default="")
+    is_active: Mapped[bool] = mapped_column(Boolean)
+    start_date: Mapped[dt.date | None] = mapped_column(Date, nullable=True)
+    first_seen_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    # When a harvest last changed one of the fields above (first_seen_at until then).
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class TaskRecord(Base):
+    """A task the gateway issued: who asked, for which page, and what the worker saw of it."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("client", "request_id", name="uq_tasks_client_request_id"),
+        Index("ix_tasks_enqueued_at", "enqueued_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    client: Mapped[str] = mapped_column(String(MAX_CLIENT_LENGTH))
+    request_id: Mapped[str | None] = mapped_column(String(MAX_REQUEST_ID_LENGTH), nullable=True)
+    page: Mapped[int] = mapped_column(Integer)
+    enqueued_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # How many times a worker has started this task (Celery retries and crash redeliveries).
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    # Set by the reconciler when the broker lost the task: the task is then FAILURE with this.
+    lost_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers (GetStatus) run beside the one writer; the busy timeout makes concurrent
+    # writers (two workers, the gateway) wait their turn instead of failing "database is locked".
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    """The process's engine for `url` (SQLite through aiosqlite or PostgreSQL through asyncpg)."""
+    if url.startswith("sqlite"):
+        engine = create_async_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, pool_pre_ping=True
+        )
+        event.listen(engine.sync_engine, "connect", _tune_sqlite)
+        return engine
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=1800
+    )

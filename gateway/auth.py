@@ -1,0 +1,108 @@
+"""Bearer-token authentication of QueueService calls, as a server interceptor.
+
+Handlers never see tokens: the interceptor checks `authorization: Bearer <token>` against
+API_TOKENS in constant time and puts the client's name in `current_client` for the call.
+Health and reflection stay open so probes and `grpcurl list` need no token.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from core.settings import ApiToken
+from gateway.errors import Unauthenticated, to_status
+from projects.v1 import queue_service_pb2
+
+Metadata = Sequence[tuple[str, str | bytes]]
+current_client: contextvars.ContextVar[str] = contextvars.ContextVar("current_client")
+
+PROTECTED_PREFIX = f"/{queue_service_pb2.DESCRIPTOR.services_by_name['QueueService'].full_name}/"
+_SCHEME = "bearer "
+_HOW = "send metadata 'authorization: Bearer <token>' with a token from the gateway's API_TOKENS"
+
+
+class TokenTable:
+    """Known tokens; `identify` returns the client name for a presented token, in constant time."""
+
+    def __init__(self, tokens: Sequence[ApiToken]) -> None:
+        self._tokens = [(t.name, t.token.encode()) for t in tokens]
+
+    def identify(self, presented: str) -> str | None:
+        candidate = presented.encode()
+        found: str | None = None
+        # Compare against every token, without stopping early, so timing tells nothing.
+        for name, token in self._tokens:
+            if hmac.compare_digest(candidate, token):
+                found = name
+        return found
+
+
+def authenticate(metadata: Metadata | None, table: TokenTable) -> str:
+    """The client named by the call's `authorization` metadata, or Unauthenticated saying why."""
+    values = [value for key, value in metadata or () if key == "authorization"]
+    if not values:
+        raise Unauthenticated(f"missing authorization: {_HOW}")
+    if len(values) > 1:
+        raise Unauthenticated(f"more than one authorization header: {_HOW}")
+    value = values[0]
+    if isinstance(value, bytes) or not value.lower().startswith(_SCHEME):
+        raise Unauthenticated(f"authorization is not a bearer token: {_HOW}")
+    client = table.identify(value[len(_SCHEME) :].strip())
+    if client is None:
+        raise Unauthenticated(f"unknown token: {_HOW}")
+    return client
+
+
+Handler = grpc.RpcMethodHandler[Any, Any]
+
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+    def __init__(self, table: TokenTable) -> None:
+        self._table = table
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(PROTECTED_PREFIX):
+            return handler
+        try:
+            client = authenticate(handler_call_details.invocation_metadata, self._table)
+        except Unauthenticated as error:
+            return _refusal(handler, error)
+        return _as_client(handler, client)
+
+
+def _as_client(handler: Handler, client: str) -> Handler:
+    # The aio server awaits what the handler returns; the sync-typed stubs do not know that.
+    inner: Any = handler.unary_unary
+
+    async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        current_client.set(client)
+        return await inner(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _refusal(handler: Handler, error: Unauthenticated) -> Handler:
+    status = to_status(error)
+
+    async def behavior(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    return grpc.unary_unary_rpc_method_handler(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -1,0 +1,121 @@
+"""The gateway's side of Celery: publish a harvest by task name, read a task's state back.
+
+Every Celery, kombu or Redis call blocks, so each runs on a small thread pool of its own, never
+on the event loop. Broker and backend failures leave this module as `QueueUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+from kombu.exceptions import KombuError
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import RedisError
+
+from core.celery_config import HARVEST_TASK_NAME
+
+log = logging.getLogger(__name__)
+
+_QUEUE_ERRORS = (KombuError, KombuOperationalError, RedisError, OSError, TimeoutError)
+PUBLISH_RETRIES = 2
+
+
+class QueueUnavailable(Exception):
+    """The broker or the result backend did not answer in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class CeleryState:
+    """A task's state as the result backend holds it."""
+
+    status: str
+    result: Any
+    finished_at: dt.datetime | None
+
+
+class CeleryQueue:
+    def __init__(self, app: Celery, publish_timeout: float, threads: int = 16) -> None:
+        self._app = app
+        self._publish_timeout = publish_timeout
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-io")
+
+    async def _call(self, function: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, function, *args)
+        except _QUEUE_ERRORS as exc:
+            raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _publish(self, task_id: str, page: int, timeout: float) -> None:
+        # Bounded retries: kombu's default policy can keep a caller waiting far longer than any
+        # gRPC deadline while the broker is down.
+        interval = max(timeout / (PUBLISH_RETRIES + 1), 0.05)
+        self._app.send_task(
+            HARVEST_TASK_NAME,
+            args=[page],
+            task_id=task_id,
+            retry=True,
+            retry_policy={
+                "max_retries": PUBLISH_RETRIES,
+                "interval_start": 0,
+                "interval_step": interval,
+                "interval_max": interval,
+                "timeout": timeout,
+            },
+        )
+
+    async def publish(self, task_id: str, page: int, deadline: float | None = None) -> None:
+        """Enqueue the harvest of `page` as task `task_id`, within `deadline` seconds at most."""
+        timeout = (
+            self._publish_timeout if deadline is None else min(self._publish_timeout, deadline)
+        )
+        await self._call(self._publish, task_id, page, max(timeout, 0.1))
+
+    def _read(self, task_id: str) -> CeleryState:
+        meta = self._app.backend.get_task_meta(task_id)
+        return CeleryState(
+            status=str(meta.get("status", "PENDING")),
+            result=meta.get("result"),
+            finished_at=_as_utc(meta.get("date_done")),
+        )
+
+    async def state(self, task_id: str) -> CeleryState:
+        result: CeleryState = await self._call(self._read, task_id)
+        return result
+
+    def _ping(self) -> None:
+        with self._app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+            # Redis transports connect lazily: ask the server itself.
+            client = getattr(connection.default_channel, "client", None)
+            if client is not None:
+                client.ping()
+        backend_client = getattr(self._app.backend, "client", None)
+        if backend_client is not None:
+            backend_client.ping()
+
+    async def ping(self) -> bool:
+        try:
+            await self._call(self._ping)
+        except QueueUnavailable as exc:
+            log.warning("broker unreachable: %s", exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._app.close()
+
+
+def _as_utc(value: object) -> dt.datetime | None:
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if not isinstance(value, dt.datetime):
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)

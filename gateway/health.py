@@ -1,0 +1,80 @@
+"""The standard health service, kept in step with the broker and the database.
+
+A watcher pings both every BROKER_CHECK_INTERVAL_SECONDS; a failed publish marks the gateway
+NOT_SERVING at once, and the next good ping marks it SERVING again, without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+
+from projects.v1 import queue_service_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name
+# "" is the whole server, as probes such as `grpc_health_probe` ask by default.
+SERVICES = ("", SERVICE_NAME)
+
+Probe = Callable[[], Awaitable[bool]]
+
+
+class DependencyHealth:
+    # `servicer` is a grpc_health.v1.health.aio.HealthServicer, which the type stubs lack.
+    def __init__(self, servicer: Any, probes: list[Probe], interval: float) -> None:
+        self.servicer = servicer
+        self._probes = probes
+        self._interval = interval
+        self._serving: bool | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def _set(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in SERVICES:
+            await self.servicer.set(name, status)
+        log.log(
+            logging.INFO if serving else logging.WARNING,
+            "health: %s",
+            "SERVING" if serving else "NOT_SERVING",
+        )
+
+    async def check_now(self) -> bool:
+        results = await asyncio.gather(*(probe() for probe in self._probes))
+        serving = all(results)
+        await self._set(serving)
+        return serving
+
+    async def mark_down(self) -> None:
+        await self._set(False)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.check_now()
+            except Exception:
+                log.exception("health check failed")
+                await self._set(False)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch(), name="health-watch")
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.servicer.enter_graceful_shutdown()

@@ -1,0 +1,151 @@
+"""The gateway's record of the tasks it issued, kept in the database so every instance sees it.
+
+A record says who asked for which page, under which request_id, and when; it is what makes an
+unknown or expired id NOT_FOUND instead of Celery's endless PENDING, and a repeated request_id
+return the task it first created. Database errors leave this module as `StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.db import TaskRecord, utcnow
+
+
+class StoreUnavailable(Exception):
+    """The database did not answer; the call may be retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedTask:
+    id: str
+    client: str
+    request_id: str | None
+    page: int
+    enqueued_at: dt.datetime
+    started_at: dt.datetime | None
+    lost_reason: str | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> IssuedTask:
+        return cls(
+            id=row.id,
+            client=row.client,
+            request_id=row.request_id,
+            page=row.page,
+            enqueued_at=row.enqueued_at,
+            started_at=row.started_at,
+            lost_reason=row.lost_reason,
+        )
+
+
+class TaskRecords:
+    def __init__(self, engine: AsyncEngine, lifetime: dt.timedelta) -> None:
+        self._engine = engine
+        self._lifetime = lifetime
+        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+    def _expired(self, task: IssuedTask, now: dt.datetime) -> bool:
+        return task.enqueued_at + self._lifetime < now
+
+    async def claim(
+        self, client: str, request_id: str | None, page: int
+    ) -> tuple[IssuedTask, bool]:
+        """A new record for this call, or the live one that already holds its request_id.
+
+        The second item is True when the record is new (the caller must publish the task).
+        Concurrent claims of one request_id make exactly one record: the insert skips on the
+        unique (client, request_id) constraint and the losers read the winner's row.
+        """
+        now = utcnow()
+        task_id = str(uuid.uuid4())
+        values = {
+            "id": task_id,
+            "client": client,
+            "request_id": request_id,
+            "page": page,
+            "enqueued_at": now,
+            "deliveries": 0,
+        }
+        try:
+            async with self._engine.begin() as conn:
+                statement = self._insert(TaskRecord).values(**values)
+                if request_id is None:
+                    await conn.execute(statement)
+                    return IssuedTask(task_id, client, None, page, now, None, None), True
+                inserted = await conn.execute(
+                    statement.on_conflict_do_nothing(
+                        index_elements=["client", "request_id"]
+                    ).returning(TaskRecord.id)
+                )
+                if inserted.first() is not None:
+                    return IssuedTask(task_id, client, request_id, page, now, None, None), True
+                row = (
+                    await conn.execute(
+                        select(TaskRecord).where(
+                            TaskRecord.client == client, TaskRecord.request_id == request_id
+                        )
+                    )
+                ).one()
+                existing = IssuedTask.from_row(row)
+                if not self._expired(existing, now):
+                    return existing, False
+                # The old task's record has expired: the request_id is free again.
+                await conn.execute(delete(TaskRecord).where(TaskRecord.id == existing.id))
+                await conn.execute(statement)
+                return IssuedTask(task_id, client, request_id, page, now, None, None), True
+        except (SQLAlchemyError, DBAPIError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def get(self, client: str, task_id: str) -> IssuedTask | None:
+        """The client's live record of `task_id`, or None (never issued to it, or expired)."""
+        try:
+            async with self._engine.connect() as conn:
+                row = (
+                    await conn.execute(
+                        select(TaskRecord).where(
+                            TaskRecord.id == task_id, TaskRecord.client == client
+                        )
+                    )
+                ).first()
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if row is None:
+            return None
+        task = IssuedTask.from_row(row)
+        return None if self._expired(task, utcnow()) else task
+
+    async def forget(self, task_id: str) -> None:
+        """Drop a record whose task never reached the broker."""
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(delete(TaskRecord).where(TaskRecord.id == task_id))
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def purge_expired(self) -> int:
+        cutoff = utcnow() - self._lifetime
+        try:
+            async with self._engine.begin() as conn:
+                result = await conn.execute(
+                    delete(TaskRecord).where(TaskRecord.enqueued_at < cutoff)
+                )
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return int(result.rowcount or 0)
+
+    async def ping(self) -> bool:
+        try:
+            async with self._engine.connect() as conn:
+                await conn.execute(select(1))
+        except (SQLAlchemyError, OSError):
+            return False
+        return True

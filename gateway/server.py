@@ -1,0 +1,149 @@
+"""Build the gateway's gRPC server on an address, and serve it until SIGTERM.
+
+`build_gateway` wires settings into a server and returns it with its bound port (tests bind
+port 0); `serve` only adds signals, the start-up banner and the orderly shutdown: health to
+NOT_SERVING, drain in-flight calls, then close the broker and database clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.celery_config import make_celery
+from core.db import create_engine
+from core.migrate import upgrade_to_head
+from core.settings import ApiToken, Settings, generate_token
+from gateway.auth import BearerAuthInterceptor, TokenTable
+from gateway.celery_queue import CeleryQueue
+from gateway.health import DependencyHealth
+from gateway.records import StoreUnavailable, TaskRecords
+from gateway.service import QueueService
+from projects.v1 import queue_service_pb2, queue_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+QUEUE_SERVICE_NAME = queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+PURGE_INTERVAL_SECONDS = 600.0
+
+
+@dataclass
+class Gateway:
+    server: grpc.aio.Server
+    port: int
+    health: DependencyHealth
+    records: TaskRecords
+    queue: CeleryQueue
+    engine: AsyncEngine
+    purge_interval: float
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.health.check_now()
+        self.health.start()
+        self._background.append(asyncio.create_task(self._purge_loop(), name="purge-records"))
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.purge_interval)
+            with contextlib.suppress(StoreUnavailable):
+                purged = await self.records.purge_expired()
+                if purged:
+                    log.info("purged %d expired task records", purged)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.shutdown()
+        await self.server.stop(grace)
+        for task in self._background:
+            task.cancel()
+        self.queue.close()
+        await self.engine.dispose()
+
+
+async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
+    engine = create_engine(settings.resolved_database_url)
+    await upgrade_to_head(engine)
+    # May start the embedded Redis, which waits for it: keep that off the event loop.
+    app = await asyncio.to_thread(make_celery, settings, "gateway")
+    queue = CeleryQueue(app, settings.publish_timeout_seconds)
+    lifetime = dt.timedelta(seconds=settings.result_expires_seconds)
+    records = TaskRecords(engine, lifetime)
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    dependencies = DependencyHealth(
+        health_servicer, [queue.ping, records.ping], settings.broker_check_interval_seconds
+    )
+    server = grpc.aio.server(
+        interceptors=[BearerAuthInterceptor(TokenTable(tokens))],
+        options=[
+            ("grpc.max_receive_message_length", settings.gateway_max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=settings.gateway_max_concurrent_rpcs,
+    )
+    service = QueueService(
+        records,
+        queue,
+        dependencies,
+        max_page=settings.max_page,
+        lifetime_seconds=settings.result_expires_seconds,
+    )
+    queue_service_pb2_grpc.add_QueueServiceServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (QUEUE_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(settings.gateway_address)
+    return Gateway(
+        server=server,
+        port=port,
+        health=dependencies,
+        records=records,
+        queue=queue,
+        engine=engine,
+        purge_interval=min(PURGE_INTERVAL_SECONDS, settings.result_expires_seconds),
+    )
+
+
+def _banner(address: str, token: str) -> str:
+    return (
+        "No API_TOKENS set: this run's token (client name 'default') is\n"
+        f"    {token}\n"
+        "Try:\n"
+        f"    grpcurl -plaintext -H 'authorization: Bearer {token}' -d '{{\"page\": 1}}' "
+        f"{address} {QUEUE_SERVICE_NAME}/Upload\n"
+    )
+
+
+async def serve(settings: Settings) -> None:
+    tokens = list(settings.api_tokens)
+    generated = None
+    if not tokens:
+        generated = generate_token()
+        tokens = [ApiToken(name="default", token=generated)]
+    gateway = await build_gateway(settings, tokens)
+    await gateway.start()
+    host = settings.gateway_address.rpartition(":")[0]
+    address = f"{host}:{gateway.port}"
+    log.info("gateway listening on %s", address)
+    if generated is not None:
+        # Printed once on stdout for the person who started it; never logged.
+        print(_banner(address, generated), flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("stopping: draining in-flight calls for up to %.1f s", settings.gateway_grace_seconds)
+    await gateway.stop(settings.gateway_grace_seconds)
+    log.info("gateway stopped")

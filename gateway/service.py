@@ -1,0 +1,185 @@
+"""QueueService handlers: request -> validate -> record -> publish -> answer.
+
+The caller's identity comes from `gateway.auth.current_client`; errors are raised as
+`gateway.errors` types and turned into statuses by `answers_errors`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import uuid
+
+import grpc
+from google.protobuf import json_format, timestamp_pb2
+
+from core.db import MAX_REQUEST_ID_LENGTH
+from gateway.auth import current_client
+from gateway.celery_queue import CeleryQueue, CeleryState, QueueUnavailable
+from gateway.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    answers_errors,
+)
+from gateway.health import DependencyHealth
+from gateway.records import IssuedTask, StoreUnavailable, TaskRecords
+from projects.v1 import queue_service_pb2, queue_service_pb2_grpc, task_pb2
+
+log = logging.getLogger(__name__)
+
+TaskStatus = task_pb2.TaskStatus
+STATUS_BY_CELERY_STATE: dict[str, task_pb2.TaskStatus.ValueType] = {
+    "PENDING": TaskStatus.TASK_STATUS_PENDING,
+    "RECEIVED": TaskStatus.TASK_STATUS_PENDING,
+    "STARTED": TaskStatus.TASK_STATUS_STARTED,
+    "RETRY": TaskStatus.TASK_STATUS_RETRY,
+    "SUCCESS": TaskStatus.TASK_STATUS_SUCCESS,
+    "FAILURE": TaskStatus.TASK_STATUS_FAILURE,
+    "REJECTED": TaskStatus.TASK_STATUS_FAILURE,
+    "REVOKED": TaskStatus.TASK_STATUS_REVOKED,
+}
+_REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID_LENGTH}}}")
+_EXAMPLE_ID = "123e4567-e89b-42d3-a456-426614174000"
+STORE_DOWN = "the task database is unreachable; retry shortly"
+BROKER_DOWN = "the task broker is unreachable; nothing was enqueued; retry shortly"
+
+
+def _timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def describe(task: IssuedTask, state: CeleryState | None) -> task_pb2.Task:
+    """The Task message for a record and the backend's state of it (None: not asked yet)."""
+    message = task_pb2.Task(
+        id=task.id,
+        page=task.page,
+        status=TaskStatus.TASK_STATUS_PENDING,
+        enqueue_time=_timestamp(task.enqueued_at),
+        start_time=_timestamp(task.started_at),
+    )
+    if task.lost_reason is not None and (state is None or state.status == "PENDING"):
+        message.status = TaskStatus.TASK_STATUS_FAILURE
+        message.error = task.lost_reason
+        return message
+    if state is None:
+        return message
+    message.status = STATUS_BY_CELERY_STATE.get(state.status, TaskStatus.TASK_STATUS_STARTED)
+    if state.finished_at is not None and state.status in ("SUCCESS", "FAILURE", "REVOKED"):
+        message.finish_time.FromDatetime(state.finished_at)
+    if state.status == "SUCCESS" and isinstance(state.result, dict):
+        json_format.ParseDict(state.result, message.result, ignore_unknown_fields=True)
+    elif state.status in ("FAILURE", "RETRY", "REVOKED", "REJECTED") and state.result is not None:
+        message.error = str(state.result) or type(state.result).__name__
+    return message
+
+
+def _check_page(page: int, max_page: int) -> None:
+    if not 1 <= page <= max_page:
+        raise InvalidArgument("page", f"must be from 1 to {max_page}; got {page}")
+
+
+def _check_request_id(request_id: str) -> str | None:
+    if not request_id:
+        return None
+    if not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidArgument(
+            "request_id",
+            f"must be 1 to {MAX_REQUEST_ID_LENGTH} printable ASCII characters without spaces",
+        )
+    return request_id
+
+
+def _check_task_id(task_id: str) -> str:
+    try:
+        canonical = str(uuid.UUID(task_id))
+    except ValueError:
+        canonical = ""
+    if canonical != task_id:
+        raise InvalidArgument("id", f"must be a task id as Upload returns it, like {_EXAMPLE_ID}")
+    return task_id
+
+
+class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
+    def __init__(
+        self,
+        records: TaskRecords,
+        queue: CeleryQueue,
+        health: DependencyHealth,
+        *,
+        max_page: int,
+        lifetime_seconds: int,
+    ) -> None:
+        self._records = records
+        self._queue = queue
+        self._health = health
+        self._max_page = max_page
+        self._lifetime_seconds = lifetime_seconds
+
+    async def _state(self, task: IssuedTask) -> CeleryState:
+        try:
+            return await self._queue.state(task.id)
+        except QueueUnavailable as exc:
+            await self._health.mark_down()
+            raise Unavailable("the task result store is unreachable; retry shortly") from exc
+
+    @answers_errors
+    async def Upload(
+        self,
+        request: queue_service_pb2.UploadRequest,
+        context: grpc.aio.ServicerContext[
+            queue_service_pb2.UploadRequest, queue_service_pb2.UploadResponse
+        ],
+    ) -> queue_service_pb2.UploadResponse:
+        _check_page(request.page, self._max_page)
+        request_id = _check_request_id(request.request_id)
+        client = current_client.get()
+        try:
+            task, created = await self._records.claim(client, request_id, request.page)
+        except StoreUnavailable as exc:
+            raise Unavailable(STORE_DOWN) from exc
+        if not created:
+            if task.page != request.page:
+                raise AlreadyExists(
+                    f"request_id {request_id!r} was already used for page {task.page} "
+                    f"(task {task.id}); use a new request_id for page {request.page}"
+                )
+            return queue_service_pb2.UploadResponse(task=describe(task, await self._state(task)))
+        try:
+            await self._queue.publish(task.id, task.page, context.time_remaining())
+        except QueueUnavailable as exc:
+            log.warning("publish of task %s failed: %s", task.id, exc)
+            await self._health.mark_down()
+            try:
+                await self._records.forget(task.id)
+            except StoreUnavailable:
+                log.exception("could not drop the record of unpublished task %s", task.id)
+            raise Unavailable(BROKER_DOWN) from exc
+        log.info("client %s enqueued task %s for page %d", client, task.id, task.page)
+        return queue_service_pb2.UploadResponse(task=describe(task, None))
+
+    @answers_errors
+    async def GetStatus(
+        self,
+        request: queue_service_pb2.GetStatusRequest,
+        context: grpc.aio.ServicerContext[
+            queue_service_pb2.GetStatusRequest, queue_service_pb2.GetStatusResponse
+        ],
+    ) -> queue_service_pb2.GetStatusResponse:
+        task_id = _check_task_id(request.id)
+        try:
+            task = await self._records.get(current_client.get(), task_id)
+        except StoreUnavailable as exc:
+            raise Unavailable(STORE_DOWN) from exc
+        if task is None:
+            raise NotFound(
+                f"no task {task_id} was issued to you, or its record expired "
+                f"(records are kept {self._lifetime_seconds} s); Upload the page again"
+            )
+        return queue_service_pb2.GetStatusResponse(task=describe(task, await self._state(task)))

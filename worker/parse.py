@@ -1,0 +1,149 @@
+"""Turn one listing page into project items, by the CSS selectors of a `SourceProfile`.
+
+Pure: bytes in, values out, no I/O. A page from the wild may be malformed, truncated, in any
+charset or not HTML at all, so `parse_listing` never raises on content: what it cannot read it
+skips (and counts) or leaves empty. Only a broken profile (an invalid CSS selector) raises,
+because that is a configuration error to fail on, not a page to shrug at.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+from bs4 import BeautifulSoup, ParserRejectedMarkup, Tag
+
+from core.settings import SourceProfile
+
+_WEB_SCHEMES = frozenset({"http", "https"})
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectItem:
+    """One project as the listing shows it."""
+
+    url: str
+    title: str
+    description: str
+    is_active: bool
+    start_date: datetime.date | None
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedPage:
+    """The valid items of a page in page order, and how many items were unusable."""
+
+    items: list[ProjectItem]
+    skipped: int
+
+
+def parse_listing(
+    body: bytes, page_url: str, profile: SourceProfile, encoding: str | None = None
+) -> ParsedPage:
+    """Parse a listing page; `encoding` is the charset of the HTTP Content-Type, if it had one.
+
+    Items without a title or a usable http(s) link are skipped and counted; a page with no
+    items, or one the parser rejects outright, is `ParsedPage([], 0)`.
+    """
+    soup = _soup(body, encoding)
+    if soup is None:
+        return ParsedPage([], 0)
+    items: list[ProjectItem] = []
+    skipped = 0
+    for element in soup.select(profile.item):
+        item = _item(element, page_url, profile)
+        if item is None:
+            skipped += 1
+        else:
+            items.append(item)
+    return ParsedPage(items, skipped)
+
+
+def _soup(body: bytes, encoding: str | None) -> BeautifulSoup | None:
+    if b"<" not in body:
+        # No tag can be spelled without "<" (in any ASCII-compatible charset or UTF-16/32), and
+        # bs4 warns that short tagless input "looks like a filename or URL"; under
+        # `-W error` that warning would be an exception for a page that simply has no items.
+        return None
+    if body.startswith(b"<?xml"):
+        # bs4 warns when a document starts like XML (XMLParsedAsHTMLWarning); an XHTML page with
+        # an XML prolog is still HTML to us. One leading space avoids the check and changes
+        # nothing for the HTML parser or for bs4's reading of the prolog's `encoding=`.
+        body = b" " + body
+    try:
+        # An unknown charset name from the header makes lxml raise LookupError, which bs4 turns
+        # into a rejection of that encoding and moves on to detection (BOM, <meta>, utf-8).
+        return BeautifulSoup(body, "lxml", from_encoding=encoding or None)
+    except ParserRejectedMarkup:
+        # Every candidate encoding was rejected: there is nothing to read, which is an empty
+        # page, not a crash.
+        return None
+
+
+def _item(element: Tag, page_url: str, profile: SourceProfile) -> ProjectItem | None:
+    title_tag = element.select_one(profile.title)
+    title = _collapse(title_tag.get_text()) if title_tag is not None else ""
+    if not title:
+        return None
+    url = _link(element.select_one(profile.link), page_url)
+    if url is None:
+        return None
+    description_tag = element.select_one(profile.description)
+    return ProjectItem(
+        url=url,
+        title=title,
+        description=_collapse(description_tag.get_text()) if description_tag is not None else "",
+        is_active=profile.active_class in element.get_attribute_list("class"),
+        start_date=_start_date(element.select_one(profile.start), profile.start_text_format),
+    )
+
+
+def _collapse(text: str) -> str:
+    # str.split() with no argument splits on every Unicode whitespace, NBSP included.
+    return " ".join(text.split())
+
+
+def _link(tag: Tag | None, page_url: str) -> str | None:
+    if tag is None:
+        return None
+    href = tag.get("href")
+    if not isinstance(href, str) or not href.strip():
+        return None
+    try:
+        url = urljoin(page_url, href.strip())
+        parts = urlsplit(url)
+    except ValueError:
+        # e.g. "http://[::1" is an invalid IPv6 host; a link we cannot resolve is no link.
+        return None
+    if parts.scheme not in _WEB_SCHEMES or not parts.netloc:
+        # javascript:, mailto:, data: and the like are not project pages.
+        return None
+    return url
+
+
+def _start_date(tag: Tag | None, text_format: str) -> datetime.date | None:
+    if tag is None:
+        return None
+    machine = tag.get("datetime")
+    if isinstance(machine, str):
+        parsed = _iso_date(machine.strip())
+        if parsed is not None:
+            return parsed
+    # No usable machine-readable value: the human-readable text is the only other source.
+    try:
+        return datetime.datetime.strptime(_collapse(tag.get_text()), text_format).date()
+    except ValueError:
+        return None
+
+
+def _iso_date(value: str) -> datetime.date | None:
+    try:
+        return datetime.date.fromisoformat(value)
+    except ValueError:
+        pass
+    try:
+        # A datetime: the project starts on its calendar day as written, whatever the offset.
+        return datetime.datetime.fromisoformat(value).date()
+    except ValueError:
+        return None
