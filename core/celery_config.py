@@ -60,6 +60,5 @@ def make_celery(settings: Settings, main: str) -> Celery:
         worker_pool="threads",
         worker_concurrency=settings.worker_concurrency,
         worker_prefetch_multiplier=1,
-        worker_hijack_root_logger=False,
     )
     return app

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
@@ -58,10 +58,16 @@ def authenticate(metadata: Metadata | None, table: TokenTable) -> str:
     return client
 
 
-Handler = grpc.RpcMethodHandler[Any, Any]
+# The stubs make these generic; the runtime classes are not subscriptable.
+if TYPE_CHECKING:
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+    _Interceptor: TypeAlias = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+    _Interceptor = grpc.aio.ServerInterceptor
 
 
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor[Any, Any]):
+class BearerAuthInterceptor(_Interceptor):
     def __init__(self, table: TokenTable) -> None:
         self._table = table
 

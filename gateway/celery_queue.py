@@ -66,7 +66,6 @@ class CeleryQueue:
                 "interval_start": 0,
                 "interval_step": interval,
                 "interval_max": interval,
-                "timeout": timeout,
             },
         )
 

@@ -6,6 +6,7 @@ The caller's identity comes from `gateway.auth.current_client`; errors are raise
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import re
@@ -129,6 +130,12 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             await self._health.mark_down()
             raise Unavailable("the task result store is unreachable; retry shortly") from exc
 
+    async def _forget_unpublished(self, task_id: str) -> None:
+        try:
+            await asyncio.shield(self._records.forget(task_id))
+        except StoreUnavailable:
+            log.exception("could not drop the record of unpublished task %s", task_id)
+
     @answers_errors
     async def Upload(
         self,
@@ -153,14 +160,15 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             return queue_service_pb2.UploadResponse(task=describe(task, await self._state(task)))
         try:
             await self._queue.publish(task.id, task.page, context.time_remaining())
-        except QueueUnavailable as exc:
-            log.warning("publish of task %s failed: %s", task.id, exc)
-            await self._health.mark_down()
-            try:
-                await self._records.forget(task.id)
-            except StoreUnavailable:
-                log.exception("could not drop the record of unpublished task %s", task.id)
-            raise Unavailable(BROKER_DOWN) from exc
+        except BaseException as exc:
+            # Whatever stopped the publish (the broker, a bug, a cancelled call), the record
+            # must go: kept, it would read PENDING forever and hold its request_id hostage.
+            await self._forget_unpublished(task.id)
+            if isinstance(exc, QueueUnavailable):
+                log.warning("publish of task %s failed: %s", task.id, exc)
+                await self._health.mark_down()
+                raise Unavailable(BROKER_DOWN) from exc
+            raise
         log.info("client %s enqueued task %s for page %d", client, task.id, task.page)
         return queue_service_pb2.UploadResponse(task=describe(task, None))
 

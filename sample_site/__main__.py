@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     serving = threading.Thread(target=server.serve_forever, name="sample-site", daemon=True)
     serving.start()
 
-    host, port = server.server_address[:2]
-    shown_host = f"[{host}]" if ":" in str(host) else str(host)
-    print(f"sample site listening on http://{shown_host}:{port}", flush=True)
+    # The bound address, not the requested one: port 0 became a real port by now.
+    host = str(server.server_address[0])
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"sample site listening on http://{shown_host}:{server.server_port}", flush=True)
 
     stop.wait()
     server.shutdown()

@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import socket
+import socketserver
 import threading
 import time
 from collections import Counter, deque
@@ -82,6 +83,14 @@ class SampleSiteServer(ThreadingHTTPServer):
         self.control = control
         self.state = _SiteState()
         super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN (a reverse DNS lookup that can take
+        # seconds); the name is only used in CGI environments, so keep the literal host.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up mid-answer (a test's timeout, for one) is normal here, not a

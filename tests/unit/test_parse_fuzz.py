@@ -136,9 +136,7 @@ def test_rendered_edge_values_round_trip() -> None:
                 True,
                 datetime.date(1, 1, 1),
             ),
-            ProjectItem(
-                "https://other.example/p", "Ёж 🦔", "", False, datetime.date(9999, 12, 31)
-            ),
+            ProjectItem("https://other.example/p", "Ёж 🦔", "", False, datetime.date(9999, 12, 31)),
         ],
         1,
     )

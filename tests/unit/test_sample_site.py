@@ -1,0 +1,228 @@
+"""The sample site serves its listing and obeys its control API (sample_site.server)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.settings import SourceProfile
+from sample_site.pages import SAMPLE_PAGES, render_listing, sample_page
+from sample_site.server import make_server
+from worker.parse import parse_listing
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _serve(control: bool) -> Iterator[httpx.Client]:
+    server = make_server(("127.0.0.1", 0), control=control)
+    # A short poll interval: shutdown() waits up to one interval, once per test.
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    # trust_env=False: a proxy from the environment must not sit between a test and localhost.
+    client = httpx.Client(base_url=f"http://{host!s}:{port}", timeout=5.0, trust_env=False)
+    try:
+        yield client
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def site() -> Iterator[httpx.Client]:
+    """A client for a running sample site with the control API on."""
+    yield from _serve(control=True)
+
+
+@pytest.fixture
+def closed_site() -> Iterator[httpx.Client]:
+    """A client for a running sample site with the control API off."""
+    yield from _serve(control=False)
+
+
+def test_page_one_parses_into_ten_items(site: httpx.Client) -> None:
+    response = site.get("/projects", params={"page": 1})
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    parsed = parse_listing(response.content, str(response.url), SourceProfile(), "utf-8")
+    assert parsed.skipped == 0
+    assert len(parsed.items) == 10
+    assert [item.url for item in parsed.items] == [
+        str(site.base_url.join(f"/projects/{n}")) for n in range(1, 11)
+    ]
+    assert [item.title for item in parsed.items] == [p.title for p in sample_page(1)]
+
+
+def test_sample_pages_vary_and_include_cyrillic_inactive_and_undated() -> None:
+    projects = [project for page in range(1, SAMPLE_PAGES + 1) for project in sample_page(page)]
+
+    assert len(projects) == SAMPLE_PAGES * 10
+    assert len({project.href for project in projects}) == len(projects)
+    assert any(re.search("[\u0400-\u04ff]", project.title) for project in projects)
+    assert any(not project.is_active for project in projects)
+    assert any(project.start_date is None for project in projects)
+    assert sample_page(3) == sample_page(3)
+    assert sample_page(2, per_page=3)[0].href == "/projects/4"
+
+
+@pytest.mark.parametrize("page", [0, SAMPLE_PAGES + 1])
+def test_sample_page_outside_the_site_is_an_error(page: int) -> None:
+    with pytest.raises(ValueError, match="page must be within"):
+        sample_page(page)
+
+
+def test_last_page_serves_and_past_it_is_404(site: httpx.Client) -> None:
+    assert site.get("/projects", params={"page": SAMPLE_PAGES}).status_code == 200
+    assert site.get("/projects", params={"page": SAMPLE_PAGES + 1}).status_code == 404
+    assert site.get("/projects", params={"page": 0}).status_code == 404
+    assert site.get("/projects", params={"page": -3}).status_code == 404
+
+
+@pytest.mark.parametrize("query", ["", "?page=", "?page=abc", "?page=1.5", "?page=1&page=2"])
+def test_bad_page_is_400(site: httpx.Client, query: str) -> None:
+    assert site.get(f"/projects{query}").status_code == 400
+
+
+def test_unknown_path_is_404(site: httpx.Client) -> None:
+    assert site.get("/elsewhere").status_code == 404
+
+
+def test_script_serves_503_then_the_page_and_counts_hits(site: httpx.Client) -> None:
+    script = {
+        "page": 2,
+        "responses": [
+            {"status": 503, "headers": {"Retry-After": "1"}, "body": "busy", "delay": 0.0},
+            {"status": 429, "body": "slow down", "delay": 0.05},
+        ],
+    }
+    assert site.post("/_control/script", json=script).status_code == 204
+
+    first = site.get("/projects", params={"page": 2})
+    second = site.get("/projects", params={"page": 2})
+    third = site.get("/projects", params={"page": 2})
+    site.get("/projects", params={"page": 1})
+
+    assert (first.status_code, first.headers["retry-after"], first.text) == (503, "1", "busy")
+    assert (second.status_code, second.text) == (429, "slow down")
+    assert third.status_code == 200
+    assert third.text == render_listing(sample_page(2))
+    assert site.get("/_control/hits").json() == {"1": 1, "2": 3}
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        {"page": "2", "responses": []},
+        {"page": 2},
+        {"page": 2, "responses": [{"status": 99}]},
+        {"page": 2, "responses": [{"status": 500, "delay": -1}]},
+        {"page": 2, "responses": [{"status": 500, "headers": {"X": 1}}]},
+        [],
+    ],
+)
+def test_bad_script_is_400(site: httpx.Client, script: object) -> None:
+    assert site.post("/_control/script", json=script).status_code == 400
+
+
+def test_put_page_overrides_the_sample_and_any_page_number(site: httpx.Client) -> None:
+    body = "<p>Привет</p>".encode("windows-1251")
+    response = site.put(
+        "/_control/pages/1",
+        content=body,
+        headers={"X-Serve-Content-Type": "text/html; charset=windows-1251"},
+    )
+    assert response.status_code == 204
+    assert site.put("/_control/pages/500", content=b"far away").status_code == 204
+
+    page_one = site.get("/projects", params={"page": 1})
+    page_far = site.get("/projects", params={"page": 500})
+
+    assert page_one.content == body
+    assert page_one.headers["content-type"] == "text/html; charset=windows-1251"
+    assert (page_far.status_code, page_far.content) == (200, b"far away")
+    assert page_far.headers["content-type"] == "text/html; charset=utf-8"
+
+
+def test_reset_forgets_pages_scripts_and_hits(site: httpx.Client) -> None:
+    site.put("/_control/pages/1", content=b"replaced")
+    site.post("/_control/script", json={"page": 1, "responses": [{"status": 500}]})
+    site.get("/projects", params={"page": 3})
+
+    assert site.post("/_control/reset").status_code == 204
+
+    assert site.get("/_control/hits").json() == {}
+    response = site.get("/projects", params={"page": 1})
+    assert (response.status_code, response.text) == (200, render_listing(sample_page(1)))
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/_control/pages/1"),
+        ("POST", "/_control/script"),
+        ("GET", "/_control/hits"),
+        ("POST", "/_control/reset"),
+    ],
+)
+def test_control_routes_are_404_when_control_is_off(
+    closed_site: httpx.Client, method: str, path: str
+) -> None:
+    assert closed_site.request(method, path, content=b"{}").status_code == 404
+    assert closed_site.get("/projects", params={"page": 1}).status_code == 200
+
+
+@pytest.fixture
+def cli() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start `python -m sample_site` with extra arguments; stopped after the test."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sample_site", *args],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_cli_prints_its_address_and_exits_cleanly_on_signal(
+    cli: Callable[..., subprocess.Popen[str]], stop_signal: signal.Signals
+) -> None:
+    process = cli("--address", "127.0.0.1:0", "--control")
+    assert process.stdout is not None
+    line = process.stdout.readline()
+
+    match = re.fullmatch(r"sample site listening on (http://127\.0\.0\.1:(\d+))\n", line)
+    assert match is not None, line
+    assert int(match.group(2)) > 0
+    with httpx.Client(base_url=match.group(1), timeout=5.0, trust_env=False) as client:
+        assert client.get("/projects?page=1").status_code == 200
+        assert client.get("/_control/hits").json() == {"1": 1}
+
+    process.send_signal(stop_signal)
+    out, _ = process.communicate(timeout=10)
+    assert process.returncode == 0
+    assert out == ""

@@ -1,0 +1,133 @@
+"""Fetch one listing page over HTTP, within bounds of time, size, redirects and hosts.
+
+httpx errors are translated here into `RetryableError` (5xx, 429, 408, timeouts, connection
+loss) and `PermanentError` (other 4xx, too many redirects, a redirect off the source's host,
+a body over the limit, a non-HTML answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from worker.errors import PermanentError, RetryableError
+
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+USER_AGENT = "projects-harvester/0.1 (+https://example.invalid/harvester)"
+
+
+@dataclass(frozen=True, slots=True)
+class FetchLimits:
+    timeout: float
+    max_bytes: int
+    max_redirects: int
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedPage:
+    url: str  # after redirects: the base for relative links
+    body: bytes
+    encoding: str | None  # the charset the Content-Type header declared, if any
+
+
+class OffHostRedirect(PermanentError):
+    """A redirect pointed away from the source's host; not followed."""
+
+
+def make_client(limits: FetchLimits, source_host: str, max_connections: int) -> httpx.AsyncClient:
+    """The worker process's one HTTP client, which only ever talks to `source_host`."""
+
+    async def refuse_other_hosts(request: httpx.Request) -> None:
+        if request.url.host != source_host:
+            raise OffHostRedirect(
+                f"refused to follow a redirect to {request.url.host!r}: only {source_host!r}, "
+                "the source's host, is fetched"
+            )
+
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(limits.timeout),
+        follow_redirects=True,
+        max_redirects=limits.max_redirects,
+        limits=httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        ),
+        headers={"User-Agent": USER_AGENT, "Accept": "text/html,application/xhtml+xml"},
+        event_hooks={"request": [refuse_other_hosts]},
+    )
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds: either a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def _check_status(response: httpx.Response) -> None:
+    code = response.status_code
+    if 200 <= code < 300:
+        return
+    said = f"source answered {code} {response.reason_phrase} for {response.url}"
+    if code == 429:
+        raise RetryableError(said, retry_after_seconds(response.headers.get("Retry-After")))
+    if code >= 500 or code == 408:
+        raise RetryableError(said)
+    raise PermanentError(said)
+
+
+def _check_type(response: httpx.Response) -> None:
+    content_type = response.headers.get("Content-Type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type and media_type not in HTML_TYPES:
+        raise PermanentError(
+            f"source answered {media_type!r} for {response.url}, not an HTML listing page"
+        )
+
+
+async def _read_bounded(response: httpx.Response, max_bytes: int) -> bytes:
+    declared = response.headers.get("Content-Length", "")
+    too_big = f"page {response.url} is larger than the {max_bytes}-byte limit (FETCH_MAX_BYTES)"
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise PermanentError(too_big)
+    chunks: list[bytes] = []
+    size = 0
+    # Counted after decompression, so a small gzip bomb cannot grow past the limit.
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PermanentError(too_big)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def fetch_page(client: httpx.AsyncClient, url: str, limits: FetchLimits) -> FetchedPage:
+    try:
+        # One deadline for the whole exchange, redirects and a slowly dripping body included.
+        async with asyncio.timeout(limits.timeout), client.stream("GET", url) as response:
+            _check_status(response)
+            _check_type(response)
+            body = await _read_bounded(response, limits.max_bytes)
+            return FetchedPage(str(response.url), body, response.charset_encoding)
+    except TimeoutError as exc:
+        raise RetryableError(f"source did not answer {url} within {limits.timeout:g} s") from exc
+    except httpx.TooManyRedirects as exc:
+        raise PermanentError(
+            f"more than {limits.max_redirects} redirects from {url} (FETCH_MAX_REDIRECTS)"
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise RetryableError(f"source timed out on {url}: {type(exc).__name__}") from exc
+    except httpx.DecodingError as exc:
+        raise PermanentError(f"could not decode the body of {url}: {exc}") from exc
+    except httpx.TransportError as exc:
+        raise RetryableError(f"connection to the source failed on {url}: {exc!r}") from exc

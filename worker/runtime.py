@@ -1,0 +1,94 @@
+"""The long-lived clients of one worker process: an event loop, an HTTP client, a DB engine.
+
+Celery runs tasks on a pool of threads; they all hand their I/O to this one loop, which runs in
+a thread of its own for the life of the process. So a process keeps many pages in flight while
+each waits on the network, and the pooled engine and HTTP connections always live on the loop
+that made them (an `asyncio.run` per task would make a new loop each time and break them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.db import create_engine
+from core.settings import Settings
+from worker.fetch import FetchLimits, make_client
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.fetch_limits = FetchLimits(
+            timeout=settings.fetch_timeout_seconds,
+            max_bytes=settings.fetch_max_bytes,
+            max_redirects=settings.fetch_max_redirects,
+        )
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="harvest-event-loop", daemon=True
+        )
+        self._thread.start()
+        source_host = urlsplit(settings.source_url.replace("{page}", "1")).hostname or ""
+        self.http: httpx.AsyncClient = self.run(self._make_client(source_host))
+        self.engine: AsyncEngine = create_engine(
+            settings.resolved_database_url, pool_size=max(2, settings.worker_concurrency // 2)
+        )
+
+    async def _make_client(self, source_host: str) -> httpx.AsyncClient:
+        return make_client(self.fetch_limits, source_host, self.settings.worker_concurrency)
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coroutine` on the process's loop and wait for it from the calling thread."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        try:
+            self.run(self.http.aclose(), timeout=5)
+            self.run(self.engine.dispose(), timeout=5)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+
+
+_lock = threading.Lock()
+_runtime: WorkerRuntime | None = None
+_owner_pid = 0
+
+
+def get_runtime(settings: Settings) -> WorkerRuntime:
+    """This process's runtime, made on first use (and anew in a forked child)."""
+    global _runtime, _owner_pid  # noqa: PLW0603 - one runtime per process by design
+    with _lock:
+        if _runtime is None or _owner_pid != os.getpid():
+            _runtime = WorkerRuntime(settings)
+            _owner_pid = os.getpid()
+            log.info("worker runtime ready in process %d", _owner_pid)
+        return _runtime
+
+
+def close_runtime() -> None:
+    global _runtime  # noqa: PLW0603
+    with _lock:
+        if _runtime is not None and _owner_pid == os.getpid():
+            _runtime.close()
+            log.info("worker runtime closed in process %d", _owner_pid)
+        _runtime = None

@@ -1,0 +1,140 @@
+"""What the worker writes to the database: projects (upserted by link) and task starts.
+
+One INSERT ... ON CONFLICT DO UPDATE per batch, never a round trip per row; rows are sorted by
+link so concurrent workers lock them in the same order and do not deadlock. Locks, deadlocks,
+serialization failures and lost connections are retried briefly here and then leave as
+`RetryableError`, so Celery tries the task again instead of failing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import case, func, literal, or_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from core.db import MAX_URL_LENGTH, Project, TaskRecord, UtcDateTime, utcnow
+from worker.errors import RetryableError
+from worker.parse import ProjectItem
+
+# SQLSTATEs of failures that succeed when simply tried again.
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "08000", "08003", "08006"}
+LOCAL_ATTEMPTS = 3
+LOCAL_BACKOFF_SECONDS = 0.05
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCounts:
+    created: int = 0
+    updated: int = 0
+    unstorable: int = 0  # links longer than the column allows
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return sqlstate in _TRANSIENT_SQLSTATES
+
+
+async def _with_retries(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    for attempt in range(1, LOCAL_ATTEMPTS + 1):
+        try:
+            async with engine.begin() as conn:
+                return await work(conn)
+        except DBAPIError as exc:
+            if not _is_transient(exc):
+                raise
+            if attempt == LOCAL_ATTEMPTS:
+                raise RetryableError(f"database busy or unreachable: {exc.orig!r}") from exc
+        except OSError as exc:
+            if attempt == LOCAL_ATTEMPTS:
+                raise RetryableError(f"database unreachable: {exc!r}") from exc
+        await asyncio.sleep(LOCAL_BACKOFF_SECONDS * 2**attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _upsert_statement(dialect: str, rows: list[dict[str, Any]]) -> Any:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(Project).values(rows)
+    new = statement.excluded
+    changed = or_(
+        Project.title != new.title,
+        Project.description != new.description,
+        Project.is_active != new.is_active,
+        Project.start_date.is_distinct_from(new.start_date),
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[Project.url],
+        set_={
+            "title": new.title,
+            "description": new.description,
+            "is_active": new.is_active,
+            "start_date": new.start_date,
+            "last_seen_at": new.last_seen_at,
+            "updated_at": case((changed, new.updated_at), else_=Project.updated_at),
+        },
+    ).returning(Project.first_seen_at, Project.updated_at)
+
+
+async def store_projects(
+    engine: AsyncEngine, items: Sequence[ProjectItem], batch_size: int
+) -> StoreCounts:
+    """Insert new projects and refresh known ones; count what was created and what changed."""
+    latest = {item.url: item for item in items}  # a link listed twice is stored once, last wins
+    storable = sorted(url for url in latest if len(url) <= MAX_URL_LENGTH)
+    created = updated = 0
+    for start in range(0, len(storable), batch_size):
+        # `now` marks this statement's writes: a row that comes back with first_seen_at == now
+        # was inserted by it, one with updated_at == now was changed by it.
+        now = utcnow()
+        rows = [
+            {
+                "url": url,
+                "title": latest[url].title,
+                "description": latest[url].description,
+                "is_active": latest[url].is_active,
+                "start_date": latest[url].start_date,
+                "first_seen_at": now,
+                "last_seen_at": now,
+                "updated_at": now,
+            }
+            for url in storable[start : start + batch_size]
+        ]
+
+        async def upsert(conn: AsyncConnection, rows: list[dict[str, Any]] = rows) -> list[Any]:
+            result = await conn.execute(_upsert_statement(engine.dialect.name, rows))
+            return list(result.all())
+
+        returned = await _with_retries(engine, upsert)
+        batch_created = sum(1 for first_seen, _ in returned if first_seen == now)
+        created += batch_created
+        updated += sum(1 for _, changed_at in returned if changed_at == now) - batch_created
+    return StoreCounts(created, updated, unstorable=len(latest) - len(storable))
+
+
+async def record_start(engine: AsyncEngine, task_id: str, now: dt.datetime | None = None) -> int:
+    """Count one more start of `task_id`; the new count (0 when the gateway has no record)."""
+    started = now or utcnow()
+
+    async def mark(conn: AsyncConnection) -> int:
+        result = await conn.execute(
+            update(TaskRecord)
+            .where(TaskRecord.id == task_id)
+            .values(
+                deliveries=TaskRecord.deliveries + 1,
+                started_at=func.coalesce(TaskRecord.started_at, literal(started, UtcDateTime())),
+            )
+            .returning(TaskRecord.deliveries)
+        )
+        return int(result.scalar_one_or_none() or 0)
+
+    return await _with_retries(engine, mark)

@@ -1,0 +1,105 @@
+"""The harvest task, thin by design: fetch -> parse -> store -> result.
+
+The result is the proto's own `UploadResult`, sent as its JSON form, so the gateway reads it
+back into the same message and no dict mirrors the contract by hand.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from typing import Any
+
+from celery import Celery, Task
+from google.protobuf import json_format
+
+from core.celery_config import HARVEST_TASK_NAME
+from core.settings import Settings, get_settings
+from projects.v1 import task_pb2
+from worker.errors import PermanentError, RetryableError
+from worker.fetch import fetch_page
+from worker.parse import parse_listing
+from worker.retry import RetryPolicy
+from worker.runtime import WorkerRuntime, get_runtime
+from worker.store import record_start, store_projects
+
+log = logging.getLogger(__name__)
+
+# Deliveries beyond the tries the retry policy accounts for: each one means the process that
+# ran the task died (a crash, SIGKILL, out of memory). Past this many, the task is poison.
+MAX_WORKER_DEATHS = 2
+
+
+def harvest(runtime: WorkerRuntime, page: int, deadline: float) -> task_pb2.UploadResult:
+    settings = runtime.settings
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RetryableError(
+                f"page {page} took longer than TASK_SOFT_TIME_LIMIT_SECONDS "
+                f"({settings.task_soft_time_limit_seconds:g} s)"
+            )
+        return left
+
+    try:
+        fetched = runtime.run(
+            fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits), remaining()
+        )
+        parsed = parse_listing(fetched.body, fetched.url, settings.source_profile, fetched.encoding)
+        counts = runtime.run(
+            store_projects(runtime.engine, parsed.items, settings.upsert_batch_size), remaining()
+        )
+    except concurrent.futures.TimeoutError:
+        remaining()  # raises the soft-limit error
+        raise
+    return task_pb2.UploadResult(
+        page=page,
+        found=len(parsed.items),
+        created=counts.created,
+        updated=counts.updated,
+        skipped=parsed.skipped + counts.unstorable,
+    )
+
+
+def run_harvest(task: Task[Any, Any], page: int, settings: Settings) -> dict[str, Any]:
+    started = time.monotonic()
+    runtime = get_runtime(settings)
+    policy = RetryPolicy.from_settings(settings)
+    tries_done = task.request.retries
+    deliveries = runtime.run(record_start(runtime.engine, str(task.request.id)))
+    deaths = deliveries - (tries_done + 1)
+    if deaths >= MAX_WORKER_DEATHS:
+        raise PermanentError(
+            f"gave up on page {page}: the worker process running it died {deaths} times"
+        )
+    try:
+        result = harvest(runtime, page, started + settings.task_soft_time_limit_seconds)
+    except RetryableError as exc:
+        tries = tries_done + 1
+        if not policy.can_retry(tries):
+            raise PermanentError(f"gave up on page {page} after {tries} tries: {exc}") from exc
+        delay = policy.delay(tries, exc.retry_after)
+        log.warning("page %d, try %d failed (%s); retrying in %.1f s", page, tries, exc, delay)
+        raise task.retry(exc=exc, countdown=delay, max_retries=None) from exc
+    log.info(
+        "page %d: found %d, created %d, updated %d, skipped %d",
+        page,
+        result.found,
+        result.created,
+        result.updated,
+        result.skipped,
+    )
+    return json_format.MessageToDict(
+        result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def register(app: Celery) -> Task[Any, Any]:
+    # `throws`: a PermanentError is an expected outcome, logged without a traceback.
+    @app.task(bind=True, name=HARVEST_TASK_NAME, throws=(PermanentError,))
+    def harvest_page(self: Task[Any, Any], page: int) -> dict[str, Any]:
+        return run_harvest(self, page, get_settings())
+
+    return harvest_page
