@@ -28,10 +28,12 @@ def broker_and_backend(settings: Settings) -> tuple[str, str]:
 def make_celery(settings: Settings, main: str) -> Celery:
     broker, backend = broker_and_backend(settings)
     app = Celery(main, broker=broker, backend=backend, set_as_current=False)
-    redis_socket_options = {
+    redis_options: dict[str, object] = {
         "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_SECONDS,
         "socket_timeout": SOCKET_TIMEOUT_SECONDS,
     }
+    if settings.redis_key_prefix:
+        redis_options["global_keyprefix"] = settings.redis_key_prefix
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -47,14 +49,19 @@ def make_celery(settings: Settings, main: str) -> Celery:
         result_expires=settings.result_expires_seconds,
         broker_transport_options={
             "visibility_timeout": settings.broker_visibility_timeout_seconds,
-            **redis_socket_options,
+            **redis_options,
         },
         broker_connection_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,
         broker_connection_retry_on_startup=True,
         redis_socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,
         redis_socket_timeout=SOCKET_TIMEOUT_SECONDS,
         redis_retry_on_timeout=True,
-        result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
+        result_backend_transport_options={
+            "retry_policy": {"timeout": 5.0},
+            **(
+                {"global_keyprefix": settings.redis_key_prefix} if settings.redis_key_prefix else {}
+            ),
+        },
         # One long-lived event loop per process serves a pool of threads (see worker.runtime),
         # so the pool and its size are part of the configuration, not only of the command line.
         worker_pool="threads",

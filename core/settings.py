@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     result_expires_seconds: int = Field(default=86_400, ge=1)
     broker_visibility_timeout_seconds: int = Field(default=600, ge=1)
     task_queue: str = "harvest"
+    # Prefix for every Redis key of the broker and the result backend (several apps, one Redis).
+    redis_key_prefix: str = ""
 
     # --- worker ---
     source_url: str = DEFAULT_SOURCE_URL

@@ -101,7 +101,7 @@ def _check_task_id(task_id: str) -> str:
     try:
         canonical = str(uuid.UUID(task_id))
     except ValueError:
-        canonical = ""
+        canonical = None
     if canonical != task_id:
         raise InvalidArgument("id", f"must be a task id as Upload returns it, like {_EXAMPLE_ID}")
     return task_id

@@ -45,11 +45,10 @@ def parse_listing(
     """Parse a listing page; `encoding` is the charset of the HTTP Content-Type, if it had one.
 
     Items without a title or a usable http(s) link are skipped and counted; a page with no
-    items, or one the parser rejects outright, is `ParsedPage([], 0)`.
+    items, or one the parser rejects outright, is `ParsedPage([], 0)`. Raises only for an
+    invalid CSS selector in `profile` (soupsieve's SelectorSyntaxError).
     """
     soup = _soup(body, encoding)
-    if soup is None:
-        return ParsedPage([], 0)
     fields = _Fields.compile(soup, page_url, profile)
     items: list[ProjectItem] = []
     skipped = 0
@@ -62,12 +61,17 @@ def parse_listing(
     return ParsedPage(items, skipped)
 
 
-def _soup(body: bytes, encoding: str | None) -> BeautifulSoup | None:
+def _soup(body: bytes, encoding: str | None) -> BeautifulSoup:
+    """The parsed page; an empty document for a page with nothing to parse.
+
+    Always a document, so the profile's selectors are compiled (and a broken one raises) on
+    every page, not only on pages that happen to contain markup.
+    """
     if b"<" not in body:
         # No tag can be spelled without "<" (in any ASCII-compatible charset or UTF-16/32), and
         # bs4 warns that short tagless input "looks like a filename or URL"; under
         # `-W error` that warning would be an exception for a page that simply has no items.
-        return None
+        return BeautifulSoup("", "lxml")
     if body.startswith(b"<?xml"):
         # bs4 warns when a document starts like XML (XMLParsedAsHTMLWarning); an XHTML page with
         # an XML prolog is still HTML to us. One leading space avoids the check and changes
@@ -80,7 +84,7 @@ def _soup(body: bytes, encoding: str | None) -> BeautifulSoup | None:
     except ParserRejectedMarkup:
         # Every candidate encoding was rejected: there is nothing to read, which is an empty
         # page, not a crash.
-        return None
+        return BeautifulSoup("", "lxml")
 
 
 class _Selector(Protocol):
@@ -127,10 +131,11 @@ class _Fields:
         if url is None:
             return None
         description_tag = self.description.select_one(element)
+        description = _collapse(description_tag.get_text()) if description_tag is not None else ""
         return ProjectItem(
             url=url,
             title=title,
-            description=_collapse(description_tag.get_text()) if description_tag else "",
+            description=description,
             is_active=self.active_class in element.get_attribute_list("class"),
             start_date=_start_date(self.start.select_one(element), self.start_text_format),
         )

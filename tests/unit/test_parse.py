@@ -385,3 +385,10 @@ def test_custom_profile_with_other_selectors() -> None:
         ],
         1,
     )
+
+
+@pytest.mark.parametrize("body", [b"", b"<p>some page</p>"])
+def test_invalid_selector_in_the_profile_raises_on_every_page(body: bytes) -> None:
+    # A broken profile is configuration to fix, not a page to skip.
+    with pytest.raises(Exception, match="Malformed attribute selector"):
+        parse_listing(body, PAGE_URL, SourceProfile(title="h2["))

@@ -40,19 +40,19 @@ def _serve(control: bool) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def site() -> Iterator[httpx.Client]:
+def control_site() -> Iterator[httpx.Client]:
     """A client for a running sample site with the control API on."""
     yield from _serve(control=True)
 
 
 @pytest.fixture
-def closed_site() -> Iterator[httpx.Client]:
+def plain_site() -> Iterator[httpx.Client]:
     """A client for a running sample site with the control API off."""
     yield from _serve(control=False)
 
 
-def test_page_one_parses_into_ten_items(site: httpx.Client) -> None:
-    response = site.get("/projects", params={"page": 1})
+def test_page_one_parses_into_ten_items(control_site: httpx.Client) -> None:
+    response = control_site.get("/projects", params={"page": 1})
 
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/html; charset=utf-8"
@@ -60,7 +60,7 @@ def test_page_one_parses_into_ten_items(site: httpx.Client) -> None:
     assert parsed.skipped == 0
     assert len(parsed.items) == 10
     assert [item.url for item in parsed.items] == [
-        str(site.base_url.join(f"/projects/{n}")) for n in range(1, 11)
+        str(control_site.base_url.join(f"/projects/{n}")) for n in range(1, 11)
     ]
     assert [item.title for item in parsed.items] == [p.title for p in sample_page(1)]
 
@@ -83,23 +83,23 @@ def test_sample_page_outside_the_site_is_an_error(page: int) -> None:
         sample_page(page)
 
 
-def test_last_page_serves_and_past_it_is_404(site: httpx.Client) -> None:
-    assert site.get("/projects", params={"page": SAMPLE_PAGES}).status_code == 200
-    assert site.get("/projects", params={"page": SAMPLE_PAGES + 1}).status_code == 404
-    assert site.get("/projects", params={"page": 0}).status_code == 404
-    assert site.get("/projects", params={"page": -3}).status_code == 404
+def test_last_page_serves_and_past_it_is_404(control_site: httpx.Client) -> None:
+    assert control_site.get("/projects", params={"page": SAMPLE_PAGES}).status_code == 200
+    assert control_site.get("/projects", params={"page": SAMPLE_PAGES + 1}).status_code == 404
+    assert control_site.get("/projects", params={"page": 0}).status_code == 404
+    assert control_site.get("/projects", params={"page": -3}).status_code == 404
 
 
 @pytest.mark.parametrize("query", ["", "?page=", "?page=abc", "?page=1.5", "?page=1&page=2"])
-def test_bad_page_is_400(site: httpx.Client, query: str) -> None:
-    assert site.get(f"/projects{query}").status_code == 400
+def test_bad_page_is_400(control_site: httpx.Client, query: str) -> None:
+    assert control_site.get(f"/projects{query}").status_code == 400
 
 
-def test_unknown_path_is_404(site: httpx.Client) -> None:
-    assert site.get("/elsewhere").status_code == 404
+def test_unknown_path_is_404(control_site: httpx.Client) -> None:
+    assert control_site.get("/elsewhere").status_code == 404
 
 
-def test_script_serves_503_then_the_page_and_counts_hits(site: httpx.Client) -> None:
+def test_script_serves_503_then_the_page_and_counts_hits(control_site: httpx.Client) -> None:
     script = {
         "page": 2,
         "responses": [
@@ -107,18 +107,18 @@ def test_script_serves_503_then_the_page_and_counts_hits(site: httpx.Client) -> 
             {"status": 429, "body": "slow down", "delay": 0.05},
         ],
     }
-    assert site.post("/_control/script", json=script).status_code == 204
+    assert control_site.post("/_control/script", json=script).status_code == 204
 
-    first = site.get("/projects", params={"page": 2})
-    second = site.get("/projects", params={"page": 2})
-    third = site.get("/projects", params={"page": 2})
-    site.get("/projects", params={"page": 1})
+    first = control_site.get("/projects", params={"page": 2})
+    second = control_site.get("/projects", params={"page": 2})
+    third = control_site.get("/projects", params={"page": 2})
+    control_site.get("/projects", params={"page": 1})
 
     assert (first.status_code, first.headers["retry-after"], first.text) == (503, "1", "busy")
     assert (second.status_code, second.text) == (429, "slow down")
     assert third.status_code == 200
     assert third.text == render_listing(sample_page(2))
-    assert site.get("/_control/hits").json() == {"1": 1, "2": 3}
+    assert control_site.get("/_control/hits").json() == {"1": 1, "2": 3}
 
 
 @pytest.mark.parametrize(
@@ -132,22 +132,22 @@ def test_script_serves_503_then_the_page_and_counts_hits(site: httpx.Client) -> 
         [],
     ],
 )
-def test_bad_script_is_400(site: httpx.Client, script: object) -> None:
-    assert site.post("/_control/script", json=script).status_code == 400
+def test_bad_script_is_400(control_site: httpx.Client, script: object) -> None:
+    assert control_site.post("/_control/script", json=script).status_code == 400
 
 
-def test_put_page_overrides_the_sample_and_any_page_number(site: httpx.Client) -> None:
+def test_put_page_overrides_the_sample_and_any_page_number(control_site: httpx.Client) -> None:
     body = "<p>Привет</p>".encode("windows-1251")
-    response = site.put(
+    response = control_site.put(
         "/_control/pages/1",
         content=body,
         headers={"X-Serve-Content-Type": "text/html; charset=windows-1251"},
     )
     assert response.status_code == 204
-    assert site.put("/_control/pages/500", content=b"far away").status_code == 204
+    assert control_site.put("/_control/pages/500", content=b"far away").status_code == 204
 
-    page_one = site.get("/projects", params={"page": 1})
-    page_far = site.get("/projects", params={"page": 500})
+    page_one = control_site.get("/projects", params={"page": 1})
+    page_far = control_site.get("/projects", params={"page": 500})
 
     assert page_one.content == body
     assert page_one.headers["content-type"] == "text/html; charset=windows-1251"
@@ -155,15 +155,15 @@ def test_put_page_overrides_the_sample_and_any_page_number(site: httpx.Client) -
     assert page_far.headers["content-type"] == "text/html; charset=utf-8"
 
 
-def test_reset_forgets_pages_scripts_and_hits(site: httpx.Client) -> None:
-    site.put("/_control/pages/1", content=b"replaced")
-    site.post("/_control/script", json={"page": 1, "responses": [{"status": 500}]})
-    site.get("/projects", params={"page": 3})
+def test_reset_forgets_pages_scripts_and_hits(control_site: httpx.Client) -> None:
+    control_site.put("/_control/pages/1", content=b"replaced")
+    control_site.post("/_control/script", json={"page": 1, "responses": [{"status": 500}]})
+    control_site.get("/projects", params={"page": 3})
 
-    assert site.post("/_control/reset").status_code == 204
+    assert control_site.post("/_control/reset").status_code == 204
 
-    assert site.get("/_control/hits").json() == {}
-    response = site.get("/projects", params={"page": 1})
+    assert control_site.get("/_control/hits").json() == {}
+    response = control_site.get("/projects", params={"page": 1})
     assert (response.status_code, response.text) == (200, render_listing(sample_page(1)))
 
 
@@ -177,10 +177,10 @@ def test_reset_forgets_pages_scripts_and_hits(site: httpx.Client) -> None:
     ],
 )
 def test_control_routes_are_404_when_control_is_off(
-    closed_site: httpx.Client, method: str, path: str
+    plain_site: httpx.Client, method: str, path: str
 ) -> None:
-    assert closed_site.request(method, path, content=b"{}").status_code == 404
-    assert closed_site.get("/projects", params={"page": 1}).status_code == 200
+    assert plain_site.request(method, path, content=b"{}").status_code == 404
+    assert plain_site.get("/projects", params={"page": 1}).status_code == 200
 
 
 @pytest.fixture

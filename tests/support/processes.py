@@ -1,0 +1,288 @@
+"""Real processes for the tests: the gateway, workers, the site and a Redis server.
+
+Each is started as its user would start it (`python -m gateway`, `celery -A worker.app worker`,
+`python -m sample_site`, `redis-server`), with its output kept in a log file under the test's
+temporary directory and shown when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+from core.embedded_redis import server_executable
+from projects.v1 import queue_service_pb2_grpc
+
+BIN = Path(sys.executable).parent
+PYTHON = str(BIN / "python")
+START_TIMEOUT = 30.0
+
+# Settings a developer may have exported; a test's processes get only what the test gives them.
+_OUR_VARIABLES = re.compile(
+    r"^(GATEWAY_|API_TOKENS|MAX_PAGE|PUBLISH_|BROKER_|CELERY_|RESULT_|TASK_|REDIS_|SOURCE_|WORKER_|"
+    r"FETCH_|RETRY_|UPSERT_|DATA_DIR|DATABASE_URL|SAMPLE_SITE_|LOG_LEVEL)",
+    re.IGNORECASE,
+)
+
+
+def clean_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not _OUR_VARIABLES.match(k)}
+    env.update(extra)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Process:
+    """A child process whose merged output is collected line by line."""
+
+    def __init__(self, name: str, args: list[str], env: Mapping[str, str], cwd: Path) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = cwd / f"{name}.log"
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._log = self.log_path.open("a", encoding="utf-8")
+        self.popen = subprocess.Popen(
+            args,
+            env=dict(env),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self._log.write(line)
+            self._log.flush()
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for_line(
+        self, pattern: str, timeout: float = START_TIMEOUT, start: int = 0
+    ) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = start
+        with self._changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(self.lines)
+                if self.popen.poll() is not None and not self._reader.is_alive():
+                    raise RuntimeError(
+                        f"{self.name} exited with {self.popen.returncode} before printing "
+                        f"{pattern!r}:\n{self.output()}"
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.name} did not print {pattern!r}:\n{self.output()}")
+                self._changed.wait(min(left, 0.2))
+
+    def send(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def kill_group(self, signum: int = signal.SIGKILL) -> None:
+        """Signal the process and every process it started (pool children included)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then SIGKILL after `timeout`; the exit code."""
+        self.send(signal.SIGTERM)
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_group()
+            code = self.popen.wait(5)
+        self.kill_group()  # anything the process left behind
+        self._reader.join(5)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+        self._log.close()
+        return code
+
+
+@dataclass
+class Site:
+    process: Process
+    url: str
+
+    @property
+    def source_url(self) -> str:
+        return f"{self.url}/projects?page={{page}}"
+
+    def set_page(self, page: int, body: str | bytes, content_type: str | None = None) -> None:
+        headers = {"X-Serve-Content-Type": content_type} if content_type else {}
+        data = body.encode() if isinstance(body, str) else body
+        response = httpx.put(f"{self.url}/_control/pages/{page}", content=data, headers=headers)
+        response.raise_for_status()
+
+    def script(self, page: int, responses: list[dict[str, Any]]) -> None:
+        response = httpx.post(
+            f"{self.url}/_control/script", json={"page": page, "responses": responses}
+        )
+        response.raise_for_status()
+
+    def hits(self) -> dict[int, int]:
+        response = httpx.get(f"{self.url}/_control/hits")
+        response.raise_for_status()
+        return {int(k): v for k, v in json.loads(response.text).items()}
+
+
+def start_site(cwd: Path, name: str = "site") -> Site:
+    process = Process(
+        name,
+        [PYTHON, "-m", "sample_site", "--address", "127.0.0.1:0", "--control"],
+        clean_environment({}),
+        cwd,
+    )
+    match = process.wait_for_line(r"listening on (http://\S+)")
+    return Site(process, match.group(1))
+
+
+@dataclass
+class Gateway:
+    process: Process
+    address: str
+    token: str
+    channel: grpc.Channel = field(init=False)
+    stub: queue_service_pb2_grpc.QueueServiceStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = queue_service_pb2_grpc.QueueServiceStub(self.channel)
+
+    def close(self) -> int:
+        self.channel.close()
+        return self.process.stop()
+
+
+def start_gateway(cwd: Path, env: Mapping[str, str], name: str = "gateway") -> Process:
+    return Process(name, [PYTHON, "-m", "gateway"], clean_environment(env), cwd)
+
+
+def start_worker(
+    cwd: Path, env: Mapping[str, str], name: str = "worker", concurrency: int = 4
+) -> Process:
+    args = [
+        str(BIN / "celery"), "-A", "worker.app", "worker",
+        "--loglevel", "INFO", "--concurrency", str(concurrency),
+        "--hostname", f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h",
+        "--without-mingle", "--without-gossip",
+    ]  # fmt: skip
+    process = Process(name, args, clean_environment(env), cwd)
+    process.wait_for_line(r"ready\.")
+    return process
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of the test's own, on a free port; it may be stopped and started again."""
+
+    directory: Path
+    port: int
+    appendonly: bool = True
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                server_executable(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes" if self.appendonly else "no",
+                "--save",
+                "",
+                "--maxmemory-policy",
+                "noeviction",
+                "--logfile",
+                str(self.directory / "redis.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+            self.process.wait(15)
+        self.process = None
+
+
+def poll_until(
+    condition: Any, timeout: float, interval: float = 0.1, what: str = "condition"
+) -> Any:
+    """Call `condition` until it returns something truthy; that value, or TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
