@@ -25,9 +25,9 @@ def broker_and_backend(settings: Settings) -> tuple[str, str]:
     return broker, backend
 
 
-def make_celery(settings: Settings, main: str) -> Celery:
+def make_celery(settings: Settings, main: str, app_class: type[Celery] = Celery) -> Celery:
     broker, backend = broker_and_backend(settings)
-    app = Celery(main, broker=broker, backend=backend, set_as_current=False)
+    app = app_class(main, broker=broker, backend=backend, set_as_current=False)
     redis_options: dict[str, object] = {
         "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_SECONDS,
         "socket_timeout": SOCKET_TIMEOUT_SECONDS,

@@ -26,6 +26,22 @@ _QUEUE_ERRORS = (KombuError, KombuOperationalError, RedisError, OSError, Timeout
 PUBLISH_RETRIES = 2
 
 
+class PublishingCelery(Celery):
+    """A Celery app that publishes tasks and reads their state, and never waits on a result."""
+
+    def _get_backend(self) -> Any:  # type: ignore[misc]  # private in the stubs, stable in Celery
+        backend = super()._get_backend()
+        # Celery's Redis backend subscribes to each sent task's result channel so that `.get()`
+        # can wait on it. The gateway never waits: the subscriptions would only pile up, and
+        # after a broker outage they fail the app for good ("must be restarted").
+        backend.on_task_call = _no_subscription
+        return backend
+
+
+def _no_subscription(producer: object, task_id: str) -> None:
+    return None
+
+
 class QueueUnavailable(Exception):
     """The broker or the result backend did not answer in time."""
 

@@ -24,7 +24,7 @@ from core.db import create_engine
 from core.migrate import upgrade_to_head
 from core.settings import ApiToken, Settings, generate_token
 from gateway.auth import BearerAuthInterceptor, TokenTable
-from gateway.celery_queue import CeleryQueue
+from gateway.celery_queue import CeleryQueue, PublishingCelery
 from gateway.health import DependencyHealth
 from gateway.records import StoreUnavailable, TaskRecords
 from gateway.service import QueueService
@@ -44,6 +44,7 @@ class Gateway:
     health: DependencyHealth
     records: TaskRecords
     queue: CeleryQueue
+    service: QueueService
     engine: AsyncEngine
     purge_interval: float
     _background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -65,6 +66,7 @@ class Gateway:
     async def stop(self, grace: float) -> None:
         await self.health.shutdown()
         await self.server.stop(grace)
+        await self.service.drain()
         for task in self._background:
             task.cancel()
         self.queue.close()
@@ -75,7 +77,7 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
     engine = create_engine(settings.resolved_database_url)
     await upgrade_to_head(engine)
     # May start the embedded Redis, which waits for it: keep that off the event loop.
-    app = await asyncio.to_thread(make_celery, settings, "gateway")
+    app = await asyncio.to_thread(make_celery, settings, "gateway", PublishingCelery)
     queue = CeleryQueue(app, settings.publish_timeout_seconds)
     lifetime = dt.timedelta(seconds=settings.result_expires_seconds)
     records = TaskRecords(engine, lifetime)
@@ -110,6 +112,7 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
         health=dependencies,
         records=records,
         queue=queue,
+        service=service,
         engine=engine,
         purge_interval=min(PURGE_INTERVAL_SECONDS, settings.result_expires_seconds),
     )

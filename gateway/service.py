@@ -122,6 +122,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         self._health = health
         self._max_page = max_page
         self._lifetime_seconds = lifetime_seconds
+        self._publishing: set[asyncio.Task[None]] = set()
 
     async def _state(self, task: IssuedTask) -> CeleryState:
         try:
@@ -130,11 +131,27 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             await self._health.mark_down()
             raise Unavailable("the task result store is unreachable; retry shortly") from exc
 
-    async def _forget_unpublished(self, task_id: str) -> None:
+    async def _publish_or_forget(self, task: IssuedTask, deadline: float | None) -> None:
         try:
-            await asyncio.shield(self._records.forget(task_id))
-        except StoreUnavailable:
-            log.exception("could not drop the record of unpublished task %s", task_id)
+            await self._queue.publish(task.id, task.page, deadline)
+        except BaseException:
+            # Kept, the record of a task that never reached the broker would read PENDING
+            # forever and hold its request_id hostage.
+            try:
+                await self._records.forget(task.id)
+            except StoreUnavailable:
+                log.exception("could not drop the record of unpublished task %s", task.id)
+            raise
+
+    def _publish_done(self, publishing: asyncio.Task[None]) -> None:
+        self._publishing.discard(publishing)
+        if not publishing.cancelled():
+            publishing.exception()  # retrieved here when the caller has gone away
+
+    async def drain(self) -> None:
+        """Wait for publishes whose callers have gone away."""
+        if self._publishing:
+            await asyncio.wait(set(self._publishing))
 
     @answers_errors
     async def Upload(
@@ -158,17 +175,18 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
                     f"(task {task.id}); use a new request_id for page {request.page}"
                 )
             return queue_service_pb2.UploadResponse(task=describe(task, await self._state(task)))
+        publishing = asyncio.create_task(self._publish_or_forget(task, context.time_remaining()))
+        self._publishing.add(publishing)
+        publishing.add_done_callback(self._publish_done)
         try:
-            await self._queue.publish(task.id, task.page, context.time_remaining())
-        except BaseException as exc:
-            # Whatever stopped the publish (the broker, a bug, a cancelled call), the record
-            # must go: kept, it would read PENDING forever and hold its request_id hostage.
-            await self._forget_unpublished(task.id)
-            if isinstance(exc, QueueUnavailable):
-                log.warning("publish of task %s failed: %s", task.id, exc)
-                await self._health.mark_down()
-                raise Unavailable(BROKER_DOWN) from exc
-            raise
+            # Shielded: a caller that gives up (deadline, cancel) must not cut a publish in
+            # half. It runs to its end; the record stays if the task reached the broker (a
+            # retry with the request_id finds it) and goes if it did not.
+            await asyncio.shield(publishing)
+        except QueueUnavailable as exc:
+            log.warning("publish of task %s failed: %s", task.id, exc)
+            await self._health.mark_down()
+            raise Unavailable(BROKER_DOWN) from exc
         log.info("client %s enqueued task %s for page %d", client, task.id, task.page)
         return queue_service_pb2.UploadResponse(task=describe(task, None))
 

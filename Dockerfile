@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1
+# One image for both processes of the harvester, configured only by environment variables (see
+# core/settings.py and docker-compose.yml):
+#   gateway (default):  python -m gateway
+#   worker:             celery -A worker.app worker --loglevel INFO
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+# The build context is mounted, not copied: setuptools' build/ and egg-info are written into a
+# throwaway layer, and only the installed package (with the generated stubs from protos/, which
+# pyproject's package finder includes) ends up in the image. Every dependency has a manylinux
+# wheel for CPython 3.11, so the slim image needs no compiler.
+RUN --mount=type=bind,target=/src,rw \
+    --mount=type=cache,target=/root/.cache/pip \
+    pip install -c /src/constraints.txt /src
+
+# Unprivileged, with a numeric id so orchestrators can verify runAsNonRoot. DATA_DIR only
+# matters when CELERY_BROKER_URL or DATABASE_URL is unset (embedded Redis, SQLite file).
+RUN groupadd --system --gid 10001 harvester \
+    && useradd --system --uid 10001 --gid 10001 --create-home harvester \
+    && mkdir -p /app/data \
+    && chown 10001:10001 /app/data
+WORKDIR /app
+USER 10001:10001
+
+# The settings' default listens on loopback only, which no other container can reach.
+ENV GATEWAY_ADDRESS=0.0.0.0:50051 \
+    DATA_DIR=/app/data
+EXPOSE 50051
+
+CMD ["python", "-m", "gateway"]
