@@ -29,8 +29,9 @@ PUBLISH_RETRIES = 2
 class PublishingCelery(Celery):
     """A Celery app that publishes tasks and reads their state, and never waits on a result."""
 
-    def _get_backend(self) -> Any:  # type: ignore[misc]  # private in the stubs, stable in Celery
-        backend = super()._get_backend()
+    def _get_backend(self) -> Any:
+        # Private, and absent from the stubs, but the one place every thread's backend is made.
+        backend = super()._get_backend()  # type: ignore[misc]
         # Celery's Redis backend subscribes to each sent task's result channel so that `.get()`
         # can wait on it. The gateway never waits: the subscriptions would only pile up, and
         # after a broker outage they fail the app for good ("must be restarted").
