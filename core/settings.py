@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     redis_key_prefix: str = ""
 
     # --- worker ---
-    source_url: str = DEFAULT_SOURCE_URL
+    # Unset: the bundled sample site at SAMPLE_SITE_ADDRESS.
+    source_url: str = ""
     source_profile: SourceProfile = Field(default_factory=SourceProfile)
     worker_concurrency: int = Field(default=16, ge=1)
     fetch_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -115,7 +116,7 @@ class Settings(BaseSettings):
     @field_validator("source_url")
     @classmethod
     def _check_source_url(cls, value: str) -> str:
-        if "{page}" not in value or not value.startswith(("http://", "https://")):
+        if value and ("{page}" not in value or not value.startswith(("http://", "https://"))):
             raise ValueError("SOURCE_URL must be an http(s) URL template containing {page}")
         return value
 
@@ -126,6 +127,23 @@ class Settings(BaseSettings):
         if not sep or not host or not port.isdigit():
             raise ValueError(f"{value!r} must look like host:port")
         return value
+
+    @model_validator(mode="after")
+    def _default_source(self) -> Self:
+        if not self.source_url:
+            self.source_url = f"http://{self.sample_site_address}/projects?page={{page}}"
+        return self
+
+    @property
+    def source_is_sample_site(self) -> bool:
+        return self.source_url == f"http://{self.sample_site_address}/projects?page={{page}}"
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return value.upper()
 
     @model_validator(mode="after")
     def _check_time_limits(self) -> Self:

@@ -130,7 +130,7 @@ class Process:
             os.killpg(self.popen.pid, signum)
 
     def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, then SIGKILL after `timeout`; the exit code."""
+        """SIGTERM, then SIGKILL after `timeout`; the exit code. Safe to call again."""
         self.send(signal.SIGTERM)
         try:
             code = self.popen.wait(timeout)
@@ -141,7 +141,8 @@ class Process:
         self._reader.join(5)
         if self.popen.stdout is not None:
             self.popen.stdout.close()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return code
 
 

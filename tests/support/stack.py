@@ -72,8 +72,7 @@ class Stack:
         while self.gateways:
             self.gateways.pop().channel.close()
         for process in reversed(self.processes):
-            if process.popen.returncode is None:
-                process.stop()
+            process.stop()
 
     def logs(self) -> str:
         return "\n\n".join(f"===== {p.name} =====\n{p.output()}" for p in self.processes)

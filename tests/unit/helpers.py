@@ -13,6 +13,7 @@ import datetime as dt
 import enum
 import functools
 import logging
+import os
 import socket
 import socketserver
 import struct
@@ -23,7 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
+import pytest
 
+from core.settings import Settings
 from sample_site.server import SERVE_CONTENT_TYPE_HEADER, make_server
 from worker.parse import ProjectItem
 
@@ -199,6 +202,18 @@ def gzip_of_zeros(size: int) -> bytes:
     parts.append(compressor.compress(bytes(size % len(block))))
     parts.append(compressor.flush())
     return b"".join(parts)
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+def clear_settings_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove every variable Settings would read (a developer's shell may export some)."""
+    fields = tuple(Settings.model_fields)
+    for name in list(os.environ):
+        lowered = name.lower()
+        if lowered in fields or lowered.startswith(tuple(f"{field}__" for field in fields)):
+            monkeypatch.delenv(name)
 
 
 # --- project data -------------------------------------------------------------------------------

@@ -1,0 +1,226 @@
+"""Settings read from the environment: defaults, parsing, and validators that name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from core.settings import (
+    DEFAULT_GATEWAY_ADDRESS,
+    DEFAULT_SAMPLE_SITE_ADDRESS,
+    ApiToken,
+    Settings,
+    SourceProfile,
+)
+from tests.unit.helpers import clear_settings_environment
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """monkeypatch over an environment without any of the settings' variables."""
+    clear_settings_environment(monkeypatch)
+    monkeypatch.chdir(tmp_path)  # and no .env the process might find
+    return monkeypatch
+
+
+def settings(env: pytest.MonkeyPatch, **variables: str) -> Settings:
+    """Settings from exactly these environment variables (and no .env file)."""
+    for name, value in variables.items():
+        env.setenv(name, value)
+    return Settings(_env_file=None)
+
+
+def rejected(env: pytest.MonkeyPatch, **variables: str) -> ValidationError:
+    with pytest.raises(ValidationError) as caught:
+        settings(env, **variables)
+    return caught.value
+
+
+def test_defaults(env: pytest.MonkeyPatch) -> None:
+    defaults = settings(env)
+    sample_site_listing = f"http://{DEFAULT_SAMPLE_SITE_ADDRESS}/projects?page={{page}}"
+
+    assert defaults.gateway_address == DEFAULT_GATEWAY_ADDRESS
+    assert defaults.api_tokens == []
+    assert defaults.source_url == sample_site_listing
+    assert defaults.source_profile == SourceProfile()
+    assert defaults.celery_broker_url is None
+    assert defaults.celery_result_backend is None
+    assert defaults.database_url is None
+    assert defaults.retry_base_delay_seconds == 1.0
+    assert defaults.task_soft_time_limit_seconds < defaults.task_time_limit_seconds
+    assert defaults.broker_visibility_timeout_seconds > (
+        defaults.task_time_limit_seconds + defaults.retry_after_cap_seconds
+    )
+    assert defaults.resolved_database_url == (
+        f"sqlite+aiosqlite:///{(Path('data') / 'projects.db').resolve()}"
+    )
+    assert defaults.page_url(7) == f"http://{DEFAULT_SAMPLE_SITE_ADDRESS}/projects?page=7"
+
+
+def test_variables_are_read_case_insensitively(env: pytest.MonkeyPatch) -> None:
+    read = settings(env, max_page="12", WORKER_CONCURRENCY="3")
+
+    assert (read.max_page, read.worker_concurrency) == (12, 3)
+
+
+# --- API_TOKENS ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["a:x,b:y", " a : x , b:y ", "a:x,,b:y,", "\ta:x,\n b:y\n"],
+)
+def test_api_tokens_are_parsed_into_names_and_tokens(env: pytest.MonkeyPatch, raw: str) -> None:
+    assert settings(env, API_TOKENS=raw).api_tokens == [
+        ApiToken(name="a", token="x"),
+        ApiToken(name="b", token="y"),
+    ]
+
+
+def test_token_may_contain_a_colon(env: pytest.MonkeyPatch) -> None:
+    # Only the first colon separates the name.
+    assert settings(env, API_TOKENS="ops:abc:def").api_tokens == [
+        ApiToken(name="ops", token="abc:def")
+    ]
+
+
+@pytest.mark.parametrize("raw", ["", " ", ","])
+def test_empty_api_tokens_mean_none(env: pytest.MonkeyPatch, raw: str) -> None:
+    assert settings(env, API_TOKENS=raw).api_tokens == []
+
+
+@pytest.mark.parametrize("bad", ["nocolon", "name:", ":lone-secret", " : "])
+def test_bad_api_tokens_entry_is_rejected_naming_the_field(
+    env: pytest.MonkeyPatch, bad: str
+) -> None:
+    error = rejected(env, API_TOKENS=f"alpha:first-secret,{bad},beta:second-secret")
+
+    [detail] = error.errors()
+    assert detail["loc"] == ("api_tokens",)
+    assert "must look like name:token" in detail["msg"]
+    assert "API_TOKENS" in detail["msg"]
+    assert "api_tokens" in str(error)
+    # The explanation itself quotes no token, neither the other entries' nor the bad one's.
+    assert "secret" not in detail["msg"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Settings does not set hide_input_in_errors, so the ValidationError's text (what "
+    "a failing process logs) carries input_value='alpha:first-secret,nocolon,...': every valid "
+    "token of API_TOKENS is printed beside the bad entry",
+)
+def test_bad_api_tokens_error_text_holds_no_token(env: pytest.MonkeyPatch) -> None:
+    error = rejected(env, API_TOKENS="alpha:first-secret,nocolon,beta:second-secret")
+
+    assert "api_tokens" in str(error)
+    assert "first-secret" not in str(error)
+    assert "second-secret" not in str(error)
+
+
+def test_duplicate_api_token_names_are_rejected(env: pytest.MonkeyPatch) -> None:
+    error = rejected(env, API_TOKENS="a:x,a:y")
+
+    assert "names must be unique" in str(error)
+
+
+# --- SOURCE_URL and SOURCE_PROFILE --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8081/projects?page=1",
+        "ftp://127.0.0.1/projects?page={page}",
+        "127.0.0.1:8081/projects?page={page}",
+    ],
+)
+def test_source_url_must_be_http_with_a_page_placeholder(env: pytest.MonkeyPatch, url: str) -> None:
+    error = rejected(env, SOURCE_URL=url)
+
+    [detail] = error.errors()
+    assert detail["loc"] == ("source_url",)
+    assert "SOURCE_URL" in detail["msg"]
+
+
+def test_source_url_template_gives_page_urls(env: pytest.MonkeyPatch) -> None:
+    read = settings(env, SOURCE_URL="https://listing.test/p/{page}/?sort=new")
+
+    assert read.page_url(42) == "https://listing.test/p/42/?sort=new"
+
+
+def test_nested_variable_overrides_one_selector_of_the_profile(env: pytest.MonkeyPatch) -> None:
+    read = settings(env, SOURCE_PROFILE__ITEM="article.card", source_profile__title="h2")
+
+    assert read.source_profile == SourceProfile(item="article.card", title="h2")
+
+
+# --- time limits and the broker -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("soft", "hard"), [("150", "150"), ("200", "150")])
+def test_soft_time_limit_must_be_below_the_hard_one(
+    env: pytest.MonkeyPatch, soft: str, hard: str
+) -> None:
+    error = rejected(env, TASK_SOFT_TIME_LIMIT_SECONDS=soft, TASK_TIME_LIMIT_SECONDS=hard)
+
+    assert "TASK_SOFT_TIME_LIMIT_SECONDS must be below TASK_TIME_LIMIT_SECONDS" in str(error)
+
+
+def test_soft_time_limit_just_below_the_hard_one_is_accepted(env: pytest.MonkeyPatch) -> None:
+    read = settings(env, TASK_SOFT_TIME_LIMIT_SECONDS="149.5", TASK_TIME_LIMIT_SECONDS="150")
+
+    assert read.task_soft_time_limit_seconds == 149.5
+
+
+@pytest.mark.parametrize(
+    ("visibility", "cap", "accepted"),
+    [("210", "60", False), ("100", "60", False), ("211", "60", True), ("160", "10", False)],
+)
+def test_visibility_timeout_must_exceed_time_limit_plus_retry_after_cap(
+    env: pytest.MonkeyPatch, visibility: str, cap: str, accepted: bool
+) -> None:
+    variables = {
+        "BROKER_VISIBILITY_TIMEOUT_SECONDS": visibility,
+        "RETRY_AFTER_CAP_SECONDS": cap,
+        "TASK_TIME_LIMIT_SECONDS": "150",
+    }
+    if accepted:
+        assert settings(env, **variables).broker_visibility_timeout_seconds == int(visibility)
+        return
+    error = rejected(env, **variables)
+    assert "BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed" in str(error)
+    assert f"({150 + int(cap)})" in str(error)
+
+
+@pytest.mark.parametrize("broker", ["amqp://guest:guest@127.0.0.1:5672//", "pyamqp://127.0.0.1//"])
+def test_amqp_broker_needs_a_result_backend(env: pytest.MonkeyPatch, broker: str) -> None:
+    error = rejected(env, CELERY_BROKER_URL=broker)
+
+    assert "CELERY_RESULT_BACKEND must be set" in str(error)
+    read = settings(env, CELERY_BROKER_URL=broker, CELERY_RESULT_BACKEND="redis://127.0.0.1/1")
+    assert read.celery_result_backend == "redis://127.0.0.1/1"
+
+
+def test_redis_broker_needs_no_result_backend(env: pytest.MonkeyPatch) -> None:
+    assert settings(env, CELERY_BROKER_URL="redis://127.0.0.1:6379/0").celery_result_backend is None
+
+
+# --- addresses ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "localhost:", ":50051", "host:port", "[::1]"])
+def test_gateway_address_without_a_port_is_rejected(env: pytest.MonkeyPatch, address: str) -> None:
+    error = rejected(env, GATEWAY_ADDRESS=address)
+
+    [detail] = error.errors()
+    assert detail["loc"] == ("gateway_address",)
+    assert "must look like host:port" in detail["msg"]
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:50051", "[::1]:50051", "gateway.internal:8443"])
+def test_gateway_address_with_a_port_is_accepted(env: pytest.MonkeyPatch, address: str) -> None:
+    assert settings(env, GATEWAY_ADDRESS=address).gateway_address == address
