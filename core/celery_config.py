@@ -6,10 +6,14 @@ gateway never imports the worker and enqueues by `HARVEST_TASK_NAME`.
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 
 from core import embedded_redis
 from core.settings import Settings
+
+log = logging.getLogger(__name__)
 
 HARVEST_TASK_NAME = "projects.v1.harvest_page"
 
@@ -20,7 +24,11 @@ SOCKET_TIMEOUT_SECONDS = 10.0
 
 def broker_and_backend(settings: Settings) -> tuple[str, str]:
     """The URLs to use, starting the embedded Redis when no broker is configured."""
-    broker = settings.celery_broker_url or embedded_redis.ensure_running(settings.data_dir)
+    broker = settings.celery_broker_url
+    if broker is None:
+        broker = embedded_redis.ensure_running(settings.data_dir)
+        # Fine on one machine; on many it means this process talks to nobody else.
+        log.warning("CELERY_BROKER_URL is unset: using the embedded Redis at %s", broker)
     backend = settings.celery_result_backend or broker
     return broker, backend
 

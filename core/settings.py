@@ -62,6 +62,8 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="ignore",
         case_sensitive=False,
+        # A bad API_TOKENS entry must not print the good ones into a log.
+        hide_input_in_errors=True,
     )
 
     # --- gateway ---

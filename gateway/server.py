@@ -50,8 +50,9 @@ class Gateway:
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
-        await self.server.start()
+        # Checked before the port opens, so no probe ever sees SERVING unchecked.
         await self.health.check_now()
+        await self.server.start()
         self.health.start()
         self._background.append(asyncio.create_task(self._purge_loop(), name="purge-records"))
 

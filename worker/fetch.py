@@ -79,10 +79,9 @@ def _check_status(response: httpx.Response) -> None:
     if 200 <= code < 300:
         return
     said = f"source answered {code} {response.reason_phrase} for {response.url}"
-    if code == 429:
+    if code == 429 or code >= 500 or code == 408:
+        # RFC 9110 lets 503 (and any of these) say when to come back; honour it when said.
         raise RetryableError(said, retry_after_seconds(response.headers.get("Retry-After")))
-    if code >= 500 or code == 408:
-        raise RetryableError(said)
     raise PermanentError(said)
 
 
@@ -127,6 +126,9 @@ async def fetch_page(client: httpx.AsyncClient, url: str, limits: FetchLimits) -
         ) from exc
     except httpx.TimeoutException as exc:
         raise RetryableError(f"source timed out on {url}: {type(exc).__name__}") from exc
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+        # A redirect to something that is not an http(s) URL: trying again cannot help.
+        raise PermanentError(f"{url} redirected to an unfetchable location: {exc}") from exc
     except httpx.DecodingError as exc:
         raise PermanentError(f"could not decode the body of {url}: {exc}") from exc
     except httpx.TransportError as exc:

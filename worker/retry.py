@@ -36,5 +36,6 @@ class RetryPolicy:
         """
         if retry_after is not None:
             return min(max(retry_after, 0.0), self.retry_after_cap)
-        step = min(self.max_delay, self.base_delay * 2.0 ** max(tries_done - 1, 0))
+        # The exponent is bounded first: 2.0 ** 1024 overflows, and the cap is long reached.
+        step = min(self.max_delay, self.base_delay * 2.0 ** min(max(tries_done - 1, 0), 64))
         return step / 2 + random.uniform(0, step / 2)

@@ -35,7 +35,7 @@ T = TypeVar("T")
 class StoreCounts:
     created: int = 0
     updated: int = 0
-    unstorable: int = 0  # links longer than the column allows
+    unstorable: int = 0  # links longer than MAX_URL_LENGTH bytes
 
 
 def _is_transient(exc: DBAPIError) -> bool:
@@ -90,7 +90,8 @@ async def store_projects(
 ) -> StoreCounts:
     """Insert new projects and refresh known ones; count what was created and what changed."""
     latest = {item.url: item for item in items}  # a link listed twice is stored once, last wins
-    storable = sorted(url for url in latest if len(url) <= MAX_URL_LENGTH)
+    # Bounded in bytes: PostgreSQL's unique index refuses keys past ~2.7 KB, whatever the chars.
+    storable = sorted(url for url in latest if len(url.encode()) <= MAX_URL_LENGTH)
     created = updated = 0
     for start in range(0, len(storable), batch_size):
         # `now` marks this statement's writes: a row that comes back with first_seen_at == now

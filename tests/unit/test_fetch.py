@@ -154,11 +154,6 @@ def test_429_without_a_usable_future_retry_after(
     assert caught.value.retry_after == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Retry-After is only read on 429; a 503 with Retry-After (RFC 9110 10.2.3) "
-    "gives retry_after=None although worker/errors.py says 5xx carry it 'when the source said'",
-)
 def test_503_with_retry_after_says_when(site: SampleSite) -> None:
     site.script(3, {"status": 503, "headers": {"Retry-After": "7"}})
 
@@ -258,24 +253,8 @@ def test_redirect_to_another_host_is_refused_before_any_request(
     "location",
     [
         "ftp://elsewhere.invalid/list",
-        pytest.param(
-            "ftp://127.0.0.1/list",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: a redirect to a non-http(s) URL on the source's host raises httpx's "
-                "UnsupportedProtocol, a TransportError, which fetch_page maps to RetryableError: "
-                "the task is retried for an answer that cannot change",
-            ),
-        ),
-        pytest.param(
-            "mailto:someone@example.test",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: a Location httpx cannot parse as a URL raises httpx.InvalidURL "
-                "(not an httpx.HTTPError), which leaves fetch_page untranslated instead of as "
-                "PermanentError",
-            ),
-        ),
+        "ftp://127.0.0.1/list",
+        "mailto:someone@example.test",
     ],
 )
 def test_redirect_to_an_unfetchable_url_is_permanent(site: SampleSite, location: str) -> None:

@@ -56,13 +56,6 @@ def test_delays_are_capped_by_max_delay(tries_done: int) -> None:
     assert min(delays) >= POLICY.max_delay / 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="BUG: delay() computes base_delay * 2.0 ** (tries_done - 1) before capping, which "
-    "overflows a float from tries_done 1025 on (reachable with RETRY_MAX_TRIES > 1024, which "
-    "Settings allows): OverflowError instead of max_delay",
-)
 def test_delay_stays_capped_for_any_number_of_tries() -> None:
     assert POLICY.max_delay / 2 <= POLICY.delay(1025) <= POLICY.max_delay
 

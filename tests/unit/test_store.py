@@ -210,16 +210,7 @@ def test_over_long_link_is_not_stored_and_counted_unstorable(database_url: str) 
         "sqlite",
         pytest.param(
             "postgresql",
-            marks=[
-                pytest.mark.postgres,
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="BUG: a link within MAX_URL_LENGTH characters but non-ASCII (~4 KB "
-                    "of UTF-8) overflows PostgreSQL's btree row limit (2704 bytes) of the "
-                    "unique index on projects.url; store_projects raises a raw SQLAlchemy "
-                    "DBAPIError (not a HarvestError) and the whole batch is lost",
-                ),
-            ],
+            marks=[pytest.mark.postgres],
         ),
     ],
     indirect=True,
