@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from google.protobuf import json_format
 
 from core.celery_config import HARVEST_TASK_NAME
@@ -68,7 +68,9 @@ def run_harvest(task: Task[Any, Any], page: int, settings: Settings) -> dict[str
     runtime = get_runtime(settings)
     policy = RetryPolicy.from_settings(settings)
     tries_done = task.request.retries
-    deliveries = runtime.run(record_start(runtime.engine, str(task.request.id)))
+    deliveries = getattr(task.request, "deliveries", None)
+    if deliveries is None:  # the prerun hook could not reach the database: try again here
+        deliveries = runtime.run(record_start(runtime.engine, str(task.request.id)))
     deaths = deliveries - (tries_done + 1)
     if deaths >= MAX_WORKER_DEATHS:
         raise PermanentError(
@@ -101,5 +103,12 @@ def register(app: Celery) -> Task[Any, Any]:
     @app.task(bind=True, name=HARVEST_TASK_NAME, throws=(PermanentError,))
     def harvest_page(self: Task[Any, Any], page: int) -> dict[str, Any]:
         return run_harvest(self, page, get_settings())
+
+    @signals.task_prerun.connect(sender=harvest_page, weak=False)
+    def record_delivery(task: Task[Any, Any], task_id: str, **_: Any) -> None:
+        # Runs before Celery stores STARTED, so a task seen STARTED always has its start time.
+        runtime = get_runtime(get_settings())
+        # Celery's request Context takes any attribute; the task body reads this one back.
+        task.request.deliveries = runtime.run(record_start(runtime.engine, task_id))  # type: ignore[attr-defined]
 
     return harvest_page

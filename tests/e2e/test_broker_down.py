@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import grpc
@@ -12,7 +13,7 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 from projects.v1 import queue_service_pb2, task_pb2
-from tests.support.processes import RedisServer, poll_until
+from tests.support.processes import BIN, RedisServer, poll_until
 from tests.support.stack import Stack, upload, wait_for_health, wait_for_task
 
 PUBLISH_BOUND_SECONDS = 8.0  # PUBLISH_TIMEOUT_SECONDS (3) plus connect timeouts, with room
@@ -47,6 +48,15 @@ def test_broker_down_is_unavailable_then_recovers(
     assert retry_info(caught.value).retry_delay.seconds >= 1
     wait_for_health(gateway.address, health_pb2.HealthCheckResponse.NOT_SERVING, 10)
 
+    # And as a person at a terminal sees it.
+    seen = subprocess.run(
+        [str(BIN / "grpcurl"), "-plaintext", "-H", f"authorization: Bearer {gateway.token}",
+         "-d", '{"page": 2}', gateway.address, "projects.v1.QueueService/Upload"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert "Code: Unavailable" in seen.stderr
+    assert "google.rpc.RetryInfo" in seen.stderr
+
     # A call whose deadline is shorter than the publish bound gets its deadline, not a hang.
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as short:
@@ -61,7 +71,7 @@ def test_broker_down_is_unavailable_then_recovers(
     # The abandoned call's publish runs to its end in the gateway; wait for it to give up so the
     # broker's return cannot race it (that task would then be enqueued, and rightly so).
     poll_until(
-        lambda: gateway.process.output().count("publish of task") >= 2,
+        lambda: gateway.process.output().count("publish of task") >= 3,
         15,
         0.1,
         "both publishes to fail",

@@ -97,6 +97,29 @@ def test_gives_up_after_the_configured_tries(
     assert stack.site.hits()[4] == 3
 
 
+def test_reports_started_while_the_page_is_fetched(redis_stack: Stack) -> None:
+    gateway = redis_stack.start_gateway()
+    redis_stack.start_worker()
+    slow = {
+        "status": 200,
+        "headers": {"Content-Type": "text/html; charset=utf-8"},
+        "body": listing(("Slow", "/p/slow")),
+        "delay": 3,
+    }
+    redis_stack.site.script(5, [slow])
+    task_id = upload(gateway, 5).id
+    running = poll_until(
+        lambda: (t := get_status(gateway, task_id)).status == task_pb2.TASK_STATUS_STARTED and t,
+        30,
+        0.05,
+        "the STARTED state",
+    )
+    assert running.HasField("start_time") and not running.HasField("finish_time")
+    done = wait_for_task(gateway, task_id)
+    assert done.status == task_pb2.TASK_STATUS_SUCCESS, done.error
+    assert done.result.created == 1
+
+
 def test_404_fails_at_once_naming_it(redis_stack: Stack) -> None:
     gateway = redis_stack.start_gateway()
     redis_stack.start_worker()
