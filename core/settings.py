@@ -73,6 +73,17 @@ class Settings(BaseSettings):
     gateway_max_message_bytes: int = Field(default=16 * 1024, ge=1024)
     gateway_max_concurrent_rpcs: int = Field(default=512, ge=1)
     gateway_grace_seconds: float = Field(default=5.0, ge=0)
+    # Per client and per gateway process; 0 turns the limit off.
+    gateway_rate_limit_per_second: float = Field(default=0.0, ge=0)
+    gateway_rate_limit_burst: int = Field(default=100, ge=1)
+    # TLS: a certificate and key turn it on; a client CA also requires client certificates.
+    gateway_tls_cert_file: Path | None = None
+    gateway_tls_key_file: Path | None = None
+    gateway_tls_client_ca_file: Path | None = None
+    # Tasks never started, no longer queued, and enqueued longer ago than this are FAILURE
+    # "lost by the broker" (a Redis that lost its data); 0 turns the check off.
+    reconcile_after_seconds: float = Field(default=900.0, ge=0)
+    reconcile_interval_seconds: float = Field(default=60.0, gt=0)
     publish_timeout_seconds: float = Field(default=3.0, gt=0)
     broker_check_interval_seconds: float = Field(default=2.0, gt=0)
 
@@ -100,6 +111,8 @@ class Settings(BaseSettings):
     task_soft_time_limit_seconds: float = Field(default=120.0, gt=0)
     task_time_limit_seconds: float = Field(default=150.0, gt=0)
     upsert_batch_size: int = Field(default=500, ge=1, le=4000)
+    # Test-only fault injection, e.g. "after_store=pause@3" (see worker/failpoints.py).
+    failpoints: str = ""
 
     # --- storage ---
     data_dir: Path = DEFAULT_DATA_DIR
@@ -151,14 +164,19 @@ class Settings(BaseSettings):
     def _check_time_limits(self) -> Self:
         if self.task_soft_time_limit_seconds >= self.task_time_limit_seconds:
             raise ValueError("TASK_SOFT_TIME_LIMIT_SECONDS must be below TASK_TIME_LIMIT_SECONDS")
-        longest_hold = self.task_time_limit_seconds + self.retry_after_cap_seconds
+        longest_wait = max(self.retry_after_cap_seconds, self.retry_max_delay_seconds)
+        longest_hold = self.task_time_limit_seconds + longest_wait
         if self.broker_visibility_timeout_seconds <= longest_hold:
             # A message is redelivered to another worker once it is unacked this long, so a
             # timeout below the longest task would run tasks twice while the first still runs.
             raise ValueError(
-                "BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed TASK_TIME_LIMIT_SECONDS + "
-                f"RETRY_AFTER_CAP_SECONDS ({longest_hold:g})"
+                "BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed TASK_TIME_LIMIT_SECONDS plus the "
+                f"longer of RETRY_AFTER_CAP_SECONDS and RETRY_MAX_DELAY_SECONDS ({longest_hold:g})"
             )
+        if (self.gateway_tls_cert_file is None) != (self.gateway_tls_key_file is None):
+            raise ValueError("GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE go together")
+        if self.gateway_tls_client_ca_file is not None and self.gateway_tls_cert_file is None:
+            raise ValueError("GATEWAY_TLS_CLIENT_CA_FILE needs GATEWAY_TLS_CERT_FILE and _KEY_FILE")
         if self.celery_result_backend is None and (self.celery_broker_url or "").startswith(
             ("amqp", "pyamqp")
         ):

@@ -1,8 +1,9 @@
-"""Bearer-token authentication of QueueService calls, as a server interceptor.
+"""Bearer-token authentication (and the per-client rate limit) of QueueService calls.
 
 Handlers never see tokens: the interceptor checks `authorization: Bearer <token>` against
-API_TOKENS in constant time and puts the client's name in `current_client` for the call.
-Health and reflection stay open so probes and `grpcurl list` need no token.
+API_TOKENS in constant time, applies the client's rate limit, and puts the client's name in
+`current_client` for the call. Health and reflection stay open so probes and `grpcurl list`
+need no token.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import grpc
 
 from core.settings import ApiToken
-from gateway.errors import Unauthenticated, to_status
+from gateway.errors import ResourceExhausted, ServiceError, Unauthenticated, to_status
+from gateway.ratelimit import RateLimiter
 from projects.v1 import queue_service_pb2
 
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -68,8 +70,9 @@ else:
 
 
 class BearerAuthInterceptor(_Interceptor):
-    def __init__(self, table: TokenTable) -> None:
+    def __init__(self, table: TokenTable, limiter: RateLimiter | None = None) -> None:
         self._table = table
+        self._limiter = limiter
 
     async def intercept_service(
         self,
@@ -81,7 +84,12 @@ class BearerAuthInterceptor(_Interceptor):
             return handler
         try:
             client = authenticate(handler_call_details.invocation_metadata, self._table)
-        except Unauthenticated as error:
+            wait = self._limiter.acquire(client) if self._limiter is not None else 0.0
+            if wait > 0:
+                raise ResourceExhausted(
+                    f"rate limit of client {client!r} reached; retry in {wait:.2f} s", wait
+                )
+        except ServiceError as error:
             return _refusal(handler, error)
         return _as_client(handler, client)
 
@@ -101,7 +109,7 @@ def _as_client(handler: Handler, client: str) -> Handler:
     )
 
 
-def _refusal(handler: Handler, error: Unauthenticated) -> Handler:
+def _refusal(handler: Handler, error: ServiceError) -> Handler:
     status = to_status(error)
 
     async def behavior(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

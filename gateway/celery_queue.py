@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from core.celery_config import HARVEST_TASK_NAME
 
 log = logging.getLogger(__name__)
 
+# Any id in a message counts: a false match only delays a verdict of "lost".
+_TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _QUEUE_ERRORS = (KombuError, KombuOperationalError, RedisError, OSError, TimeoutError)
 PUBLISH_RETRIES = 2
 
@@ -123,6 +126,27 @@ class CeleryQueue:
             log.warning("broker unreachable: %s", exc)
             return False
         return True
+
+    def _queued_ids(self, queue: str) -> set[str] | None:
+        with self._app.connection_for_write() as connection:
+            channel = connection.default_channel
+            client = getattr(channel, "client", None)
+            if client is None:
+                return None  # not Redis: AMQP queues cannot be read without taking from them
+            # LRANGE and HVALS are not among the commands kombu prefixes by itself.
+            prefix = getattr(channel, "global_keyprefix", "") or ""
+            waiting = client.lrange(prefix + queue, 0, -1)
+            held = client.hvals(prefix + getattr(channel, "unacked_key", "unacked"))
+        found: set[str] = set()
+        for raw in (*waiting, *held):
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            found.update(_TASK_ID.findall(text))
+        return found
+
+    async def queued_ids(self, queue: str) -> set[str] | None:
+        """Ids of tasks waiting in `queue` or held unacked by a worker; None if unknowable."""
+        result: set[str] | None = await self._call(self._queued_ids, queue)
+        return result
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, delete, select
+from sqlalchemy import Row, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -141,6 +141,34 @@ class TaskRecords:
         except (SQLAlchemyError, OSError) as exc:
             raise StoreUnavailable(str(exc)) from exc
         return int(result.rowcount or 0)
+
+    async def unstarted_before(self, cutoff: dt.datetime) -> list[str]:
+        """Ids of tasks enqueued before `cutoff` that no worker has started, not yet judged lost."""
+        try:
+            async with self._engine.connect() as conn:
+                rows = await conn.execute(
+                    select(TaskRecord.id).where(
+                        TaskRecord.enqueued_at < cutoff,
+                        TaskRecord.started_at.is_(None),
+                        TaskRecord.lost_reason.is_(None),
+                    )
+                )
+                return [row.id for row in rows]
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def mark_lost(self, task_ids: set[str], reason: str) -> None:
+        if not task_ids:
+            return
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    update(TaskRecord)
+                    .where(TaskRecord.id.in_(task_ids), TaskRecord.started_at.is_(None))
+                    .values(lost_reason=reason)
+                )
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
     async def ping(self) -> bool:
         try:

@@ -26,6 +26,8 @@ from core.settings import ApiToken, Settings, generate_token
 from gateway.auth import BearerAuthInterceptor, TokenTable
 from gateway.celery_queue import CeleryQueue, PublishingCelery
 from gateway.health import DependencyHealth
+from gateway.ratelimit import RateLimiter
+from gateway.reconciler import Reconciler
 from gateway.records import StoreUnavailable, TaskRecords
 from gateway.service import QueueService
 from projects.v1 import queue_service_pb2, queue_service_pb2_grpc
@@ -47,6 +49,7 @@ class Gateway:
     service: QueueService
     engine: AsyncEngine
     purge_interval: float
+    reconciler: Reconciler | None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -55,6 +58,10 @@ class Gateway:
         await self.server.start()
         self.health.start()
         self._background.append(asyncio.create_task(self._purge_loop(), name="purge-records"))
+        if self.reconciler is not None:
+            self._background.append(
+                asyncio.create_task(self.reconciler.run_forever(), name="reconcile")
+            )
 
     async def _purge_loop(self) -> None:
         while True:
@@ -74,6 +81,20 @@ class Gateway:
         await self.engine.dispose()
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials when a certificate is configured (client certificates when a CA is)."""
+    if settings.gateway_tls_cert_file is None or settings.gateway_tls_key_file is None:
+        return None
+    key = settings.gateway_tls_key_file.read_bytes()
+    chain = settings.gateway_tls_cert_file.read_bytes()
+    client_ca = settings.gateway_tls_client_ca_file
+    return grpc.ssl_server_credentials(
+        [(key, chain)],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
+
+
 async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
     engine = create_engine(settings.resolved_database_url)
     await upgrade_to_head(engine)
@@ -87,7 +108,14 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
         health_servicer, [queue.ping, records.ping], settings.broker_check_interval_seconds
     )
     server = grpc.aio.server(
-        interceptors=[BearerAuthInterceptor(TokenTable(tokens))],
+        interceptors=[
+            BearerAuthInterceptor(
+                TokenTable(tokens),
+                RateLimiter(
+                    settings.gateway_rate_limit_per_second, settings.gateway_rate_limit_burst
+                ),
+            )
+        ],
         options=[
             ("grpc.max_receive_message_length", settings.gateway_max_message_bytes),
             ("grpc.so_reuseport", 0),
@@ -106,7 +134,11 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
     reflection.enable_server_reflection(
         (QUEUE_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(settings.gateway_address)
+    credentials = server_credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(settings.gateway_address)
+    else:
+        port = server.add_secure_port(settings.gateway_address, credentials)
     return Gateway(
         server=server,
         port=port,
@@ -116,15 +148,25 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
         service=service,
         engine=engine,
         purge_interval=min(PURGE_INTERVAL_SECONDS, settings.result_expires_seconds),
+        reconciler=Reconciler(
+            records,
+            queue,
+            settings.task_queue,
+            dt.timedelta(seconds=settings.reconcile_after_seconds),
+            settings.reconcile_interval_seconds,
+        )
+        if settings.reconcile_after_seconds > 0
+        else None,
     )
 
 
-def _banner(address: str, token: str) -> str:
+def _banner(address: str, token: str, tls: bool) -> str:
+    transport = "-cacert <your CA file>" if tls else "-plaintext"
     return (
         "No API_TOKENS set: this run's token (client name 'default') is\n"
         f"    {token}\n"
         "Try:\n"
-        f"    grpcurl -plaintext -H 'authorization: Bearer {token}' -d '{{\"page\": 1}}' "
+        f"    grpcurl {transport} -H 'authorization: Bearer {token}' -d '{{\"page\": 1}}' "
         f"{address} {QUEUE_SERVICE_NAME}/Upload\n"
     )
 
@@ -139,10 +181,15 @@ async def serve(settings: Settings) -> None:
     await gateway.start()
     host = settings.gateway_address.rpartition(":")[0]
     address = f"{host}:{gateway.port}"
-    log.info("gateway listening on %s", address)
+    log.info(
+        "gateway listening on %s (%s)",
+        address,
+        "TLS" if settings.gateway_tls_cert_file else "plaintext",
+    )
     if generated is not None:
         # Printed once on stdout for the person who started it; never logged.
-        print(_banner(address, generated), flush=True)
+        tls = settings.gateway_tls_cert_file is not None
+        print(_banner(address, generated, tls), flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

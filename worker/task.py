@@ -17,6 +17,7 @@ from google.protobuf import json_format
 from core.celery_config import HARVEST_TASK_NAME
 from core.settings import Settings, get_settings
 from projects.v1 import task_pb2
+from worker import failpoints
 from worker.errors import PermanentError, RetryableError
 from worker.fetch import fetch_page
 from worker.parse import parse_listing
@@ -43,6 +44,7 @@ def harvest(runtime: WorkerRuntime, page: int, deadline: float) -> task_pb2.Uplo
             )
         return left
 
+    failpoints.hit(settings.failpoints, "before_fetch", page, settings.data_dir)
     try:
         fetched = runtime.run(
             fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits), remaining()
@@ -54,6 +56,7 @@ def harvest(runtime: WorkerRuntime, page: int, deadline: float) -> task_pb2.Uplo
     except concurrent.futures.TimeoutError:
         remaining()  # raises the soft-limit error
         raise
+    failpoints.hit(settings.failpoints, "after_store", page, settings.data_dir)
     return task_pb2.UploadResult(
         page=page,
         found=len(parsed.items),

@@ -180,6 +180,7 @@ def test_visibility_timeout_must_exceed_time_limit_plus_retry_after_cap(
     variables = {
         "BROKER_VISIBILITY_TIMEOUT_SECONDS": visibility,
         "RETRY_AFTER_CAP_SECONDS": cap,
+        "RETRY_MAX_DELAY_SECONDS": "1",
         "TASK_TIME_LIMIT_SECONDS": "150",
     }
     if accepted:
@@ -188,6 +189,20 @@ def test_visibility_timeout_must_exceed_time_limit_plus_retry_after_cap(
     error = rejected(env, **variables)
     assert "BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed" in str(error)
     assert f"({150 + int(cap)})" in str(error)
+
+
+def test_visibility_timeout_must_exceed_time_limit_plus_the_longest_backoff(
+    env: pytest.MonkeyPatch,
+) -> None:
+    # A retry held by a worker until its countdown is as much a held message as a running task.
+    error = rejected(
+        env,
+        BROKER_VISIBILITY_TIMEOUT_SECONDS="200",
+        RETRY_AFTER_CAP_SECONDS="10",
+        RETRY_MAX_DELAY_SECONDS="60",
+        TASK_TIME_LIMIT_SECONDS="150",
+    )
+    assert "(210)" in str(error)
 
 
 @pytest.mark.parametrize("broker", ["amqp://guest:guest@127.0.0.1:5672//", "pyamqp://127.0.0.1//"])

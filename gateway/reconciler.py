@@ -1,0 +1,70 @@
+"""Finds tasks the broker lost, so they read FAILURE "lost by the broker", not PENDING forever.
+
+A Redis without persistence that restarts forgets its queue; the gateway's records remember.
+A task is lost when it was enqueued longer ago than RECONCILE_AFTER_SECONDS, no worker ever
+started it, its result store knows nothing of it, and it is neither waiting in the queue nor
+held by a worker, in two passes in a row (a message between two lists is not mistaken).
+Brokers whose queues cannot be read without consuming them (AMQP) are not judged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+
+from core.db import utcnow
+from gateway.celery_queue import CeleryQueue, QueueUnavailable
+from gateway.records import StoreUnavailable, TaskRecords
+
+log = logging.getLogger(__name__)
+
+LOST_REASON = (
+    "lost by the broker: enqueued at {enqueued}, never started, and no longer queued "
+    "(was the broker restarted without persistence?); Upload the page again"
+)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        records: TaskRecords,
+        queue: CeleryQueue,
+        queue_name: str,
+        after: dt.timedelta,
+        interval: float,
+    ) -> None:
+        self._records = records
+        self._queue = queue
+        self._queue_name = queue_name
+        self._after = after
+        self._interval = interval
+        self._suspects: set[str] = set()
+
+    async def run_once(self) -> set[str]:
+        """One pass; the ids it judged lost."""
+        candidates = await self._records.unstarted_before(utcnow() - self._after)
+        if not candidates:
+            self._suspects.clear()
+            return set()
+        queued = await self._queue.queued_ids(self._queue_name)
+        if queued is None:
+            return set()
+        missing = set()
+        for task_id in candidates:
+            if task_id not in queued and (await self._queue.state(task_id)).status == "PENDING":
+                missing.add(task_id)
+        lost = missing & self._suspects
+        self._suspects = missing - lost
+        if lost:
+            reason = LOST_REASON.format(enqueued=f"more than {self._after.total_seconds():g} s ago")
+            await self._records.mark_lost(lost, reason)
+            log.error("%d task(s) lost by the broker: %s", len(lost), ", ".join(sorted(lost)))
+        return lost
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            with contextlib.suppress(StoreUnavailable, QueueUnavailable):
+                await self.run_once()
