@@ -57,6 +57,13 @@ def make_celery(settings: Settings, main: str, app_class: type[Celery] = Celery)
         result_expires=settings.result_expires_seconds,
         broker_transport_options={
             "visibility_timeout": settings.broker_visibility_timeout_seconds,
+            # kombu sweeps for messages past their visibility timeout only every interval x
+            # throttle seconds (100 s by default); a dead worker's tasks should come back soon
+            # after the timeout, not minutes later.
+            "unacked_restore_interval": max(
+                1, min(10, settings.broker_visibility_timeout_seconds // 10)
+            ),
+            "unacked_restore_throttle": 1,
             **redis_options,
         },
         broker_connection_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,

@@ -1,0 +1,80 @@
+"""`parse_cpu_1000`: CPU time to parse one 1,000-item listing page into items.
+
+Ours is `worker.parse.parse_listing`; the baseline BeautifulSoup on html.parser with the same
+selectors. Beside it: ours against raw lxml (parse plus XPath, the practical floor) and against
+BeautifulSoup on lxml (what worker.parse did before it parsed with lxml directly).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+
+from bench import data
+from bench.common import Options, interleaved, say
+from bench.reference_parsers import parse_with_bs4, parse_with_lxml
+from bench.report import Figure, median
+from worker.parse import ProjectItem, parse_listing
+
+ITEMS = 1000
+PARSES_PER_RUN = 3
+
+
+def _cpu_ms(parse: Callable[[], object]) -> Callable[[], float]:
+    def run() -> float:
+        gc.collect()
+        started = time.process_time()
+        for _ in range(PARSES_PER_RUN):
+            parse()
+        return (time.process_time() - started) * 1000 / PARSES_PER_RUN
+
+    return run
+
+
+def run(options: Options) -> list[Figure]:
+    body = data.listing(1, ITEMS)
+    url = data.page_url(1)
+    profile = data.PROFILE
+    ours: Callable[[], list[ProjectItem]] = lambda: parse_listing(body, url, profile).items  # noqa: E731
+    sides = {
+        "ours": ours,
+        "bs4 html.parser": lambda: parse_with_bs4(body, url, profile, "html.parser"),
+        "bs4 lxml": lambda: parse_with_bs4(body, url, profile, "lxml"),
+        "raw lxml": lambda: parse_with_lxml(body, url, profile),
+    }
+    expected = ours()
+    assert len(expected) == ITEMS, len(expected)
+    for name, parse in sides.items():
+        assert parse() == expected, f"{name} reads the page differently from ours"
+    say(f"parse: {len(body):,}-byte page of {ITEMS} items, {PARSES_PER_RUN} parses per run")
+    samples = interleaved(max(options.runs, 5) * 2, {k: _cpu_ms(v) for k, v in sides.items()})
+    ours_ms = median(samples["ours"])
+
+    def figure(name: str, side: str, target: float | None, note: str) -> Figure:
+        return Figure(
+            name,
+            ours_ms,
+            median(samples[side]),
+            "ms",
+            higher_is_better=False,
+            target=target,
+            note=note,
+            samples={"ours": samples["ours"], "baseline": samples[side]},
+        )
+
+    return [
+        figure("parse_cpu_1000", "bs4 html.parser", 1.2, "baseline: BeautifulSoup, html.parser"),
+        figure(
+            "parse_cpu_1000_vs_lxml",
+            "raw lxml",
+            None,
+            "baseline: raw lxml (parse + XPath), the floor; ratio < 1 is our gap to it",
+        ),
+        figure(
+            "parse_cpu_1000_vs_bs4_lxml",
+            "bs4 lxml",
+            None,
+            "baseline: BeautifulSoup on lxml, what worker.parse used before",
+        ),
+    ]
