@@ -16,11 +16,13 @@ from core.celery_config import make_celery
 from core.db import create_engine
 from core.migrate import upgrade_to_head
 from core.settings import get_settings
+from worker import kombu_fixes
 from worker.runtime import close_runtime
 from worker.task import register
 
 log = logging.getLogger(__name__)
 
+kombu_fixes.apply()
 settings = get_settings()
 app = make_celery(settings, "worker")
 harvest_page = register(app)

@@ -1,0 +1,195 @@
+"""`upload_per_s` (with p50 and p99 latency) and `gateway_rss_growth`.
+
+Ours: a real `python -m gateway` (PostgreSQL task records, the machine's Redis as broker) and
+32 concurrent gRPC clients, each on a channel (and so a connection) of its own, calling Upload
+as fast as it answers. The baseline publishes the same task with a plain `send_task` loop in
+one process against the same Redis (the gateway's own Celery app class, so the publishing is
+the same and only gRPC and the task record are missing).
+
+One gateway takes every Upload of the section: 2,000 as the warm-up, then the measured runs up
+to 20,000 in all. Its RSS after the first 2,000 divided by its RSS after all 20,000 is
+`gateway_rss_growth` (1.0: no growth; the target allows 10%).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+
+from bench.common import Options, say
+from bench.report import Figure, median, percentile
+from bench.services import environment, gateway, postgres_database, redis_namespace
+from core.celery_config import HARVEST_TASK_NAME, make_celery
+from core.settings import Settings
+from gateway.celery_queue import PublishingCelery
+from projects.v1 import queue_service_pb2, queue_service_pb2_grpc
+from tests.support.stack import TEST_TOKEN
+
+CLIENTS = 32
+WARM_UPLOADS = 2_000
+TOTAL_UPLOADS = 20_000
+METADATA = (("authorization", f"Bearer {TEST_TOKEN}"),)
+
+
+class _Clients:
+    """CLIENTS gRPC clients on one event loop, each with a connection of its own."""
+
+    def __init__(self, address: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.channels = self.loop.run_until_complete(self._connect(address))
+        self.stubs = [queue_service_pb2_grpc.QueueServiceStub(c) for c in self.channels]
+
+    @staticmethod
+    async def _connect(address: str) -> list[grpc.aio.Channel]:
+        # A local subchannel pool each: otherwise channels to one address share a connection.
+        return [
+            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(CLIENTS)
+        ]
+
+    async def _uploads(self, count: int) -> tuple[float, list[float]]:
+        latencies: list[float] = []
+        left = count
+
+        async def client(stub: queue_service_pb2_grpc.QueueServiceAsyncStub) -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                request = queue_service_pb2.UploadRequest(page=1 + left % 1000)
+                started = time.perf_counter()
+                await stub.Upload(request, metadata=METADATA, timeout=30)
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(stub) for stub in self.stubs))  # type: ignore[arg-type]
+        return count / (time.perf_counter() - started), latencies
+
+    def uploads(self, count: int) -> tuple[float, list[float]]:
+        return self.loop.run_until_complete(self._uploads(count))
+
+    def close(self) -> None:
+        for channel in self.channels:
+            self.loop.run_until_complete(channel.close())
+        self.loop.close()
+
+
+def _send_task_loop(settings: Settings) -> tuple[PublishingCelery, object]:
+    app = make_celery(settings, "bench-send-task", PublishingCelery)
+    assert isinstance(app, PublishingCelery)
+
+    def sends(count: int) -> tuple[float, list[float]]:
+        latencies: list[float] = []
+        started = time.perf_counter()
+        for index in range(count):
+            sent = time.perf_counter()
+            app.send_task(HARVEST_TASK_NAME, args=[1 + index % 1000])
+            latencies.append(time.perf_counter() - sent)
+        return count / (time.perf_counter() - started), latencies
+
+    return app, sends
+
+
+def _rss(pid: int) -> float:
+    """The process's resident set in MiB: the median of 5 readings over half a second."""
+    process = psutil.Process(pid)
+    readings = []
+    for _ in range(5):
+        readings.append(process.memory_info().rss / 2**20)
+        time.sleep(0.1)
+    return median(readings)
+
+
+def run(options: Options) -> list[Figure]:
+    total = TOTAL_UPLOADS // 5 if options.quick else TOTAL_UPLOADS
+    warm = WARM_UPLOADS // 5 if options.quick else WARM_UPLOADS
+    per_run = (total - warm) // options.runs
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-upload-") as name,
+        redis_namespace() as (redis_url, prefix),
+        postgres_database() as database_url,
+    ):
+        directory = Path(name)
+        env = environment(directory, redis_url, prefix, database_url)
+        publisher = Settings(
+            celery_broker_url=redis_url,
+            celery_result_backend=redis_url,
+            redis_key_prefix=prefix,
+            task_queue=f"{prefix}send-task-loop",
+        )
+        app, sends = _send_task_loop(publisher)
+        with gateway(directory, env) as (process, address):
+            clients = _Clients(address)
+            try:
+                say(f"upload: {CLIENTS} clients; warm-up of {warm} Uploads, then runs of {per_run}")
+                clients.uploads(warm)
+                sends(warm)  # type: ignore[operator]
+                rss_warm = _rss(process.pid)
+                ours: list[tuple[float, list[float]]] = []
+                base: list[tuple[float, list[float]]] = []
+                for index in range(options.runs):
+                    ours.append(clients.uploads(per_run))
+                    base.append(sends(per_run))  # type: ignore[operator]
+                    say(
+                        f"  run {index + 1}/{options.runs}: ours {ours[-1][0]:.0f}/s, "
+                        f"send_task loop {base[-1][0]:.0f}/s"
+                    )
+                rss_end = _rss(process.pid)
+                done = warm + per_run * options.runs
+                say(f"  gateway RSS {rss_warm:.1f} MiB after {warm}, {rss_end:.1f} after {done}")
+            finally:
+                clients.close()
+                app.close()
+
+    def quantile_ms(runs: list[tuple[float, list[float]]], fraction: float) -> list[float]:
+        return [percentile(latencies, fraction) * 1000 for _, latencies in runs]
+
+    return [
+        Figure(
+            "upload_per_s",
+            median([rate for rate, _ in ours]),
+            median([rate for rate, _ in base]),
+            "calls/s",
+            higher_is_better=True,
+            target=0.8,
+            note=f"{CLIENTS} gRPC clients vs a send_task loop in one process, same Redis",
+            samples={"ours": [r for r, _ in ours], "baseline": [r for r, _ in base]},
+        ),
+        Figure(
+            "upload_p50_ms",
+            median(quantile_ms(ours, 0.5)),
+            median(quantile_ms(base, 0.5)),
+            "ms",
+            higher_is_better=False,
+            note="median latency of one Upload (baseline: of one send_task)",
+            samples={"ours": quantile_ms(ours, 0.5), "baseline": quantile_ms(base, 0.5)},
+        ),
+        Figure(
+            "upload_p99_ms",
+            median(quantile_ms(ours, 0.99)),
+            median(quantile_ms(base, 0.99)),
+            "ms",
+            higher_is_better=False,
+            target=20.0,
+            target_on="ours",
+            note="99th percentile latency of one Upload, with 32 calls in flight",
+            samples={"ours": quantile_ms(ours, 0.99), "baseline": quantile_ms(base, 0.99)},
+        ),
+        Figure(
+            "gateway_rss_growth",
+            rss_warm / rss_end,
+            1.0,
+            "RSS ratio",
+            higher_is_better=True,
+            target=0.91,
+            note=(
+                f"gateway RSS {rss_warm:.1f} MiB after {warm} Uploads / {rss_end:.1f} MiB "
+                f"after {done}; baseline 1.0 is no growth"
+            ),
+            samples={"ours": [rss_warm, rss_end]},
+        ),
+    ]
