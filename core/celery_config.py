@@ -52,6 +52,9 @@ def make_celery(settings: Settings, main: str, app_class: type[Celery] = Celery)
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_track_started=True,
+        # A message redelivered after its task already succeeded (it outlived the visibility
+        # timeout) is skipped instead of run, and its SUCCESS left alone.
+        worker_deduplicate_successful_tasks=True,
         task_soft_time_limit=settings.task_soft_time_limit_seconds,
         task_time_limit=settings.task_time_limit_seconds,
         result_expires=settings.result_expires_seconds,

@@ -28,8 +28,9 @@ from worker.store import record_start, store_projects
 log = logging.getLogger(__name__)
 
 # Deliveries beyond the tries the retry policy accounts for: each one means the process that
-# ran the task died (a crash, SIGKILL, out of memory). Past this many, the task is poison.
-MAX_WORKER_DEATHS = 2
+# ran the task died (a crash, SIGKILL, out of memory). Past this many, the task is poison. A
+# crash also charges the tasks that shared the process, hence more than one.
+MAX_WORKER_DEATHS = 3
 
 
 def harvest(runtime: WorkerRuntime, page: int, deadline: float) -> task_pb2.UploadResult:
@@ -66,6 +67,20 @@ def harvest(runtime: WorkerRuntime, page: int, deadline: float) -> task_pb2.Uplo
     )
 
 
+def succeeded_meanwhile(task: Task[Any, Any], page: int) -> dict[str, Any] | None:
+    """The stored result if another delivery of this task already succeeded, else None.
+
+    A copy of the task that outlived its visibility timeout may have finished while this one
+    failed; that SUCCESS stands rather than being turned back into RETRY or FAILURE.
+    """
+    meta = task.backend.get_task_meta(str(task.request.id))
+    result = meta.get("result")
+    if meta.get("status") != "SUCCESS" or not isinstance(result, dict):
+        return None
+    log.info("page %d: this delivery failed, but another one already succeeded", page)
+    return result
+
+
 def run_harvest(task: Task[Any, Any], page: int, settings: Settings) -> dict[str, Any]:
     started = time.monotonic()
     runtime = get_runtime(settings)
@@ -81,7 +96,13 @@ def run_harvest(task: Task[Any, Any], page: int, settings: Settings) -> dict[str
         )
     try:
         result = harvest(runtime, page, started + settings.task_soft_time_limit_seconds)
+    except PermanentError:
+        if (done := succeeded_meanwhile(task, page)) is not None:
+            return done
+        raise
     except RetryableError as exc:
+        if (done := succeeded_meanwhile(task, page)) is not None:
+            return done
         tries = tries_done + 1
         if not policy.can_retry(tries):
             raise PermanentError(f"gave up on page {page} after {tries} tries: {exc}") from exc
