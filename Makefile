@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/projects/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto run test lint typecheck unit e2e faults bench clean
+.PHONY: help setup proto run test lint typecheck faults bench clean
 
 help:
 	@echo "make run    - run the embedded broker, the gateway, a worker and the sample site"

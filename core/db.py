@@ -24,6 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
     event,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -98,11 +99,18 @@ class TaskRecord(Base):
     request_id: Mapped[str | None] = mapped_column(String(MAX_REQUEST_ID_LENGTH), nullable=True)
     page: Mapped[int] = mapped_column(Integer)
     enqueued_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    # When the broker confirmed the task; NULL while the publish is under way (or was cut off).
+    published_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
     started_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
     # How many times a worker has started this task (Celery retries and crash redeliveries).
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
     # Set by the reconciler when the broker lost the task: the task is then FAILURE with this.
     lost_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+def dialect_insert(engine: AsyncEngine) -> Any:
+    """INSERT with ON CONFLICT for the engine's dialect (PostgreSQL's or SQLite's)."""
+    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
 
 def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
@@ -119,7 +127,11 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     """The process's engine for `url` (SQLite through aiosqlite or PostgreSQL through asyncpg)."""
     if url.startswith("sqlite"):
         engine = create_async_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, pool_pre_ping=True
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
         )
         event.listen(engine.sync_engine, "connect", _tune_sqlite)
         return engine

@@ -18,6 +18,7 @@ DEFAULT_GATEWAY_ADDRESS = "127.0.0.1:50051"
 DEFAULT_SAMPLE_SITE_ADDRESS = "127.0.0.1:8081"
 DEFAULT_SOURCE_URL = f"http://{DEFAULT_SAMPLE_SITE_ADDRESS}/projects?page={{page}}"
 DEFAULT_DATA_DIR = Path("data")
+MAX_CLIENT_NAME_LENGTH = 64  # the width of tasks.client
 
 
 class SourceProfile(BaseModel):
@@ -41,11 +42,14 @@ class ApiToken(BaseModel):
 
 def _parse_tokens(raw: str) -> list[ApiToken]:
     tokens: list[ApiToken] = []
-    for pair in filter(None, (part.strip() for part in raw.split(","))):
+    for number, pair in enumerate(filter(None, (part.strip() for part in raw.split(","))), 1):
         name, sep, token = pair.partition(":")
+        # Named by position: the entry itself may be a token.
         if not sep or not name.strip() or not token.strip():
+            raise ValueError(f"API_TOKENS entry #{number} must look like name:token")
+        if len(name.strip()) > MAX_CLIENT_NAME_LENGTH:
             raise ValueError(
-                f"API_TOKENS entry {pair.split(':')[0]!r}... must look like name:token"
+                f"API_TOKENS entry #{number}: the name is longer than {MAX_CLIENT_NAME_LENGTH}"
             )
         tokens.append(ApiToken(name=name.strip(), token=token.strip()))
     names = [t.name for t in tokens]

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import grpc
 
 from core.settings import ApiToken
+from gateway.contract import QUEUE_SERVICE_NAME
 from gateway.errors import ResourceExhausted, ServiceError, Unauthenticated, to_status
 from gateway.ratelimit import RateLimiter
-from projects.v1 import queue_service_pb2
 
 Metadata = Sequence[tuple[str, str | bytes]]
 current_client: contextvars.ContextVar[str] = contextvars.ContextVar("current_client")
 
-PROTECTED_PREFIX = f"/{queue_service_pb2.DESCRIPTOR.services_by_name['QueueService'].full_name}/"
+PROTECTED_PREFIX = f"/{QUEUE_SERVICE_NAME}/"
 _SCHEME = "bearer "
 _HOW = "send metadata 'authorization: Bearer <token>' with a token from the gateway's API_TOKENS"
 

@@ -63,12 +63,24 @@ class CeleryQueue:
     def __init__(self, app: Celery, publish_timeout: float, threads: int = 16) -> None:
         self._app = app
         self._publish_timeout = publish_timeout
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-io")
+        # One socket operation may not outlast the whole publish bound (the worker's 10 s read
+        # timeout suits a consumer, not a caller waiting on an answer).
+        options = dict(app.conf.broker_transport_options or {})
+        options["socket_timeout"] = publish_timeout
+        options["socket_connect_timeout"] = min(
+            options.get("socket_connect_timeout", 2.0), publish_timeout
+        )
+        app.conf.broker_transport_options = options
+        # Publishes have threads of their own, so reads and health pings never queue them.
+        self._publish_executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-publish")
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-read")
 
-    async def _call(self, function: Any, *args: Any) -> Any:
+    async def _call(
+        self, function: Any, *args: Any, executor: ThreadPoolExecutor | None = None
+    ) -> Any:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, function, *args)
+            return await loop.run_in_executor(executor or self._executor, function, *args)
         except _QUEUE_ERRORS as exc:
             raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
@@ -94,7 +106,9 @@ class CeleryQueue:
         timeout = (
             self._publish_timeout if deadline is None else min(self._publish_timeout, deadline)
         )
-        await self._call(self._publish, task_id, page, max(timeout, 0.1))
+        await self._call(
+            self._publish, task_id, page, max(timeout, 0.1), executor=self._publish_executor
+        )
 
     def _read(self, task_id: str) -> CeleryState:
         meta = self._app.backend.get_task_meta(task_id)
@@ -150,6 +164,7 @@ class CeleryQueue:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._publish_executor.shutdown(wait=False, cancel_futures=True)
         self._app.close()
 
 

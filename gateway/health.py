@@ -14,13 +14,12 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
-from projects.v1 import queue_service_pb2
+from gateway.contract import QUEUE_SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name
 # "" is the whole server, as probes such as `grpc_health_probe` ask by default.
-SERVICES = ("", SERVICE_NAME)
+SERVICES = ("", QUEUE_SERVICE_NAME)
 
 Probe = Callable[[], Awaitable[bool]]
 

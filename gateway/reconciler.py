@@ -20,9 +20,13 @@ from gateway.records import StoreUnavailable, TaskRecords
 
 log = logging.getLogger(__name__)
 
-LOST_REASON = (
-    "lost by the broker: enqueued at {enqueued}, never started, and no longer queued "
-    "(was the broker restarted without persistence?); Upload the page again"
+LOST_BY_BROKER = (
+    "lost by the broker: enqueued at {enqueued:%Y-%m-%d %H:%M:%S} UTC, never started, and no "
+    "longer queued (was the broker restarted without persistence?); Upload the page again"
+)
+NEVER_PUBLISHED = (
+    "never reached the broker: the gateway stopped before it confirmed the enqueue at "
+    "{enqueued:%Y-%m-%d %H:%M:%S} UTC; Upload the page again"
 )
 
 
@@ -51,17 +55,19 @@ class Reconciler:
         queued = await self._queue.queued_ids(self._queue_name)
         if queued is None:
             return set()
-        missing = set()
-        for task_id in candidates:
-            if task_id not in queued and (await self._queue.state(task_id)).status == "PENDING":
-                missing.add(task_id)
-        lost = missing & self._suspects
-        self._suspects = missing - lost
+        missing = {}
+        for task in candidates:
+            if task.id not in queued and (await self._queue.state(task.id)).status == "PENDING":
+                template = LOST_BY_BROKER if task.published_at else NEVER_PUBLISHED
+                missing[task.id] = template.format(enqueued=task.enqueued_at)
+        lost = {task_id: reason for task_id, reason in missing.items() if task_id in self._suspects}
+        self._suspects = set(missing) - set(lost)
         if lost:
-            reason = LOST_REASON.format(enqueued=f"more than {self._after.total_seconds():g} s ago")
-            await self._records.mark_lost(lost, reason)
-            log.error("%d task(s) lost by the broker: %s", len(lost), ", ".join(sorted(lost)))
-        return lost
+            await self._records.mark_lost(lost)
+            log.error(
+                "%d task(s) lost before a worker saw them: %s", len(lost), ", ".join(sorted(lost))
+            )
+        return set(lost)
 
     async def run_forever(self) -> None:
         while True:

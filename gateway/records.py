@@ -1,27 +1,38 @@
 """The gateway's record of the tasks it issued, kept in the database so every instance sees it.
 
-A record says who asked for which page, under which request_id, and when; it is what makes an
-unknown or expired id NOT_FOUND instead of Celery's endless PENDING, and a repeated request_id
-return the task it first created. Database errors leave this module as `StoreUnavailable`.
+A record says who asked for which page, under which request_id, when, and whether the broker
+has confirmed it; it is what makes an unknown or expired id NOT_FOUND instead of Celery's
+endless PENDING, and a repeated request_id return the task it first created. Database outages
+leave this module as `StoreUnavailable`; anything else is a bug and is not disguised as one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.db import TaskRecord, utcnow
+from core.db import TaskRecord, dialect_insert, utcnow
 
 
 class StoreUnavailable(Exception):
     """The database did not answer; the call may be retried."""
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    try:
+        yield
+    except (OperationalError, InterfaceError, PoolTimeout, OSError) as exc:
+        raise StoreUnavailable(str(exc)) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +42,9 @@ class IssuedTask:
     request_id: str | None
     page: int
     enqueued_at: dt.datetime
-    started_at: dt.datetime | None
-    lost_reason: str | None
+    published_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    lost_reason: str | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> IssuedTask:
@@ -42,6 +54,7 @@ class IssuedTask:
             request_id=row.request_id,
             page=row.page,
             enqueued_at=row.enqueued_at,
+            published_at=row.published_at,
             started_at=row.started_at,
             lost_reason=row.lost_reason,
         )
@@ -51,7 +64,7 @@ class TaskRecords:
     def __init__(self, engine: AsyncEngine, lifetime: dt.timedelta) -> None:
         self._engine = engine
         self._lifetime = lifetime
-        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self._insert = dialect_insert(engine)
 
     def _expired(self, task: IssuedTask, now: dt.datetime) -> bool:
         return task.enqueued_at + self._lifetime < now
@@ -66,28 +79,27 @@ class TaskRecords:
         unique (client, request_id) constraint and the losers read the winner's row.
         """
         now = utcnow()
-        task_id = str(uuid.uuid4())
-        values = {
-            "id": task_id,
-            "client": client,
-            "request_id": request_id,
-            "page": page,
-            "enqueued_at": now,
-            "deliveries": 0,
-        }
-        try:
+        new = IssuedTask(str(uuid.uuid4()), client, request_id, page, now)
+        statement = self._insert(TaskRecord).values(
+            id=new.id,
+            client=client,
+            request_id=request_id,
+            page=page,
+            enqueued_at=now,
+            deliveries=0,
+        )
+        with _store_errors():
             async with self._engine.begin() as conn:
-                statement = self._insert(TaskRecord).values(**values)
                 if request_id is None:
                     await conn.execute(statement)
-                    return IssuedTask(task_id, client, None, page, now, None, None), True
+                    return new, True
                 inserted = await conn.execute(
                     statement.on_conflict_do_nothing(
                         index_elements=["client", "request_id"]
                     ).returning(TaskRecord.id)
                 )
                 if inserted.first() is not None:
-                    return IssuedTask(task_id, client, request_id, page, now, None, None), True
+                    return new, True
                 row = (
                     await conn.execute(
                         select(TaskRecord).where(
@@ -101,13 +113,11 @@ class TaskRecords:
                 # The old task's record has expired: the request_id is free again.
                 await conn.execute(delete(TaskRecord).where(TaskRecord.id == existing.id))
                 await conn.execute(statement)
-                return IssuedTask(task_id, client, request_id, page, now, None, None), True
-        except (SQLAlchemyError, DBAPIError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+                return new, True
 
     async def get(self, client: str, task_id: str) -> IssuedTask | None:
         """The client's live record of `task_id`, or None (never issued to it, or expired)."""
-        try:
+        with _store_errors():
             async with self._engine.connect() as conn:
                 row = (
                     await conn.execute(
@@ -116,64 +126,64 @@ class TaskRecords:
                         )
                     )
                 ).first()
-        except (SQLAlchemyError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
         if row is None:
             return None
         task = IssuedTask.from_row(row)
         return None if self._expired(task, utcnow()) else task
 
+    async def mark_published(self, task_id: str) -> dt.datetime:
+        now = utcnow()
+        with _store_errors():
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    update(TaskRecord).where(TaskRecord.id == task_id).values(published_at=now)
+                )
+        return now
+
     async def forget(self, task_id: str) -> None:
         """Drop a record whose task never reached the broker."""
-        try:
+        with _store_errors():
             async with self._engine.begin() as conn:
                 await conn.execute(delete(TaskRecord).where(TaskRecord.id == task_id))
-        except (SQLAlchemyError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
 
     async def purge_expired(self) -> int:
         cutoff = utcnow() - self._lifetime
-        try:
+        with _store_errors():
             async with self._engine.begin() as conn:
                 result = await conn.execute(
                     delete(TaskRecord).where(TaskRecord.enqueued_at < cutoff)
                 )
-        except (SQLAlchemyError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
         return int(result.rowcount or 0)
 
-    async def unstarted_before(self, cutoff: dt.datetime) -> list[str]:
-        """Ids of tasks enqueued before `cutoff` that no worker has started, not yet judged lost."""
-        try:
+    async def unstarted_before(self, cutoff: dt.datetime) -> list[IssuedTask]:
+        """Tasks enqueued before `cutoff` that no worker has started, not yet judged lost."""
+        with _store_errors():
             async with self._engine.connect() as conn:
                 rows = await conn.execute(
-                    select(TaskRecord.id).where(
+                    select(TaskRecord).where(
                         TaskRecord.enqueued_at < cutoff,
                         TaskRecord.started_at.is_(None),
                         TaskRecord.lost_reason.is_(None),
                     )
                 )
-                return [row.id for row in rows]
-        except (SQLAlchemyError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+                return [IssuedTask.from_row(row) for row in rows]
 
-    async def mark_lost(self, task_ids: set[str], reason: str) -> None:
-        if not task_ids:
-            return
-        try:
+    async def mark_lost(self, reasons: dict[str, str]) -> None:
+        """Record why each of these never-started tasks will not run."""
+        with _store_errors():
             async with self._engine.begin() as conn:
-                await conn.execute(
-                    update(TaskRecord)
-                    .where(TaskRecord.id.in_(task_ids), TaskRecord.started_at.is_(None))
-                    .values(lost_reason=reason)
-                )
-        except (SQLAlchemyError, OSError) as exc:
-            raise StoreUnavailable(str(exc)) from exc
+                for task_id, reason in reasons.items():
+                    await conn.execute(
+                        update(TaskRecord)
+                        .where(TaskRecord.id == task_id, TaskRecord.started_at.is_(None))
+                        .values(lost_reason=reason)
+                    )
 
     async def ping(self) -> bool:
         try:
-            async with self._engine.connect() as conn:
-                await conn.execute(select(1))
-        except (SQLAlchemyError, OSError):
+            with _store_errors():
+                async with self._engine.connect() as conn:
+                    await conn.execute(select(1))
+        except StoreUnavailable:
             return False
         return True

@@ -15,7 +15,7 @@ import signal
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -25,17 +25,16 @@ from core.migrate import upgrade_to_head
 from core.settings import ApiToken, Settings, generate_token
 from gateway.auth import BearerAuthInterceptor, TokenTable
 from gateway.celery_queue import CeleryQueue, PublishingCelery
+from gateway.contract import HEALTH_SERVICE_NAME, QUEUE_SERVICE_NAME
 from gateway.health import DependencyHealth
 from gateway.ratelimit import RateLimiter
 from gateway.reconciler import Reconciler
 from gateway.records import StoreUnavailable, TaskRecords
 from gateway.service import QueueService
-from projects.v1 import queue_service_pb2, queue_service_pb2_grpc
+from projects.v1 import queue_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-QUEUE_SERVICE_NAME = queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name
-HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 PURGE_INTERVAL_SECONDS = 600.0
 
 
@@ -128,6 +127,7 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
         dependencies,
         max_page=settings.max_page,
         lifetime_seconds=settings.result_expires_seconds,
+        publish_timeout=settings.publish_timeout_seconds,
     )
     queue_service_pb2_grpc.add_QueueServiceServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -15,7 +15,7 @@ import uuid
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
-from core.db import MAX_REQUEST_ID_LENGTH
+from core.db import MAX_REQUEST_ID_LENGTH, utcnow
 from gateway.auth import current_client
 from gateway.celery_queue import CeleryQueue, CeleryState, QueueUnavailable
 from gateway.errors import (
@@ -44,6 +44,7 @@ STATUS_BY_CELERY_STATE: dict[str, task_pb2.TaskStatus.ValueType] = {
 }
 _REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID_LENGTH}}}")
 _EXAMPLE_ID = "123e4567-e89b-42d3-a456-426614174000"
+PUBLICATION_POLL_SECONDS = 0.05
 STORE_DOWN = "the task database is unreachable; retry shortly"
 BROKER_DOWN = "the task broker is unreachable; nothing was enqueued; retry shortly"
 
@@ -116,12 +117,14 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         *,
         max_page: int,
         lifetime_seconds: int,
+        publish_timeout: float,
     ) -> None:
         self._records = records
         self._queue = queue
         self._health = health
         self._max_page = max_page
         self._lifetime_seconds = lifetime_seconds
+        self._publish_timeout = publish_timeout
         self._publishing: set[asyncio.Task[None]] = set()
 
     async def _state(self, task: IssuedTask) -> CeleryState:
@@ -134,6 +137,11 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
     async def _publish_or_forget(self, task: IssuedTask, deadline: float | None) -> None:
         try:
             await self._queue.publish(task.id, task.page, deadline)
+            await self._records.mark_published(task.id)
+        except StoreUnavailable:
+            # Published, but not marked: a repeat of its request_id will publish it again
+            # (same id, idempotent storage) once the record looks abandoned.
+            log.warning("task %s was enqueued but its record could not say so", task.id)
         except BaseException:
             # Kept, the record of a task that never reached the broker would read PENDING
             # forever and hold its request_id hostage.
@@ -174,8 +182,42 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
                     f"request_id {request_id!r} was already used for page {task.page} "
                     f"(task {task.id}); use a new request_id for page {request.page}"
                 )
-            return queue_service_pb2.UploadResponse(task=describe(task, await self._state(task)))
-        publishing = asyncio.create_task(self._publish_or_forget(task, context.time_remaining()))
+            if task.published_at is not None:
+                return queue_service_pb2.UploadResponse(
+                    task=describe(task, await self._state(task))
+                )
+            task = await self._await_publication(task, context.time_remaining())
+            return queue_service_pb2.UploadResponse(task=describe(task, None))
+        await self._publish(task, context.time_remaining())
+        log.info("client %s enqueued task %s for page %d", client, task.id, task.page)
+        return queue_service_pb2.UploadResponse(task=describe(task, None))
+
+    async def _await_publication(self, task: IssuedTask, deadline: float | None) -> IssuedTask:
+        """The record of a repeated request_id once the broker has the task.
+
+        Another call (here or on another gateway) is publishing it: wait for its outcome rather
+        than hand out an id that may never run. A record older than the publish bound lost its
+        publisher (a gateway that stopped mid-call): publish it here, under the same id.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + (self._publish_timeout if deadline is None else deadline)
+        while True:
+            current = await self._records.get(task.client, task.id)
+            if current is None:
+                raise Unavailable(
+                    "the first Upload with this request_id could not enqueue it; retry", 0.5
+                )
+            if current.published_at is not None:
+                return current
+            if utcnow() - current.enqueued_at > dt.timedelta(seconds=2 * self._publish_timeout):
+                await self._publish(current, None if deadline is None else give_up - loop.time())
+                return current
+            if loop.time() > give_up:
+                raise Unavailable("this request_id is still being enqueued; retry shortly", 0.5)
+            await asyncio.sleep(PUBLICATION_POLL_SECONDS)
+
+    async def _publish(self, task: IssuedTask, deadline: float | None) -> None:
+        publishing = asyncio.create_task(self._publish_or_forget(task, deadline))
         self._publishing.add(publishing)
         publishing.add_done_callback(self._publish_done)
         try:
@@ -187,8 +229,6 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             log.warning("publish of task %s failed: %s", task.id, exc)
             await self._health.mark_down()
             raise Unavailable(BROKER_DOWN) from exc
-        log.info("client %s enqueued task %s for page %d", client, task.id, task.page)
-        return queue_service_pb2.UploadResponse(task=describe(task, None))
 
     @answers_errors
     async def GetStatus(

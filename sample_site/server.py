@@ -178,7 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
         page = int(values[0])
         state = self.server.state
         with state.lock:
-            state.hits[page] += 1
+            if self.server.control:  # only tests read hits; a public site must not grow them
+                state.hits[page] += 1
             queue = state.scripts.get(page)
             scripted = queue.popleft() if queue else None
             stored = state.pages.get(page)

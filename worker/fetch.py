@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import http.cookiejar
 import time
 from dataclasses import dataclass
 
@@ -38,14 +39,18 @@ class OffHostRedirect(PermanentError):
     """A redirect pointed away from the source's host; not followed."""
 
 
-def make_client(limits: FetchLimits, source_host: str, max_connections: int) -> httpx.AsyncClient:
-    """The worker process's one HTTP client, which only ever talks to `source_host`."""
+def make_client(limits: FetchLimits, source_url: str, max_connections: int) -> httpx.AsyncClient:
+    """The worker process's one HTTP client, which only ever talks to the source's origin."""
+    source = httpx.URL(source_url.replace("{page}", "1"))
+    origin = (source.scheme, source.host, source.port)
 
-    async def refuse_other_hosts(request: httpx.Request) -> None:
-        if request.url.host != source_host:
+    async def refuse_other_origins(request: httpx.Request) -> None:
+        # Scheme and port too: a same-host redirect to :6379 or to plain http is not the source.
+        url = request.url
+        if (url.scheme, url.host, url.port) != origin:
             raise OffHostRedirect(
-                f"refused to follow a redirect to {request.url.host!r}: only {source_host!r}, "
-                "the source's host, is fetched"
+                f"refused to follow a redirect to {url.scheme}://{url.netloc.decode()}: only "
+                f"{source.scheme}://{source.netloc.decode()}, the source, is fetched"
             )
 
     return httpx.AsyncClient(
@@ -56,7 +61,9 @@ def make_client(limits: FetchLimits, source_host: str, max_connections: int) -> 
             max_connections=max_connections, max_keepalive_connections=max_connections
         ),
         headers={"User-Agent": USER_AGENT, "Accept": "text/html,application/xhtml+xml"},
-        event_hooks={"request": [refuse_other_hosts]},
+        event_hooks={"request": [refuse_other_origins]},
+        # One client serves every task of the process: no site may grow a shared cookie jar.
+        cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[])),
     )
 
 

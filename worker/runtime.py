@@ -15,7 +15,6 @@ import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -42,14 +41,14 @@ class WorkerRuntime:
             target=self.loop.run_forever, name="harvest-event-loop", daemon=True
         )
         self._thread.start()
-        source_host = urlsplit(settings.source_url.replace("{page}", "1")).hostname or ""
-        self.http: httpx.AsyncClient = self.run(self._make_client(source_host))
+        self.http: httpx.AsyncClient = self.run(self._make_client(settings.source_url))
+        # A connection per task thread: a thread never waits on the pool for one.
         self.engine: AsyncEngine = create_engine(
-            settings.resolved_database_url, pool_size=max(2, settings.worker_concurrency // 2)
+            settings.resolved_database_url, pool_size=settings.worker_concurrency
         )
 
-    async def _make_client(self, source_host: str) -> httpx.AsyncClient:
-        return make_client(self.fetch_limits, source_host, self.settings.worker_concurrency)
+    async def _make_client(self, source_url: str) -> httpx.AsyncClient:
+        return make_client(self.fetch_limits, source_url, self.settings.worker_concurrency)
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run `coroutine` on the process's loop and wait for it from the calling thread."""

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import case, func, literal, or_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from core.db import MAX_URL_LENGTH, Project, TaskRecord, UtcDateTime, utcnow
+from core.db import MAX_URL_LENGTH, Project, TaskRecord, UtcDateTime, dialect_insert, utcnow
 from worker.errors import RetryableError
 from worker.parse import ProjectItem
 
@@ -55,16 +55,15 @@ async def _with_retries(engine: AsyncEngine, work: Callable[[AsyncConnection], A
                 raise
             if attempt == LOCAL_ATTEMPTS:
                 raise RetryableError(f"database busy or unreachable: {exc.orig!r}") from exc
-        except OSError as exc:
+        except (OSError, PoolTimeout) as exc:
             if attempt == LOCAL_ATTEMPTS:
-                raise RetryableError(f"database unreachable: {exc!r}") from exc
+                raise RetryableError(f"database unreachable or busy: {exc!r}") from exc
         await asyncio.sleep(LOCAL_BACKOFF_SECONDS * 2**attempt)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _upsert_statement(dialect: str, rows: list[dict[str, Any]]) -> Any:
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(Project).values(rows)
+def _upsert_statement(engine: AsyncEngine, rows: list[dict[str, Any]]) -> Any:
+    statement = dialect_insert(engine)(Project).values(rows)
     new = statement.excluded
     changed = or_(
         Project.title != new.title,
@@ -112,7 +111,7 @@ async def store_projects(
         ]
 
         async def upsert(conn: AsyncConnection, rows: list[dict[str, Any]] = rows) -> list[Any]:
-            result = await conn.execute(_upsert_statement(engine.dialect.name, rows))
+            result = await conn.execute(_upsert_statement(engine, rows))
             return list(result.all())
 
         returned = await _with_retries(engine, upsert)

@@ -86,15 +86,15 @@ def run_harvest(task: Task[Any, Any], page: int, settings: Settings) -> dict[str
     runtime = get_runtime(settings)
     policy = RetryPolicy.from_settings(settings)
     tries_done = task.request.retries
-    deliveries = getattr(task.request, "deliveries", None)
-    if deliveries is None:  # the prerun hook could not reach the database: try again here
-        deliveries = runtime.run(record_start(runtime.engine, str(task.request.id)))
-    deaths = deliveries - (tries_done + 1)
-    if deaths >= MAX_WORKER_DEATHS:
-        raise PermanentError(
-            f"gave up on page {page}: the worker process running it died {deaths} times"
-        )
     try:
+        deliveries = getattr(task.request, "deliveries", None)
+        if deliveries is None:  # the prerun hook could not reach the database: try again here
+            deliveries = runtime.run(record_start(runtime.engine, str(task.request.id)))
+        deaths = deliveries - (tries_done + 1)
+        if deaths >= MAX_WORKER_DEATHS:
+            raise PermanentError(
+                f"gave up on page {page}: the worker process running it died {deaths} times"
+            )
         result = harvest(runtime, page, started + settings.task_soft_time_limit_seconds)
     except PermanentError:
         if (done := succeeded_meanwhile(task, page)) is not None:

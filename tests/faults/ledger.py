@@ -56,7 +56,9 @@ class Ledger:
             for request_id, task_id in list(pending.items()):
                 try:
                     task = get_status(gateway, task_id)
-                except grpc.RpcError:
+                except grpc.RpcError as error:
+                    if error.code() == grpc.StatusCode.NOT_FOUND:
+                        del pending[request_id]  # an accepted task the gateway forgot: lost
                     continue
                 if task.status in TERMINAL:
                     self.final[request_id] = task

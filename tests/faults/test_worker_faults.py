@@ -164,6 +164,11 @@ SOURCE_CASES: dict[str, tuple[list[dict[str, object]], str]] = {
 }
 
 
+def with_page(headers: object, page: int) -> dict[str, str]:
+    assert isinstance(headers, dict) or headers is None
+    return {k: str(v).replace("{page}", str(page)) for k, v in (headers or {}).items()}
+
+
 def test_misbehaving_source(
     fault_stack: Callable[..., Stack], ledger_for: Callable[[Stack], Ledger]
 ) -> None:
@@ -173,16 +178,7 @@ def test_misbehaving_source(
     ledger = ledger_for(stack)
     pages = {}
     for page, (name, (script, _)) in enumerate(SOURCE_CASES.items(), start=1):
-        responses = [
-            {
-                **r,
-                "headers": {
-                    k: str(v).replace("{page}", str(page))
-                    for k, v in dict(r.get("headers", {})).items()
-                },
-            }  # type: ignore[call-overload]
-            for r in script
-        ]
+        responses = [{**r, "headers": with_page(r.get("headers"), page)} for r in script]
         stack.site.script(page, responses)
         pages[name] = page
         ledger.upload(gateway, page, f"source-{page}")

@@ -26,6 +26,7 @@ import grpc
 import httpx
 
 from core.embedded_redis import server_executable
+from core.settings import Settings
 from projects.v1 import queue_service_pb2_grpc
 
 BIN = Path(sys.executable).parent
@@ -34,8 +35,7 @@ START_TIMEOUT = 30.0
 
 # Settings a developer may have exported; a test's processes get only what the test gives them.
 _OUR_VARIABLES = re.compile(
-    r"^(GATEWAY_|API_TOKENS|MAX_PAGE|PUBLISH_|BROKER_|CELERY_|RESULT_|TASK_|REDIS_|SOURCE_|WORKER_|"
-    r"FETCH_|RETRY_|UPSERT_|DATA_DIR|DATABASE_URL|SAMPLE_SITE_|LOG_LEVEL)",
+    "^(" + "|".join(re.escape(name) for name in Settings.model_fields) + ")",
     re.IGNORECASE,
 )
 

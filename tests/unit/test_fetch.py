@@ -13,6 +13,7 @@ import email.utils
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from sample_site.pages import render_listing, sample_page
@@ -60,7 +61,9 @@ def fetch(
     limits = FetchLimits(timeout=timeout, max_bytes=max_bytes, max_redirects=max_redirects)
 
     async def run() -> FetchedPage:
-        async with make_client(limits, source_host, max_connections=4) as client:
+        # The source is the fetched URL's origin, on `source_host`.
+        source = str(httpx.URL(url).copy_with(host=source_host))
+        async with make_client(limits, source, max_connections=4) as client:
             return await fetch_page(client, url, limits)
 
     return asyncio.run(run())
@@ -247,6 +250,18 @@ def test_redirect_to_another_host_is_refused_before_any_request(
         assert isinstance(caught.value, PermanentError)
         assert elsewhere.hits() == {}
         assert site.hits() == {"1": 1}
+
+
+def test_redirect_to_another_port_of_the_same_host_is_refused(site: SampleSite) -> None:
+    # Same host, another service on it (say Redis on 6379): not the source either.
+    with running_sample_site(HOST) as neighbour:
+        location = f"http://{HOST}:{neighbour.port}/projects?page=2"
+        site.script(1, {"status": 302, "headers": {"Location": location}})
+
+        with pytest.raises(OffHostRedirect, match=str(neighbour.port)):
+            fetch(site.page_url(1))
+
+        assert neighbour.hits() == {}
 
 
 @pytest.mark.parametrize(

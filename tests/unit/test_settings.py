@@ -115,6 +115,21 @@ def test_bad_api_tokens_error_text_holds_no_token(env: pytest.MonkeyPatch) -> No
     assert "second-secret" not in str(error)
 
 
+def test_an_entry_without_a_name_is_reported_by_position_not_echoed(
+    env: pytest.MonkeyPatch,
+) -> None:
+    error = rejected(env, API_TOKENS="billing:x,S3CRET-ALONE")
+
+    assert "entry #2" in str(error)
+    assert "S3CRET" not in str(error)
+
+
+def test_a_client_name_longer_than_the_column_is_rejected(env: pytest.MonkeyPatch) -> None:
+    error = rejected(env, API_TOKENS=f"{'n' * 65}:token")
+
+    assert "longer than 64" in str(error)
+
+
 def test_duplicate_api_token_names_are_rejected(env: pytest.MonkeyPatch) -> None:
     error = rejected(env, API_TOKENS="a:x,a:y")
 
