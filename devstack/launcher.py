@@ -80,6 +80,7 @@ def start_child(name: str, args: list[str], env: Mapping[str, str]) -> Child:
 def banner(settings: Settings, token: str | None, site_started: bool) -> str:
     grpcurl = os.path.relpath(BIN / "grpcurl")
     address = settings.gateway_address
+    transport = "-cacert <CA file>" if settings.gateway_tls_cert_file else "-plaintext"
     auth = f"-H 'authorization: Bearer {token}'" if token else "-H 'authorization: Bearer <token>'"
     lines = [
         "",
@@ -95,10 +96,10 @@ def banner(settings: Settings, token: str | None, site_started: bool) -> str:
         )
     lines += [
         "Try:",
-        f"  {grpcurl} -plaintext {address} list",
-        f"  {grpcurl} -plaintext {auth} -d '{{\"page\": 1}}' {address} "
+        f"  {grpcurl} {transport} {address} list",
+        f"  {grpcurl} {transport} {auth} -d '{{\"page\": 1}}' {address} "
         "projects.v1.QueueService/Upload",
-        f'  {grpcurl} -plaintext {auth} -d \'{{"id": "<task id>"}}\' {address} '
+        f'  {grpcurl} {transport} {auth} -d \'{{"id": "<task id>"}}\' {address} '
         "projects.v1.QueueService/GetStatus",
         "",
     ]

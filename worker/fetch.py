@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import http.cookiejar
+import itertools
+import logging
 import time
 from dataclasses import dataclass
 
 import httpx
 
 from worker.errors import PermanentError, RetryableError
+
+log = logging.getLogger(__name__)
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 USER_AGENT = "projects-harvester/0.1 (+https://example.invalid/harvester)"
@@ -44,10 +48,17 @@ def make_client(limits: FetchLimits, source_url: str, max_connections: int) -> h
     source = httpx.URL(source_url.replace("{page}", "1"))
     origin = (source.scheme, source.host, source.port)
 
+    refused = itertools.count(1)
+
     async def refuse_other_origins(request: httpx.Request) -> None:
         # Scheme and port too: a same-host redirect to :6379 or to plain http is not the source.
         url = request.url
         if (url.scheme, url.host, url.port) != origin:
+            log.warning(
+                "refused a redirect to %s (%d refused by this process)",
+                url.netloc.decode(),
+                next(refused),
+            )
             raise OffHostRedirect(
                 f"refused to follow a redirect to {url.scheme}://{url.netloc.decode()}: only "
                 f"{source.scheme}://{source.netloc.decode()}, the source, is fetched"
