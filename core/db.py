@@ -108,9 +108,9 @@ class TaskRecord(Base):
     lost_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
-def dialect_insert(engine: AsyncEngine) -> Any:
-    """INSERT with ON CONFLICT for the engine's dialect (PostgreSQL's or SQLite's)."""
-    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+def dialect_insert(dialect: str) -> Any:
+    """INSERT with ON CONFLICT for a dialect name (PostgreSQL's or SQLite's)."""
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:

@@ -64,7 +64,7 @@ class TaskRecords:
     def __init__(self, engine: AsyncEngine, lifetime: dt.timedelta) -> None:
         self._engine = engine
         self._lifetime = lifetime
-        self._insert = dialect_insert(engine)
+        self._insert = dialect_insert(engine.dialect.name)
 
     def _expired(self, task: IssuedTask, now: dt.datetime) -> bool:
         return task.enqueued_at + self._lifetime < now
