@@ -99,7 +99,8 @@ class TaskRecord(Base):
     request_id: Mapped[str | None] = mapped_column(String(MAX_REQUEST_ID_LENGTH), nullable=True)
     page: Mapped[int] = mapped_column(Integer)
     enqueued_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
-    # When the broker confirmed the task; NULL while the publish is under way (or was cut off).
+    # When the broker confirmed the task; NULL while the publish of a task with a request_id is
+    # under way (or was cut off). Tasks without one are written as confirmed: nothing waits.
     published_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
     started_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
     # How many times a worker has started this task (Celery retries and crash redeliveries).

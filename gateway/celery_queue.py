@@ -60,7 +60,7 @@ class CeleryState:
 
 
 class CeleryQueue:
-    def __init__(self, app: Celery, publish_timeout: float, threads: int = 16) -> None:
+    def __init__(self, app: Celery, publish_timeout: float, threads: int = 8) -> None:
         self._app = app
         self._publish_timeout = publish_timeout
         # One socket operation may not outlast the whole publish bound (the worker's 10 s read

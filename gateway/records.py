@@ -79,13 +79,17 @@ class TaskRecords:
         unique (client, request_id) constraint and the losers read the winner's row.
         """
         now = utcnow()
-        new = IssuedTask(str(uuid.uuid4()), client, request_id, page, now)
+        # Only a repeat of a request_id ever waits for the publish to be confirmed, so only such
+        # a record starts unconfirmed; the others save the write (a failed publish drops them).
+        published = None if request_id else now
+        new = IssuedTask(str(uuid.uuid4()), client, request_id, page, now, published)
         statement = self._insert(TaskRecord).values(
             id=new.id,
             client=client,
             request_id=request_id,
             page=page,
             enqueued_at=now,
+            published_at=published,
             deliveries=0,
         )
         with _store_errors():

@@ -137,7 +137,8 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
     async def _publish_or_forget(self, task: IssuedTask, deadline: float | None) -> None:
         try:
             await self._queue.publish(task.id, task.page, deadline)
-            await self._records.mark_published(task.id)
+            if task.published_at is None:
+                await self._records.mark_published(task.id)
         except StoreUnavailable:
             # Published, but not marked: a repeat of its request_id will publish it again
             # (same id, idempotent storage) once the record looks abandoned.
