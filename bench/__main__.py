@@ -18,6 +18,7 @@ import traceback
 
 from bench.common import MIN_RUNS, Options, Section, say
 from bench.report import RESULTS_PATH, Figure, describe_machine, machine, table, write_json
+from bench.services import ServiceMissing
 
 SECTIONS = ("parse", "upsert", "upload", "harvest")
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"bench on {describe_machine(info)}; sections {', '.join(chosen)}, {runs} runs each")
     figures: list[Figure] = []
     failed: list[str] = []
+    skipped: list[str] = []
     for name in SECTIONS:
         if name not in chosen:
             continue
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"== {name}")
         try:
             figures += _section(name)(options)
+        except ServiceMissing as exc:
+            say(f"== {name} skipped: {exc}")
+            skipped.append(name)
         except Exception:
             traceback.print_exc()
             failed.append(name)
@@ -69,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "sections": list(chosen),
             "failed_sections": failed,
+            "skipped_sections": skipped,
         },
     )
     print(f"\nBenchmarks on {describe_machine(info)}; {duration:.0f} s in all\n")
     print(table(figures))
     print(f"\nwritten to {RESULTS_PATH}")
+    if skipped:
+        print(f"sections skipped for a missing service: {', '.join(skipped)}", file=sys.stderr)
     if failed:
         print(f"sections that failed: {', '.join(failed)}", file=sys.stderr)
     # Not a test: a missed target is reported, not an error. A section that broke is one.

@@ -12,10 +12,11 @@ Each returns the same `ProjectItem`s as `worker.parse.parse_listing` on the benc
 from __future__ import annotations
 
 import datetime
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from bs4 import BeautifulSoup, Tag
-from lxml import etree
+from lxml import etree  # type: ignore[import-untyped]
 
 from core.settings import SourceProfile
 from worker.parse import ProjectItem
@@ -76,22 +77,28 @@ def parse_with_bs4(
                 is_active=profile.active_class in element.get_attribute_list("class"),
                 start_date=None
                 if start_tag is None
-                else _date(start_tag.get("datetime"), start_tag.get_text(), profile.start_text_format),
+                else _date(
+                    start_tag.get("datetime"), start_tag.get_text(), profile.start_text_format
+                ),
             )
         )
     return items
 
 
 def _has_class(name: str) -> str:
-    return f'contains(concat(" ", normalize-space(@class), " "), " {name} ")'
+    return f"contains(concat(' ', normalize-space(@class), ' '), ' {name} ')"
 
 
-# The default profile's selectors, translated by hand.
+# The default profile's selectors, translated by hand; `[1]` on a step stops at the first.
 _ITEMS = etree.XPath(f"//*[{_has_class('project')}]")
-_TITLE = etree.XPath(f"(.//*[{_has_class('project-title')}])[1]")
-_LINK = etree.XPath(f"(.//*[{_has_class('project-title')}]//a)[1]/@href")
-_DESCRIPTION = etree.XPath(f"(.//*[{_has_class('project-description')}])[1]")
-_START = etree.XPath(f"(.//time[{_has_class('project-start')}])[1]")
+_TITLE = etree.XPath(f"descendant::*[{_has_class('project-title')}][1]")
+_LINK = etree.XPath(f"descendant::a[ancestor::*[{_has_class('project-title')}]][1]/@href")
+_DESCRIPTION = etree.XPath(f"descendant::*[{_has_class('project-description')}][1]")
+_START = etree.XPath(f"descendant::time[{_has_class('project-start')}][1]")
+
+
+def _text(element: Any) -> str:
+    return "".join(element.itertext())
 
 
 def parse_with_lxml(body: bytes, page_url: str, profile: SourceProfile) -> list[ProjectItem]:
@@ -100,7 +107,7 @@ def parse_with_lxml(body: bytes, page_url: str, profile: SourceProfile) -> list[
     items: list[ProjectItem] = []
     for element in _ITEMS(root):
         titles = _TITLE(element)
-        title = _collapse(titles[0].xpath("string()")) if titles else ""
+        title = _collapse(_text(titles[0])) if titles else ""
         hrefs = _LINK(element)
         url = _resolve(str(hrefs[0]) if hrefs else None, page_url)
         if not title or url is None:
@@ -111,13 +118,11 @@ def parse_with_lxml(body: bytes, page_url: str, profile: SourceProfile) -> list[
             ProjectItem(
                 url=url,
                 title=title,
-                description=_collapse(descriptions[0].xpath("string()")) if descriptions else "",
+                description=_collapse(_text(descriptions[0])) if descriptions else "",
                 is_active=profile.active_class in element.get("class", "").split(),
                 start_date=None
                 if not starts
-                else _date(
-                    starts[0].get("datetime"), starts[0].xpath("string()"), profile.start_text_format
-                ),
+                else _date(starts[0].get("datetime"), _text(starts[0]), profile.start_text_format),
             )
         )
     return items

@@ -94,7 +94,7 @@ def table(figures: Sequence[Figure]) -> str:
             f.name,
             f"{_number(f.ours)} {f.unit}",
             f"{_number(f.baseline)} {f.unit}",
-            f"{f.ratio:.2f}x",
+            f"{f.ratio:.2f}x" if f.ratio >= 0.1 else f"{f.ratio:.2g}x",
             f.target_text,
             {True: "pass", False: "FAIL", None: "-"}[f.passed],
         )
@@ -108,7 +108,7 @@ def table(figures: Sequence[Figure]) -> str:
     out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(row) for row in rows]
     notes = [f"- {f.name}: {f.note}" for f in figures if f.note]
-    return "\n".join(out + ([""] + notes if notes else []))
+    return "\n".join(out + (["", *notes] if notes else []))
 
 
 def machine() -> dict[str, Any]:

@@ -9,6 +9,7 @@ that needs it is left out, said on stderr.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -68,7 +69,9 @@ def environment(
         "TASK_QUEUE": f"{prefix}harvest",
         "DATABASE_URL": database_url,
         # Bench processes import `bench` (the baseline worker), which is not installed.
-        "PYTHONPATH": str(REPOSITORY),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [os.environ.get("PYTHONPATH"), str(REPOSITORY)])
+        ),
         **extra,
     }
 
@@ -99,8 +102,3 @@ def _wait_until_serving(process: Process, address: str, timeout: float = 60.0) -
         if time.monotonic() > deadline:
             raise TimeoutError(f"the gateway did not serve within {timeout} s:\n{process.output()}")
         time.sleep(0.1)
-
-
-def stop_all(processes: list[Process]) -> None:
-    for process in reversed(processes):
-        process.stop()

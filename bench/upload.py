@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -34,6 +35,7 @@ CLIENTS = 32
 WARM_UPLOADS = 2_000
 TOTAL_UPLOADS = 20_000
 METADATA = (("authorization", f"Bearer {TEST_TOKEN}"),)
+Run = tuple[float, list[float]]  # calls per second, and each call's latency in seconds
 
 
 class _Clients:
@@ -52,7 +54,7 @@ class _Clients:
             for _ in range(CLIENTS)
         ]
 
-    async def _uploads(self, count: int) -> tuple[float, list[float]]:
+    async def _uploads(self, count: int) -> Run:
         latencies: list[float] = []
         left = count
 
@@ -66,23 +68,23 @@ class _Clients:
                 latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
-        await asyncio.gather(*(client(stub) for stub in self.stubs))  # type: ignore[arg-type]
+        await asyncio.gather(*(client(stub) for stub in self.stubs))
         return count / (time.perf_counter() - started), latencies
 
-    def uploads(self, count: int) -> tuple[float, list[float]]:
+    def uploads(self, count: int) -> Run:
         return self.loop.run_until_complete(self._uploads(count))
 
     def close(self) -> None:
         for channel in self.channels:
-            self.loop.run_until_complete(channel.close())
+            self.loop.run_until_complete(channel.close(None))
         self.loop.close()
 
 
-def _send_task_loop(settings: Settings) -> tuple[PublishingCelery, object]:
+def _send_task_loop(settings: Settings) -> tuple[PublishingCelery, Callable[[int], Run]]:
     app = make_celery(settings, "bench-send-task", PublishingCelery)
     assert isinstance(app, PublishingCelery)
 
-    def sends(count: int) -> tuple[float, list[float]]:
+    def sends(count: int) -> Run:
         latencies: list[float] = []
         started = time.perf_counter()
         for index in range(count):
@@ -127,13 +129,13 @@ def run(options: Options) -> list[Figure]:
             try:
                 say(f"upload: {CLIENTS} clients; warm-up of {warm} Uploads, then runs of {per_run}")
                 clients.uploads(warm)
-                sends(warm)  # type: ignore[operator]
+                sends(warm)
                 rss_warm = _rss(process.pid)
-                ours: list[tuple[float, list[float]]] = []
-                base: list[tuple[float, list[float]]] = []
+                ours: list[Run] = []
+                base: list[Run] = []
                 for index in range(options.runs):
                     ours.append(clients.uploads(per_run))
-                    base.append(sends(per_run))  # type: ignore[operator]
+                    base.append(sends(per_run))
                     say(
                         f"  run {index + 1}/{options.runs}: ours {ours[-1][0]:.0f}/s, "
                         f"send_task loop {base[-1][0]:.0f}/s"
@@ -145,7 +147,7 @@ def run(options: Options) -> list[Figure]:
                 clients.close()
                 app.close()
 
-    def quantile_ms(runs: list[tuple[float, list[float]]], fraction: float) -> list[float]:
+    def quantile_ms(runs: list[Run], fraction: float) -> list[float]:
         return [percentile(latencies, fraction) * 1000 for _, latencies in runs]
 
     return [

@@ -23,6 +23,8 @@ from worker.task import register
 log = logging.getLogger(__name__)
 
 kombu_fixes.apply()
+# One INFO line per fetched page costs more than it tells; failures are logged by the task.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 settings = get_settings()
 app = make_celery(settings, "worker")
 harvest_page = register(app)

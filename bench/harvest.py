@@ -1,0 +1,379 @@
+"""`harvest_pages_per_s`: end to end, Upload to SUCCESS, from a site that takes 250 ms a page.
+
+Both sides harvest listing pages of 100 items from the scriptable sample site, every answer held
+back 250 ms (a remote site is slow), into one fresh PostgreSQL database through the machine's
+Redis, with 2 worker processes each:
+
+- ours: `python -m gateway` and 2 `celery -A worker.app worker` processes (threads sharing one
+  event loop per process, WORKER_CONCURRENCY tasks in flight each); 400 pages are Uploaded
+  through the gateway, and the run ends at the last task's finish time as GetStatus reports it;
+- baseline: `celery -A bench.baseline_worker worker --pool prefork --concurrency 2`, the
+  original design (see bench/baseline_worker.py), driven by `.delay()`; it ends at the last
+  task's `date_done`.
+
+Each run starts from an empty table and must end with rows == distinct links == pages * 100.
+Beside it, `harvest_vs_cpu_floor` compares ours with what the machine could do at most: its
+cores divided by the CPU seconds one page costs to parse and store, measured alone in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bench import data
+from bench.baseline_worker import Base, BaselineProject, make_app
+from bench.common import Options, interleaved, say
+from bench.report import Figure, median
+from bench.services import environment, gateway, postgres_database, redis_namespace
+from core.db import Project, create_engine
+from core.settings import Settings
+from projects.v1 import queue_service_pb2, queue_service_pb2_grpc, task_pb2
+from tests.support.processes import BIN, Process, Site, clean_environment, start_site, start_worker
+from tests.support.stack import TEST_TOKEN
+from worker.parse import parse_listing
+from worker.store import store_projects
+
+ITEMS_PER_PAGE = 100
+SITE_DELAY_SECONDS = 0.25
+OUR_PAGES = 400
+BASELINE_PAGES = 48
+WORKERS = 2
+# Tasks in flight per worker process (WORKER_CONCURRENCY): 250 ms per page needs many.
+WORKER_CONCURRENCY = 32
+UPLOAD_CLIENTS = 16
+RUN_TIMEOUT_SECONDS = 240.0
+METADATA = (("authorization", f"Bearer {TEST_TOKEN}"),)
+
+
+@dataclass
+class _Pages:
+    """The site's answers: every page once, 250 ms late, scripted anew before each run."""
+
+    site: Site
+    bodies: dict[int, str]
+
+    def script(self, pages: Sequence[int]) -> None:
+        with httpx.Client(base_url=self.site.url, timeout=30) as client:
+            client.post("/_control/reset").raise_for_status()
+            for page in pages:
+                response = {
+                    "status": 200,
+                    "headers": {"Content-Type": "text/html; charset=utf-8"},
+                    "body": self.bodies[page],
+                    "delay": SITE_DELAY_SECONDS,
+                }
+                client.post(
+                    "/_control/script", json={"page": page, "responses": [response]}
+                ).raise_for_status()
+
+
+async def _rows(engine: AsyncEngine, table: Any) -> tuple[int, int]:
+    """(rows, distinct links) in `table`."""
+    async with engine.connect() as conn:
+        result = (await conn.execute(select(func.count(), func.count(table.url.distinct())))).one()
+    return int(result[0]), int(result[1])
+
+
+async def _empty(engine: AsyncEngine, table: str) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text(f"TRUNCATE {table}"))
+
+
+async def _until_rows(engine: AsyncEngine, table: Any, expected: int) -> None:
+    """Wait until `table` holds `expected` rows; a plain count, light on the database."""
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+    while True:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(select(func.count()).select_from(table))).scalar_one()
+        if rows >= expected:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{table.__tablename__} did not reach {expected} rows")
+        await asyncio.sleep(0.25)
+
+
+def _exact(rows: tuple[int, int], pages: int, who: str) -> None:
+    expected = pages * ITEMS_PER_PAGE
+    if rows != (expected, expected):
+        raise AssertionError(f"{who}: {rows[0]} rows, {rows[1]} links after {pages} pages")
+
+
+class _Ours:
+    """Upload to SUCCESS through the gateway."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, address: str, engine: AsyncEngine):
+        self.loop = loop
+        self.engine = engine
+        self.channel = loop.run_until_complete(self._connect(address))
+        self.stub = queue_service_pb2_grpc.QueueServiceStub(self.channel)
+
+    @staticmethod
+    async def _connect(address: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(address)
+
+    async def _upload(self, pages: Sequence[int]) -> list[str]:
+        queue = list(pages)
+        ids: list[str] = []
+
+        async def client() -> None:
+            while queue:
+                request = queue_service_pb2.UploadRequest(page=queue.pop(0))
+                response = await self.stub.Upload(request, metadata=METADATA, timeout=30)
+                ids.append(response.task.id)
+
+        await asyncio.gather(*(client() for _ in range(UPLOAD_CLIENTS)))
+        return ids
+
+    async def _finished_at(self, ids: Sequence[str]) -> float:
+        """The last finish time of the tasks `ids`, once GetStatus says all are SUCCESS."""
+        deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+        left = list(ids)
+        last = 0.0
+        while left:
+            tasks = await asyncio.gather(
+                *(
+                    self.stub.GetStatus(
+                        queue_service_pb2.GetStatusRequest(id=task_id), metadata=METADATA
+                    )
+                    for task_id in left
+                )
+            )
+            left = []
+            for answer in tasks:
+                task = answer.task
+                if task.status == task_pb2.TASK_STATUS_SUCCESS:
+                    finish = task.finish_time.ToDatetime(tzinfo=dt.UTC).timestamp()
+                    last = max(last, finish)
+                elif task.status in (task_pb2.TASK_STATUS_FAILURE, task_pb2.TASK_STATUS_REVOKED):
+                    raise AssertionError(f"task {task.id} (page {task.page}) failed: {task.error}")
+                else:
+                    left.append(task.id)
+            if left:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(left)} tasks did not finish")
+                await asyncio.sleep(0.2)
+        return last
+
+    async def harvest(self, pages: Sequence[int]) -> float:
+        started = time.time()
+        ids = await self._upload(pages)
+        await _until_rows(self.engine, Project, len(pages) * ITEMS_PER_PAGE)
+        finished = await self._finished_at(ids)
+        _exact(await _rows(self.engine, Project), len(pages), "ours")
+        return len(pages) / (finished - started)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.channel.close(None))
+
+
+class _Baseline:
+    """`.delay()` per page, to the original design's worker."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, settings: Settings, engine: AsyncEngine):
+        self.loop = loop
+        self.engine = engine
+        self.app, self.task = make_app(settings)
+
+    def harvest(self, pages: Sequence[int]) -> float:
+        started = time.time()
+        results = [self.task.delay(page) for page in pages]
+        self.loop.run_until_complete(
+            _until_rows(self.engine, BaselineProject, len(pages) * ITEMS_PER_PAGE)
+        )
+        finished = 0.0
+        for result in results:
+            value = result.get(timeout=RUN_TIMEOUT_SECONDS)
+            assert value["found"] == ITEMS_PER_PAGE, value
+            done = result.date_done
+            assert isinstance(done, dt.datetime), done
+            done = done if done.tzinfo else done.replace(tzinfo=dt.UTC)
+            finished = max(finished, done.timestamp())
+        _exact(
+            self.loop.run_until_complete(_rows(self.engine, BaselineProject)),
+            len(pages),
+            "baseline",
+        )
+        return len(pages) / (finished - started)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+async def _cpu_per_page(engine: AsyncEngine, pages: int, batch_size: int) -> list[float]:
+    """CPU seconds to parse and store one 100-item page, alone in this process, per page."""
+    seconds = []
+    for page in range(5001, 5001 + pages):  # links of their own, not those of the runs
+        body = data.listing(page, ITEMS_PER_PAGE)
+        started = time.process_time()
+        parsed = parse_listing(body, data.page_url(page), data.PROFILE)
+        await store_projects(engine, parsed.items, batch_size)
+        seconds.append(time.process_time() - started)
+    return seconds
+
+
+def _start_baseline_worker(directory: Path, env: dict[str, str]) -> Process:
+    args = [
+        str(BIN / "celery"), "-A", "bench.baseline_worker", "worker",
+        "--pool", "prefork", "--concurrency", str(WORKERS), "--loglevel", "INFO",
+        "--hostname", f"bench-baseline-{os.getpid()}-{time.monotonic_ns()}@%h",
+        "--without-mingle", "--without-gossip",
+    ]  # fmt: skip
+    process = Process("baseline-worker", args, clean_environment(env), directory)
+    process.wait_for_line(r"ready\.")
+    return process
+
+
+async def _create_baseline_table(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+
+
+@dataclass
+class _Harvest:
+    """Everything one harvest section runs on; `run_*` do one timed run of a side."""
+
+    loop: asyncio.AbstractEventLoop
+    engine: AsyncEngine
+    pages: _Pages
+    ours: _Ours
+    baseline: _Baseline
+
+    def _prepare(self, table: str, numbers: Sequence[int]) -> None:
+        self.loop.run_until_complete(_empty(self.engine, table))
+        self.pages.script(numbers)
+
+    def run_ours(self, numbers: Sequence[int]) -> float:
+        self._prepare("projects", numbers)
+        return self.loop.run_until_complete(self.ours.harvest(numbers))
+
+    def run_baseline(self, numbers: Sequence[int]) -> float:
+        self._prepare("baseline_projects", numbers)
+        return self.baseline.harvest(numbers)
+
+
+def _measure(
+    options: Options, directory: Path, redis_url: str, prefix: str, database_url: str
+) -> tuple[dict[str, list[float]], list[float], int, int]:
+    """Samples of both sides, CPU seconds per page alone, and the pages of each side's runs."""
+    our_pages = list(range(1, (OUR_PAGES // 4 if options.quick else OUR_PAGES) + 1))
+    base_pages = list(range(1, (BASELINE_PAGES // 3 if options.quick else BASELINE_PAGES) + 1))
+    bodies = {
+        page: data.listing(page, ITEMS_PER_PAGE).decode()
+        for page in range(1, max(len(our_pages), len(base_pages)) + 1)
+    }
+    processes: list[Process] = []
+    loop = asyncio.new_event_loop()
+    engine = create_engine(database_url)
+    try:
+        site = start_site(directory)
+        processes.append(site.process)
+        env = environment(
+            directory,
+            redis_url,
+            prefix,
+            database_url,
+            SOURCE_URL=site.source_url,
+            WORKER_CONCURRENCY=str(WORKER_CONCURRENCY),
+        )
+        settings = Settings(
+            celery_broker_url=redis_url,
+            celery_result_backend=redis_url,
+            redis_key_prefix=prefix,
+            task_queue=env["TASK_QUEUE"],
+            database_url=database_url,
+            source_url=site.source_url,
+        )
+        with gateway(directory, env) as (_, address):
+            for index in range(WORKERS):
+                processes.append(
+                    start_worker(directory, env, f"worker-{index}", WORKER_CONCURRENCY)
+                )
+            processes.append(_start_baseline_worker(directory, env))
+            loop.run_until_complete(_create_baseline_table(engine))
+            say(
+                f"harvest: {WORKERS} worker processes a side; ours {len(our_pages)} pages, "
+                f"baseline {len(base_pages)}; {ITEMS_PER_PAGE} items a page, "
+                f"{SITE_DELAY_SECONDS * 1000:.0f} ms a page"
+            )
+            cpu = loop.run_until_complete(
+                _cpu_per_page(engine, 2 * options.runs + 1, settings.upsert_batch_size)
+            )[1:]  # the first page warms up
+            say(f"  CPU to parse and store one page alone: {median(cpu) * 1000:.1f} ms")
+            harvest = _Harvest(
+                loop,
+                engine,
+                _Pages(site, bodies),
+                _Ours(loop, address, engine),
+                _Baseline(loop, settings, engine),
+            )
+            try:
+                samples = interleaved(
+                    options.runs,
+                    {
+                        "ours": lambda: harvest.run_ours(our_pages),
+                        "baseline": lambda: harvest.run_baseline(base_pages),
+                    },
+                )
+            finally:
+                harvest.ours.close()
+                harvest.baseline.close()
+    finally:
+        for process in reversed(processes):
+            process.stop()
+        loop.run_until_complete(engine.dispose())
+        loop.close()
+    return samples, cpu, len(our_pages), len(base_pages)
+
+
+def run(options: Options) -> list[Figure]:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-harvest-") as name,
+        redis_namespace() as (redis_url, prefix),
+        postgres_database() as database_url,
+    ):
+        samples, cpu, our_pages, base_pages = _measure(
+            options, Path(name), redis_url, prefix, database_url
+        )
+    cores = os.cpu_count() or 1
+    cpu_per_page = median(cpu)
+    ours = median(samples["ours"])
+    return [
+        Figure(
+            "harvest_pages_per_s",
+            ours,
+            median(samples["baseline"]),
+            "pages/s",
+            higher_is_better=True,
+            target=10.0,
+            note=(
+                f"ours {our_pages} pages, baseline {base_pages}, rows exact on both; "
+                f"WORKER_CONCURRENCY={WORKER_CONCURRENCY}"
+            ),
+            samples=samples,
+        ),
+        Figure(
+            "harvest_vs_cpu_floor",
+            ours,
+            cores / cpu_per_page,
+            "pages/s",
+            higher_is_better=True,
+            note=(
+                f"baseline: the CPU floor, {cores} cores / {cpu_per_page * 1000:.1f} ms of CPU to "
+                "parse and store one page alone"
+            ),
+            samples={"cpu_seconds_per_page": cpu},
+        ),
+    ]
