@@ -231,9 +231,13 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length)
 
     def _not_found(self) -> None:
-        if "Content-Length" in self.headers or "Transfer-Encoding" in self.headers:
-            # The body of a request we do not route stays unread; it would be taken for the
-            # next request on this connection.
+        raw_length = self.headers.get("Content-Length", "")
+        if raw_length.isdigit() and int(raw_length) <= MAX_CONTROL_BODY_BYTES:
+            # Read, so that closing with it unread cannot reset the connection before the
+            # client has read this answer.
+            self.rfile.read(int(raw_length))
+        elif raw_length or "Transfer-Encoding" in self.headers:
+            # A body we will not read would be taken for the next request on this connection.
             self.close_connection = True
         self._send(HTTPStatus.NOT_FOUND, b"not found", "text/plain; charset=utf-8")
 
