@@ -10,24 +10,16 @@ import pytest
 import redis
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
-from grpc_status import rpc_status
 
 from projects.v1 import queue_service_pb2, task_pb2
 from tests.support.processes import BIN, RedisServer, poll_until
-from tests.support.stack import Stack, upload, wait_for_health, wait_for_task
+from tests.support.stack import Stack, rpc_detail, upload, wait_for_health, wait_for_task
 
 PUBLISH_BOUND_SECONDS = 8.0  # PUBLISH_TIMEOUT_SECONDS (3) plus connect timeouts, with room
 
 
 def retry_info(error: grpc.RpcError) -> error_details_pb2.RetryInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError(f"no RetryInfo in {status}")
+    return rpc_detail(error, error_details_pb2.RetryInfo)
 
 
 def test_broker_down_is_unavailable_then_recovers(

@@ -7,10 +7,17 @@ import uuid
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from projects.v1 import queue_service_pb2, task_pb2
-from tests.support.stack import OTHER_TOKEN, TEST_TOKEN, Stack, get_status, upload, wait_for_task
+from tests.support.stack import (
+    OTHER_TOKEN,
+    TEST_TOKEN,
+    Stack,
+    get_status,
+    rpc_detail,
+    upload,
+    wait_for_task,
+)
 
 
 def rpc_error(call: object) -> grpc.RpcError:
@@ -20,14 +27,7 @@ def rpc_error(call: object) -> grpc.RpcError:
 
 
 def bad_request(error: grpc.RpcError) -> error_details_pb2.BadRequest:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            found = error_details_pb2.BadRequest()
-            detail.Unpack(found)
-            return found
-    raise AssertionError(f"no BadRequest detail in {status}")
+    return rpc_detail(error, error_details_pb2.BadRequest)
 
 
 def test_upload_and_status_through_stubs(module_stack: Stack) -> None:

@@ -11,10 +11,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from sqlalchemy import func, select
 
 from core.db import Project, create_engine
@@ -144,6 +146,21 @@ def health_status(address: str, service: str = "") -> int:
 
 def wait_for_health(address: str, status: int, timeout: float = 30.0) -> None:
     poll_until(lambda: health_status(address) == status, timeout, 0.1, f"health {status}")
+
+
+Detail = TypeVar("Detail", bound=Message)
+
+
+def rpc_detail(error: grpc.RpcError, kind: type[Detail]) -> Detail:
+    """The google.rpc detail of type `kind` that an error carries (AssertionError if none)."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"no rich status in {error}"
+    for packed in status.details:
+        if packed.Is(kind.DESCRIPTOR):
+            found = kind()
+            packed.Unpack(found)
+            return found
+    raise AssertionError(f"no {kind.DESCRIPTOR.name} detail in {status}")
 
 
 def elapsed(since: float) -> float:
