@@ -11,47 +11,13 @@ Each returns the same `ProjectItem`s as `worker.parse.parse_listing` on the benc
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
-from urllib.parse import urljoin, urlsplit
 
 from bs4 import BeautifulSoup, Tag
 from lxml import etree  # type: ignore[import-untyped]
 
 from core.settings import SourceProfile
-from worker.parse import ProjectItem
-
-
-def _collapse(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _resolve(href: object, page_url: str) -> str | None:
-    if not isinstance(href, str) or not href.strip():
-        return None
-    try:
-        url = urljoin(page_url, href.strip())
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return None
-    return url
-
-
-def _date(machine: object, text: str, text_format: str) -> datetime.date | None:
-    if isinstance(machine, str):
-        value = machine.strip()
-        for reader in (datetime.date.fromisoformat, datetime.datetime.fromisoformat):
-            try:
-                day = reader(value)
-            except ValueError:
-                continue
-            return day.date() if isinstance(day, datetime.datetime) else day
-    try:
-        return datetime.datetime.strptime(_collapse(text), text_format).date()
-    except ValueError:
-        return None
+from worker.parse import ProjectItem, collapse_whitespace, read_start_date, resolve_link
 
 
 def parse_with_bs4(
@@ -62,9 +28,9 @@ def parse_with_bs4(
     items: list[ProjectItem] = []
     for element in soup.select(profile.item):
         title_tag = element.select_one(profile.title)
-        title = _collapse(title_tag.get_text()) if title_tag is not None else ""
+        title = collapse_whitespace(title_tag.get_text()) if title_tag is not None else ""
         link_tag = element.select_one(profile.link)
-        url = _resolve(link_tag.get("href") if link_tag is not None else None, page_url)
+        url = resolve_link(link_tag.get("href") if link_tag is not None else None, page_url)
         if not title or url is None:
             continue
         description_tag = element.select_one(profile.description)
@@ -73,11 +39,13 @@ def parse_with_bs4(
             ProjectItem(
                 url=url,
                 title=title,
-                description=_collapse(description_tag.get_text()) if description_tag else "",
+                description=collapse_whitespace(description_tag.get_text())
+                if description_tag
+                else "",
                 is_active=profile.active_class in element.get_attribute_list("class"),
                 start_date=None
                 if start_tag is None
-                else _date(
+                else read_start_date(
                     start_tag.get("datetime"), start_tag.get_text(), profile.start_text_format
                 ),
             )
@@ -107,9 +75,9 @@ def parse_with_lxml(body: bytes, page_url: str, profile: SourceProfile) -> list[
     items: list[ProjectItem] = []
     for element in _ITEMS(root):
         titles = _TITLE(element)
-        title = _collapse(_text(titles[0])) if titles else ""
+        title = collapse_whitespace(_text(titles[0])) if titles else ""
         hrefs = _LINK(element)
-        url = _resolve(str(hrefs[0]) if hrefs else None, page_url)
+        url = resolve_link(str(hrefs[0]) if hrefs else None, page_url)
         if not title or url is None:
             continue
         descriptions = _DESCRIPTION(element)
@@ -118,11 +86,13 @@ def parse_with_lxml(body: bytes, page_url: str, profile: SourceProfile) -> list[
             ProjectItem(
                 url=url,
                 title=title,
-                description=_collapse(_text(descriptions[0])) if descriptions else "",
+                description=collapse_whitespace(_text(descriptions[0])) if descriptions else "",
                 is_active=profile.active_class in element.get("class", "").split(),
                 start_date=None
                 if not starts
-                else _date(starts[0].get("datetime"), _text(starts[0]), profile.start_text_format),
+                else read_start_date(
+                    starts[0].get("datetime"), _text(starts[0]), profile.start_text_format
+                ),
             )
         )
     return items

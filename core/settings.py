@@ -16,7 +16,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_GATEWAY_ADDRESS = "127.0.0.1:50051"
 DEFAULT_SAMPLE_SITE_ADDRESS = "127.0.0.1:8081"
-DEFAULT_SOURCE_URL = f"http://{DEFAULT_SAMPLE_SITE_ADDRESS}/projects?page={{page}}"
 DEFAULT_DATA_DIR = Path("data")
 MAX_CLIENT_NAME_LENGTH = 64  # the width of tasks.client
 
@@ -150,12 +149,16 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _default_source(self) -> Self:
         if not self.source_url:
-            self.source_url = f"http://{self.sample_site_address}/projects?page={{page}}"
+            self.source_url = self._sample_site_url
         return self
 
     @property
+    def _sample_site_url(self) -> str:
+        return f"http://{self.sample_site_address}/projects?page={{page}}"
+
+    @property
     def source_is_sample_site(self) -> bool:
-        return self.source_url == f"http://{self.sample_site_address}/projects?page={{page}}"
+        return self.source_url == self._sample_site_url
 
     @field_validator("log_level")
     @classmethod

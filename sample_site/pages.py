@@ -47,10 +47,11 @@ def sample_page(page: int, per_page: int = DEFAULT_PER_PAGE) -> list[SampleProje
     if per_page < 1:
         raise ValueError(f"per_page must be at least 1, not {per_page}")
     first = (page - 1) * per_page + 1
-    return [_sample_project(number) for number in range(first, first + per_page)]
+    return [sample_project(number) for number in range(first, first + per_page)]
 
 
-def _sample_project(number: int) -> SampleProject:
+def sample_project(number: int) -> SampleProject:
+    """Project `number` (numbered across pages): the same every call, linked at /projects/N."""
     # Plain arithmetic on the number keeps the data deterministic without a seeded RNG.
     if number % 7 == 3:
         title = f"{_CYRILLIC_TOPICS[number % len(_CYRILLIC_TOPICS)]} №{number}"

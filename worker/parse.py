@@ -124,14 +124,16 @@ class _Fields:
 
     def item(self, element: Tag) -> ProjectItem | None:
         title_tag = self.title.select_one(element)
-        title = _collapse(title_tag.get_text()) if title_tag is not None else ""
+        title = collapse_whitespace(title_tag.get_text()) if title_tag is not None else ""
         if not title:
             return None
         url = _link(self.link.select_one(element), self.page_url)
         if url is None:
             return None
         description_tag = self.description.select_one(element)
-        description = _collapse(description_tag.get_text()) if description_tag is not None else ""
+        description = (
+            collapse_whitespace(description_tag.get_text()) if description_tag is not None else ""
+        )
         return ProjectItem(
             url=url,
             title=title,
@@ -141,15 +143,17 @@ class _Fields:
         )
 
 
-def _collapse(text: str) -> str:
+def collapse_whitespace(text: str) -> str:
     # str.split() with no argument splits on every Unicode whitespace, NBSP included.
     return " ".join(text.split())
 
 
 def _link(tag: Tag | None, page_url: str) -> str | None:
-    if tag is None:
-        return None
-    href = tag.get("href")
+    return None if tag is None else resolve_link(tag.get("href"), page_url)
+
+
+def resolve_link(href: object, page_url: str) -> str | None:
+    """`href` as an absolute http(s) URL against the page, or None when it is no project link."""
     if not isinstance(href, str) or not href.strip():
         return None
     try:
@@ -165,16 +169,20 @@ def _link(tag: Tag | None, page_url: str) -> str | None:
 
 
 def _start_date(tag: Tag | None, text_format: str) -> datetime.date | None:
-    if tag is None:
-        return None
-    machine = tag.get("datetime")
+    return (
+        None if tag is None else read_start_date(tag.get("datetime"), tag.get_text(), text_format)
+    )
+
+
+def read_start_date(machine: object, text: str, text_format: str) -> datetime.date | None:
+    """The `datetime` attribute as an ISO date, else the text in `text_format`, else None."""
     if isinstance(machine, str):
         parsed = _iso_date(machine.strip())
         if parsed is not None:
             return parsed
     # No usable machine-readable value: the human-readable text is the only other source.
     try:
-        return datetime.datetime.strptime(_collapse(tag.get_text()), text_format).date()
+        return datetime.datetime.strptime(collapse_whitespace(text), text_format).date()
     except ValueError:
         return None
 

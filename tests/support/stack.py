@@ -7,7 +7,6 @@ and key prefix, database, broker) and starts gateways and workers on it.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +160,3 @@ def rpc_detail(error: grpc.RpcError, kind: type[Detail]) -> Detail:
             packed.Unpack(found)
             return found
     raise AssertionError(f"no {kind.DESCRIPTOR.name} detail in {status}")
-
-
-def elapsed(since: float) -> float:
-    return time.monotonic() - since
