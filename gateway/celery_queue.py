@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import logging
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
 from core.celery_config import HARVEST_TASK_NAME
+from gateway.batching import Batcher
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 _TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _QUEUE_ERRORS = (KombuError, KombuOperationalError, RedisError, OSError, TimeoutError)
 PUBLISH_RETRIES = 2
+# Messages sent in one broker round trip at most.
+MAX_PUBLISH_BATCH = 256
 
 
 class PublishingCelery(Celery):
@@ -51,6 +55,13 @@ class QueueUnavailable(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class _Publication:
+    task_id: str
+    page: int
+    timeout: float  # seconds the caller allows this publish
+
+
+@dataclass(frozen=True, slots=True)
 class CeleryState:
     """A task's state as the result backend holds it."""
 
@@ -70,9 +81,14 @@ class CeleryQueue:
         options["socket_connect_timeout"] = min(
             options.get("socket_connect_timeout", 2.0), publish_timeout
         )
+        # One connection attempt per try: `_publish_many` retries within the caller's deadline
+        # (kombu would otherwise retry for as long as its connect timeout allows).
+        options["max_retries"] = 0
         app.conf.broker_transport_options = options
-        # Publishes have threads of their own, so reads and health pings never queue them.
-        self._publish_executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-publish")
+        # Publishes have a thread of their own, so reads and health pings never queue them; one
+        # is enough, as what arrives while it sends a batch goes out together in the next.
+        self._publish_executor = ThreadPoolExecutor(1, thread_name_prefix="celery-publish")
+        self._publications = Batcher(self._publish_batch, MAX_PUBLISH_BATCH)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-read")
 
     async def _call(
@@ -84,31 +100,42 @@ class CeleryQueue:
         except _QUEUE_ERRORS as exc:
             raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
-    def _publish(self, task_id: str, page: int, timeout: float) -> None:
+    def _publish_many(self, tasks: list[_Publication]) -> None:
+        timeout = max(min(task.timeout for task in tasks), 0.1)
+        give_up = time.monotonic() + timeout
         # Bounded retries: kombu's default policy can keep a caller waiting far longer than any
         # gRPC deadline while the broker is down.
         interval = max(timeout / (PUBLISH_RETRIES + 1), 0.05)
-        self._app.send_task(
-            HARVEST_TASK_NAME,
-            args=[page],
-            task_id=task_id,
-            retry=True,
-            retry_policy={
-                "max_retries": PUBLISH_RETRIES,
-                "interval_start": 0,
-                "interval_step": interval,
-                "interval_max": interval,
-            },
-        )
+        while True:
+            try:
+                # One Redis pipeline for the batch when the producer's channel can batch (kombu
+                # sends one message at a time otherwise, e.g. over AMQP). A pipeline that fails
+                # is sent again whole: its delivery is uncertain, and a message that arrives
+                # twice carries the same task id, which the worker runs once.
+                with self._app.producer_or_acquire() as producer, producer.batch(len(tasks)):
+                    for task in tasks:
+                        self._app.send_task(
+                            HARVEST_TASK_NAME,
+                            args=[task.page],
+                            task_id=task.task_id,
+                            producer=producer,
+                            retry=False,  # retried here, within the caller's deadline
+                        )
+                return
+            except _QUEUE_ERRORS:
+                if time.monotonic() + interval >= give_up:
+                    raise
+                time.sleep(interval)
+
+    async def _publish_batch(self, tasks: list[_Publication]) -> None:
+        await self._call(self._publish_many, tasks, executor=self._publish_executor)
 
     async def publish(self, task_id: str, page: int, deadline: float | None = None) -> None:
         """Enqueue the harvest of `page` as task `task_id`, within `deadline` seconds at most."""
         timeout = (
             self._publish_timeout if deadline is None else min(self._publish_timeout, deadline)
         )
-        await self._call(
-            self._publish, task_id, page, max(timeout, 0.1), executor=self._publish_executor
-        )
+        await self._publications.submit(_Publication(task_id, page, timeout))
 
     def _read(self, task_id: str) -> CeleryState:
         meta = self._app.backend.get_task_meta(task_id)

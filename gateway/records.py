@@ -15,12 +15,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, delete, select, update
+from sqlalchemy import Row, delete, insert, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import TaskRecord, dialect_insert, utcnow
+from gateway.batching import Batcher
+
+# Records of Uploads without a request_id are written in groups of at most this many rows.
+MAX_INSERT_BATCH = 256
 
 
 class StoreUnavailable(Exception):
@@ -47,6 +51,27 @@ class IssuedTask:
     lost_reason: str | None = None
 
     @classmethod
+    def new(cls, client: str, request_id: str | None, page: int) -> IssuedTask:
+        """A task about to be issued now.
+
+        Only a repeat of a request_id ever waits for the publish to be confirmed, so only such
+        a record starts unconfirmed; the others save the write (a failed publish drops them).
+        """
+        now = utcnow()
+        return cls(str(uuid.uuid4()), client, request_id, page, now, None if request_id else now)
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "client": self.client,
+            "request_id": self.request_id,
+            "page": self.page,
+            "enqueued_at": self.enqueued_at,
+            "published_at": self.published_at,
+            "deliveries": 0,
+        }
+
+    @classmethod
     def from_row(cls, row: Row[Any]) -> IssuedTask:
         return cls(
             id=row.id,
@@ -65,38 +90,31 @@ class TaskRecords:
         self._engine = engine
         self._lifetime = lifetime
         self._insert = dialect_insert(engine.dialect.name)
+        self._additions = Batcher(self._add_many, MAX_INSERT_BATCH)
 
     def _expired(self, task: IssuedTask, now: dt.datetime) -> bool:
         return task.enqueued_at + self._lifetime < now
 
-    async def claim(
-        self, client: str, request_id: str | None, page: int
-    ) -> tuple[IssuedTask, bool]:
-        """A new record for this call, or the live one that already holds its request_id.
+    async def add(self, task: IssuedTask) -> None:
+        """Store the record of a new task without a request_id (in one INSERT with its peers)."""
+        await self._additions.submit(task)
+
+    async def _add_many(self, tasks: list[IssuedTask]) -> None:
+        with _store_errors():
+            async with self._engine.begin() as conn:
+                await conn.execute(insert(TaskRecord), [task.as_row() for task in tasks])
+
+    async def claim(self, client: str, request_id: str, page: int) -> tuple[IssuedTask, bool]:
+        """A new record for this request_id, or the live one that already holds it.
 
         The second item is True when the record is new (the caller must publish the task).
         Concurrent claims of one request_id make exactly one record: the insert skips on the
         unique (client, request_id) constraint and the losers read the winner's row.
         """
-        now = utcnow()
-        # Only a repeat of a request_id ever waits for the publish to be confirmed, so only such
-        # a record starts unconfirmed; the others save the write (a failed publish drops them).
-        published = None if request_id else now
-        new = IssuedTask(str(uuid.uuid4()), client, request_id, page, now, published)
-        statement = self._insert(TaskRecord).values(
-            id=new.id,
-            client=client,
-            request_id=request_id,
-            page=page,
-            enqueued_at=now,
-            published_at=published,
-            deliveries=0,
-        )
+        new = IssuedTask.new(client, request_id, page)
+        statement = self._insert(TaskRecord).values(**new.as_row())
         with _store_errors():
             async with self._engine.begin() as conn:
-                if request_id is None:
-                    await conn.execute(statement)
-                    return new, True
                 inserted = await conn.execute(
                     statement.on_conflict_do_nothing(
                         index_elements=["client", "request_id"]
@@ -112,7 +130,7 @@ class TaskRecords:
                     )
                 ).one()
                 existing = IssuedTask.from_row(row)
-                if not self._expired(existing, now):
+                if not self._expired(existing, new.enqueued_at):
                     return existing, False
                 # The old task's record has expired: the request_id is free again.
                 await conn.execute(delete(TaskRecord).where(TaskRecord.id == existing.id))

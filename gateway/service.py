@@ -134,7 +134,11 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             await self._health.mark_down()
             raise Unavailable("the task result store is unreachable; retry shortly") from exc
 
-    async def _publish_or_forget(self, task: IssuedTask, deadline: float | None) -> None:
+    async def _publish_or_forget(
+        self, task: IssuedTask, deadline: float | None, *, record: bool
+    ) -> None:
+        if record:
+            await self._records.add(task)
         try:
             await self._queue.publish(task.id, task.page, deadline)
             if task.published_at is None:
@@ -173,6 +177,10 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         _check_page(request.page, self._max_page)
         request_id = _check_request_id(request.request_id)
         client = current_client.get()
+        if request_id is None:
+            task = IssuedTask.new(client, None, request.page)
+            await self._publish(task, context.time_remaining(), record=True)
+            return queue_service_pb2.UploadResponse(task=describe(task, None))
         try:
             task, created = await self._records.claim(client, request_id, request.page)
         except StoreUnavailable as exc:
@@ -190,7 +198,6 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             task = await self._await_publication(task, context.time_remaining())
             return queue_service_pb2.UploadResponse(task=describe(task, None))
         await self._publish(task, context.time_remaining())
-        log.info("client %s enqueued task %s for page %d", client, task.id, task.page)
         return queue_service_pb2.UploadResponse(task=describe(task, None))
 
     async def _await_publication(self, task: IssuedTask, deadline: float | None) -> IssuedTask:
@@ -217,8 +224,11 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
                 raise Unavailable("this request_id is still being enqueued; retry shortly", 0.5)
             await asyncio.sleep(PUBLICATION_POLL_SECONDS)
 
-    async def _publish(self, task: IssuedTask, deadline: float | None) -> None:
-        publishing = asyncio.create_task(self._publish_or_forget(task, deadline))
+    async def _publish(
+        self, task: IssuedTask, deadline: float | None, *, record: bool = False
+    ) -> None:
+        """Publish `task` (after writing its record, when `record`), whatever the caller does."""
+        publishing = asyncio.create_task(self._publish_or_forget(task, deadline, record=record))
         self._publishing.add(publishing)
         publishing.add_done_callback(self._publish_done)
         try:
@@ -226,10 +236,13 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             # half. It runs to its end; the record stays if the task reached the broker (a
             # retry with the request_id finds it) and goes if it did not.
             await asyncio.shield(publishing)
+        except StoreUnavailable as exc:
+            raise Unavailable(STORE_DOWN) from exc
         except QueueUnavailable as exc:
             log.warning("publish of task %s failed: %s", task.id, exc)
             await self._health.mark_down()
             raise Unavailable(BROKER_DOWN) from exc
+        log.debug("client %s enqueued task %s for page %d", task.client, task.id, task.page)
 
     @answers_errors
     async def GetStatus(

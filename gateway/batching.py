@@ -1,0 +1,67 @@
+"""Group calls that arrive together into one round trip: one INSERT, one broker pipeline.
+
+Under load many Uploads are in flight at once; writing each one's record and message on its own
+costs a round trip and a statement each. A `Batcher` hands everything submitted while its
+previous flush ran (or during the same event-loop turn) to one `flush` call, and answers every
+submitter with that call's outcome. An idle gateway pays nothing: a lone call is flushed on the
+next loop turn, alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Batcher(Generic[T]):
+    def __init__(self, flush: Callable[[list[T]], Awaitable[None]], max_size: int) -> None:
+        self._flush = flush
+        self._max_size = max_size
+        self._pending: list[tuple[T, asyncio.Future[None]]] = []
+        self._runner: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> None:
+        """Return once `item` is flushed; raise what its flush raised.
+
+        A submitter that is cancelled stops waiting, but its item is flushed all the same:
+        callers that must not leave half-done work shield the whole of it.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run(), name="batcher")
+        await future
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_size]
+                del self._pending[: self._max_size]
+                try:
+                    await self._flush([item for item, _ in batch])
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                except BaseException:
+                    for _, future in batch:
+                        future.cancel()
+                    raise
+                else:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self._runner = None
+            # Cancelled (the loop is closing): nobody is left to flush for the waiters.
+            for _, future in self._pending:
+                future.cancel()
+            self._pending.clear()
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far is flushed."""
+        while self._runner is not None:
+            await asyncio.shield(self._runner)
