@@ -89,6 +89,7 @@ class CeleryQueue:
         # is enough, as what arrives while it sends a batch goes out together in the next.
         self._publish_executor = ThreadPoolExecutor(1, thread_name_prefix="celery-publish")
         self._publications = Batcher(self._publish_batch, MAX_PUBLISH_BATCH)
+        self._queue = app.amqp.queues[app.conf.task_default_queue]
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-read")
 
     async def _call(
@@ -113,13 +114,20 @@ class CeleryQueue:
                 # is sent again whole: its delivery is uncertain, and a message that arrives
                 # twice carries the same task id, which the worker runs once.
                 with self._app.producer_or_acquire() as producer, producer.batch(len(tasks)):
+                    # Declared once per batch, not once per message: kombu re-binds a copy of
+                    # the queue for every message it is asked to declare, even when cached.
+                    producer.maybe_declare(self._queue)
                     for task in tasks:
                         self._app.send_task(
                             HARVEST_TASK_NAME,
                             args=[task.page],
                             task_id=task.task_id,
                             producer=producer,
+                            declare=[],
                             retry=False,  # retried here, within the caller's deadline
+                            # What the worker logs for the call; given, it is not saferepr'd.
+                            argsrepr=f"[{task.page}]",
+                            kwargsrepr="{}",
                         )
                 return
             except _QUEUE_ERRORS:
