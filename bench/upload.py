@@ -6,6 +6,10 @@ as fast as it answers. The baseline publishes the same task with a plain `send_t
 one process against the same Redis (the gateway's own Celery app class, so the publishing is
 the same and only gRPC and the task record are missing).
 
+Beside them, the same clients drive `bench.noop_gateway`, a grpc.aio QueueService whose Upload
+does nothing: the floor, what one Python gRPC process can answer here at all (and its latency at
+32 calls in flight), so the table shows how much of the gap is gRPC itself.
+
 One gateway takes every Upload of the section: 2,000 as the warm-up, then the measured runs up
 to 20,000 in all. Its RSS after the first 2,000 divided by its RSS after all 20,000 is
 `gateway_rss_growth` (1.0: no growth; the target allows 10%).
@@ -14,9 +18,10 @@ to 20,000 in all. Its RSS after the first 2,000 divided by its RSS after all 20,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -29,6 +34,7 @@ from core.celery_config import HARVEST_TASK_NAME, make_celery
 from core.settings import Settings
 from gateway.celery_queue import PublishingCelery
 from projects.v1 import queue_service_pb2, queue_service_pb2_grpc
+from tests.support.processes import PYTHON, Process, clean_environment, free_port
 from tests.support.stack import TEST_TOKEN
 
 CLIENTS = 32
@@ -96,6 +102,23 @@ def _send_task_loop(settings: Settings) -> tuple[PublishingCelery, Callable[[int
     return app, sends
 
 
+@contextlib.contextmanager
+def _noop_gateway(directory: Path, env: dict[str, str]) -> Iterator[str]:
+    """A running `bench.noop_gateway`; its address."""
+    address = f"127.0.0.1:{free_port()}"
+    process = Process(
+        "noop-gateway",
+        [PYTHON, "-m", "bench.noop_gateway", address],
+        clean_environment({"PYTHONPATH": env["PYTHONPATH"]}),
+        directory,
+    )
+    try:
+        process.wait_for_line("listening on")
+        yield address
+    finally:
+        process.stop()
+
+
 def _rss(pid: int) -> float:
     """The process's resident set in MiB: the median of 5 readings over half a second."""
     process = psutil.Process(pid)
@@ -124,27 +147,35 @@ def run(options: Options) -> list[Figure]:
             task_queue=f"{prefix}send-task-loop",
         )
         app, sends = _send_task_loop(publisher)
-        with gateway(directory, env) as (process, address):
+        with (
+            gateway(directory, env) as (process, address),
+            _noop_gateway(directory, env) as noop_address,
+        ):
             clients = _Clients(address)
+            noop_clients = _Clients(noop_address)
             try:
                 say(f"upload: {CLIENTS} clients; warm-up of {warm} Uploads, then runs of {per_run}")
                 clients.uploads(warm)
                 sends(warm)
+                noop_clients.uploads(warm)
                 rss_warm = _rss(process.pid)
                 ours: list[Run] = []
                 base: list[Run] = []
+                noop: list[Run] = []
                 for index in range(options.runs):
                     ours.append(clients.uploads(per_run))
                     base.append(sends(per_run))
+                    noop.append(noop_clients.uploads(per_run))
                     say(
                         f"  run {index + 1}/{options.runs}: ours {ours[-1][0]:.0f}/s, "
-                        f"send_task loop {base[-1][0]:.0f}/s"
+                        f"send_task loop {base[-1][0]:.0f}/s, no-op gRPC {noop[-1][0]:.0f}/s"
                     )
                 rss_end = _rss(process.pid)
                 done = warm + per_run * options.runs
                 say(f"  gateway RSS {rss_warm:.1f} MiB after {warm}, {rss_end:.1f} after {done}")
             finally:
                 clients.close()
+                noop_clients.close()
                 app.close()
 
     def quantile_ms(runs: list[Run], fraction: float) -> list[float]:
@@ -180,6 +211,24 @@ def run(options: Options) -> list[Figure]:
             target_on="ours",
             note="99th percentile latency of one Upload, with 32 calls in flight",
             samples={"ours": quantile_ms(ours, 0.99), "baseline": quantile_ms(base, 0.99)},
+        ),
+        Figure(
+            "upload_per_s_vs_noop_grpc",
+            median([rate for rate, _ in ours]),
+            median([rate for rate, _ in noop]),
+            "calls/s",
+            higher_is_better=True,
+            note="the floor: the same clients against a grpc.aio Upload that does nothing",
+            samples={"ours": [r for r, _ in ours], "baseline": [r for r, _ in noop]},
+        ),
+        Figure(
+            "upload_p99_ms_vs_noop_grpc",
+            median(quantile_ms(ours, 0.99)),
+            median(quantile_ms(noop, 0.99)),
+            "ms",
+            higher_is_better=False,
+            note="p99 of the no-op gRPC Upload, 32 calls in flight: the least a Python gateway has",
+            samples={"ours": quantile_ms(ours, 0.99), "baseline": quantile_ms(noop, 0.99)},
         ),
         Figure(
             "gateway_rss_growth",

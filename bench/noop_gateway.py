@@ -1,0 +1,56 @@
+"""`python -m bench.noop_gateway ADDRESS`: QueueService.Upload that does nothing, on grpc.aio.
+
+The floor of `upload_per_s`: what one Python gRPC process answers on this machine when an
+Upload costs nothing but gRPC itself (the same request, metadata and size of answer as the real
+gateway, no token check, no record, no publish). The bench drives it with the same clients as
+the gateway, so the gap between the two is what our own work costs, and its latency is the
+least a Python gateway could offer at 32 calls in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+
+import grpc
+
+from core.db import utcnow
+from projects.v1 import queue_service_pb2, queue_service_pb2_grpc, task_pb2
+
+
+class _NoOpQueueService(queue_service_pb2_grpc.QueueServiceServicer):
+    async def Upload(
+        self,
+        request: queue_service_pb2.UploadRequest,
+        context: grpc.aio.ServicerContext[
+            queue_service_pb2.UploadRequest, queue_service_pb2.UploadResponse
+        ],
+    ) -> queue_service_pb2.UploadResponse:
+        task = task_pb2.Task(
+            id=str(uuid.uuid4()), page=request.page, status=task_pb2.TASK_STATUS_PENDING
+        )
+        task.enqueue_time.FromDatetime(utcnow())
+        return queue_service_pb2.UploadResponse(task=task)
+
+    async def GetStatus(
+        self,
+        request: queue_service_pb2.GetStatusRequest,
+        context: grpc.aio.ServicerContext[
+            queue_service_pb2.GetStatusRequest, queue_service_pb2.GetStatusResponse
+        ],
+    ) -> queue_service_pb2.GetStatusResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the no-op gateway only takes Uploads")
+
+
+async def _serve(address: str) -> None:
+    server = grpc.aio.server()
+    queue_service_pb2_grpc.add_QueueServiceServicer_to_server(_NoOpQueueService(), server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    print(f"no-op gateway listening on {address.rpartition(':')[0]}:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve(sys.argv[1]))
