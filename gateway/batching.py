@@ -10,24 +10,26 @@ next loop turn, alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeAlias, TypeVar
 
 T = TypeVar("T")
+# What a flush says: None when every item went through, else each item's error or None.
+Outcome: TypeAlias = Sequence[BaseException | None] | None
 
 
 class Batcher(Generic[T]):
-    def __init__(self, flush: Callable[[list[T]], Awaitable[None]], max_size: int) -> None:
+    def __init__(self, flush: Callable[[list[T]], Awaitable[Outcome]], max_size: int) -> None:
         self._flush = flush
         self._max_size = max_size
         self._pending: list[tuple[T, asyncio.Future[None]]] = []
         self._runner: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> None:
-        """Return once `item` is flushed; raise what its flush raised.
+        """Return once `item` is flushed; raise what its flush raised (or said of it).
 
-        A submitter that is cancelled stops waiting, but its item is flushed all the same:
-        callers that must not leave half-done work shield the whole of it.
+        An item whose submitter is cancelled before its batch is cut is never flushed; once
+        the flush has begun, the item goes with it whether or not anyone still waits.
         """
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
@@ -38,10 +40,13 @@ class Batcher(Generic[T]):
     async def _run(self) -> None:
         try:
             while self._pending:
-                batch = self._pending[: self._max_size]
+                cut = self._pending[: self._max_size]
                 del self._pending[: self._max_size]
+                batch = [(item, future) for item, future in cut if not future.cancelled()]
+                if not batch:
+                    continue
                 try:
-                    await self._flush([item for item, _ in batch])
+                    outcome = await self._flush([item for item, _ in batch])
                 except Exception as exc:
                     for _, future in batch:
                         if not future.done():
@@ -51,9 +56,14 @@ class Batcher(Generic[T]):
                         future.cancel()
                     raise
                 else:
-                    for _, future in batch:
-                        if not future.done():
+                    errors = outcome if outcome is not None else [None] * len(batch)
+                    for (_, future), error in zip(batch, errors, strict=True):
+                        if future.done():
+                            continue
+                        if error is None:
                             future.set_result(None)
+                        else:
+                            future.set_exception(error)
         finally:
             self._runner = None
             # Cancelled (the loop is closing): nobody is left to flush for the waiters.

@@ -58,7 +58,7 @@ class QueueUnavailable(Exception):
 class _Publication:
     task_id: str
     page: int
-    timeout: float  # seconds the caller allows this publish
+    give_up: float  # time.monotonic() past which the caller has stopped waiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,49 +101,60 @@ class CeleryQueue:
         except _QUEUE_ERRORS as exc:
             raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
-    def _publish_many(self, tasks: list[_Publication]) -> None:
-        timeout = max(min(task.timeout for task in tasks), 0.1)
-        give_up = time.monotonic() + timeout
+    def _publish_many(self, tasks: list[_Publication]) -> list[BaseException | None]:
+        """Send `tasks` in one batch, again while some are within their deadline; each's error."""
+        errors: list[BaseException | None] = [None] * len(tasks)
+        live = list(range(len(tasks)))
         # Bounded retries: kombu's default policy can keep a caller waiting far longer than any
         # gRPC deadline while the broker is down.
-        interval = max(timeout / (PUBLISH_RETRIES + 1), 0.05)
+        interval = max(self._publish_timeout / (PUBLISH_RETRIES + 1), 0.05)
+        failure = "its deadline passed before its turn"
         while True:
+            now = time.monotonic()
+            for index in live:
+                if tasks[index].give_up <= now:
+                    errors[index] = QueueUnavailable(failure)
+            live = [index for index in live if errors[index] is None]
+            if not live:
+                return errors
             try:
                 # One Redis pipeline for the batch when the producer's channel can batch (kombu
-                # sends one message at a time otherwise, e.g. over AMQP). A pipeline that fails
-                # is sent again whole: its delivery is uncertain, and a message that arrives
-                # twice carries the same task id, which the worker runs once.
-                with self._app.producer_or_acquire() as producer, producer.batch(len(tasks)):
+                # sends one message at a time otherwise, e.g. over AMQP).
+                with self._app.producer_or_acquire() as producer, producer.batch(len(live)):
                     # Declared once per batch, not once per message: kombu re-binds a copy of
                     # the queue for every message it is asked to declare, even when cached.
                     producer.maybe_declare(self._queue)
-                    for task in tasks:
+                    for index in live:
+                        task = tasks[index]
                         self._app.send_task(
                             HARVEST_TASK_NAME,
                             args=[task.page],
                             task_id=task.task_id,
                             producer=producer,
                             declare=[],
-                            retry=False,  # retried here, within the caller's deadline
+                            retry=False,  # retried here, within each caller's deadline
                             # What the worker logs for the call; given, it is not saferepr'd.
                             argsrepr=f"[{task.page}]",
                             kwargsrepr="{}",
                         )
-                return
-            except _QUEUE_ERRORS:
-                if time.monotonic() + interval >= give_up:
-                    raise
-                time.sleep(interval)
+                return errors
+            except _QUEUE_ERRORS as exc:
+                # A pipeline that failed midway may have delivered some of its messages (kombu
+                # says "uncertain"); sent again, such a task runs twice under one id, and its
+                # storage is idempotent (at least once, never lost).
+                failure = f"{type(exc).__name__}: {exc}"
+                soonest = min(tasks[index].give_up for index in live)
+                time.sleep(max(0.0, min(interval, soonest - time.monotonic())))
 
-    async def _publish_batch(self, tasks: list[_Publication]) -> None:
-        await self._call(self._publish_many, tasks, executor=self._publish_executor)
-
-    async def publish(self, task_id: str, page: int, deadline: float | None = None) -> None:
-        """Enqueue the harvest of `page` as task `task_id`, within `deadline` seconds at most."""
-        timeout = (
-            self._publish_timeout if deadline is None else min(self._publish_timeout, deadline)
+    async def _publish_batch(self, tasks: list[_Publication]) -> list[BaseException | None]:
+        errors: list[BaseException | None] = await self._call(
+            self._publish_many, tasks, executor=self._publish_executor
         )
-        await self._publications.submit(_Publication(task_id, page, timeout))
+        return errors
+
+    async def publish(self, task_id: str, page: int, give_up: float) -> None:
+        """Enqueue the harvest of `page` as task `task_id` unless `give_up` (monotonic) passes."""
+        await self._publications.submit(_Publication(task_id, page, give_up))
 
     def _read(self, task_id: str) -> CeleryState:
         meta = self._app.backend.get_task_meta(task_id)

@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import logging
 import re
+import time
 import uuid
 
 import grpc
@@ -45,6 +46,7 @@ STATUS_BY_CELERY_STATE: dict[str, task_pb2.TaskStatus.ValueType] = {
 _REQUEST_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_REQUEST_ID_LENGTH}}}")
 _EXAMPLE_ID = "123e4567-e89b-42d3-a456-426614174000"
 PUBLICATION_POLL_SECONDS = 0.05
+DEADLINE_MARGIN_SECONDS = 0.1
 STORE_DOWN = "the task database is unreachable; retry shortly"
 BROKER_DOWN = "the task broker is unreachable; nothing was enqueued; retry shortly"
 
@@ -134,26 +136,33 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             await self._health.mark_down()
             raise Unavailable("the task result store is unreachable; retry shortly") from exc
 
-    async def _publish_or_forget(
-        self, task: IssuedTask, deadline: float | None, *, record: bool
-    ) -> None:
-        if record:
-            await self._records.add(task)
+    async def _forget(self, task: IssuedTask) -> None:
         try:
-            await self._queue.publish(task.id, task.page, deadline)
+            await self._records.forget(task.id)
+        except StoreUnavailable:
+            log.exception("could not drop the record of unpublished task %s", task.id)
+
+    async def _publish_or_forget(self, task: IssuedTask, give_up: float, *, record: bool) -> None:
+        if record:
+            try:
+                await self._records.add(task)
+            except asyncio.CancelledError:
+                await self._forget(task)  # its INSERT may have gone out with its batch
+                raise
+        try:
+            await self._queue.publish(task.id, task.page, give_up)
             if task.published_at is None:
                 await self._records.mark_published(task.id)
         except StoreUnavailable:
             # Published, but not marked: a repeat of its request_id will publish it again
             # (same id, idempotent storage) once the record looks abandoned.
             log.warning("task %s was enqueued but its record could not say so", task.id)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, QueueUnavailable):
+                log.warning("publish of task %s failed: %s", task.id, exc)
             # Kept, the record of a task that never reached the broker would read PENDING
             # forever and hold its request_id hostage.
-            try:
-                await self._records.forget(task.id)
-            except StoreUnavailable:
-                log.exception("could not drop the record of unpublished task %s", task.id)
+            await self._forget(task)
             raise
 
     def _publish_done(self, publishing: asyncio.Task[None]) -> None:
@@ -227,8 +236,20 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
     async def _publish(
         self, task: IssuedTask, deadline: float | None, *, record: bool = False
     ) -> None:
-        """Publish `task` (after writing its record, when `record`), whatever the caller does."""
-        publishing = asyncio.create_task(self._publish_or_forget(task, deadline, record=record))
+        """Publish `task` (after writing its record, when `record`), whatever the caller does.
+
+        `deadline` is the caller's time left, if it set one; the publish gives up when that, or
+        PUBLISH_TIMEOUT_SECONDS from now, has passed, time spent waiting for its turn included.
+        """
+        if deadline is not None:
+            # Ended a little early, the caller hears why (UNAVAILABLE) rather than only that
+            # its deadline passed.
+            deadline -= DEADLINE_MARGIN_SECONDS
+        allowed = (
+            self._publish_timeout if deadline is None else min(self._publish_timeout, deadline)
+        )
+        give_up = time.monotonic() + max(allowed, 0.1)
+        publishing = asyncio.create_task(self._publish_or_forget(task, give_up, record=record))
         self._publishing.add(publishing)
         publishing.add_done_callback(self._publish_done)
         try:
@@ -239,7 +260,6 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         except StoreUnavailable as exc:
             raise Unavailable(STORE_DOWN) from exc
         except QueueUnavailable as exc:
-            log.warning("publish of task %s failed: %s", task.id, exc)
             await self._health.mark_down()
             raise Unavailable(BROKER_DOWN) from exc
         log.debug("client %s enqueued task %s for page %d", task.client, task.id, task.page)

@@ -61,18 +61,46 @@ async def _every_caller_of_a_failed_flush_gets_its_error() -> None:
     assert recorder.batches[-1] == [9]
 
 
-async def _a_cancelled_caller_still_has_its_item_flushed() -> None:
+async def _a_caller_cancelled_before_its_batch_is_cut_is_left_out() -> None:
+    recorder = _Recorder()
+    recorder.release.clear()
+    batcher = Batcher(recorder.flush, max_size=100)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0)  # the first flush starts and waits
+    gone = asyncio.ensure_future(batcher.submit(1))
+    kept = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    recorder.release.set()
+    await asyncio.gather(first, kept)
+    assert recorder.batches == [[0], [2]]
+
+
+async def _a_caller_cancelled_during_its_flush_is_still_flushed() -> None:
     recorder = _Recorder()
     recorder.release.clear()
     batcher = Batcher(recorder.flush, max_size=100)
     caller = asyncio.ensure_future(batcher.submit(1))
     await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert recorder.batches == [[1]]
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
     recorder.release.set()
     await batcher.drain()
     assert recorder.batches == [[1]]
+
+
+async def _each_caller_gets_its_own_outcome_when_the_flush_gives_them() -> None:
+    async def flush(items: list[int]) -> list[BaseException | None]:
+        return [None if item % 2 == 0 else TimeoutError(f"item {item}") for item in items]
+
+    batcher = Batcher(flush, max_size=100)
+    outcomes = await asyncio.gather(*(batcher.submit(n) for n in range(4)), return_exceptions=True)
+    assert [None if o is None else str(o) for o in outcomes] == [None, "item 1", None, "item 3"]
 
 
 def test_calls_in_the_same_turn_share_one_flush() -> None:
@@ -91,5 +119,13 @@ def test_every_caller_of_a_failed_flush_gets_its_error() -> None:
     asyncio.run(_every_caller_of_a_failed_flush_gets_its_error())
 
 
-def test_a_cancelled_caller_still_has_its_item_flushed() -> None:
-    asyncio.run(_a_cancelled_caller_still_has_its_item_flushed())
+def test_a_caller_cancelled_before_its_batch_is_cut_is_left_out() -> None:
+    asyncio.run(_a_caller_cancelled_before_its_batch_is_cut_is_left_out())
+
+
+def test_a_caller_cancelled_during_its_flush_is_still_flushed() -> None:
+    asyncio.run(_a_caller_cancelled_during_its_flush_is_still_flushed())
+
+
+def test_each_caller_gets_its_own_outcome_when_the_flush_gives_them() -> None:
+    asyncio.run(_each_caller_gets_its_own_outcome_when_the_flush_gives_them())
