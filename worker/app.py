@@ -14,6 +14,7 @@ from celery import signals
 
 from core.celery_config import make_celery
 from core.db import create_engine
+from core.gc_tuning import freeze_long_lived_objects
 from core.migrate import upgrade_to_head
 from core.settings import get_settings
 from worker import kombu_fixes
@@ -42,6 +43,11 @@ async def _migrate() -> None:
 def _prepare_database(**_: Any) -> None:
     # Before any pool exists, so no event loop or connection is inherited by a forked child.
     asyncio.run(_migrate())
+
+
+@signals.worker_ready.connect
+def _freeze_startup_objects(**_: Any) -> None:
+    freeze_long_lived_objects()
 
 
 @signals.worker_shutdown.connect

@@ -20,6 +20,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import create_engine
+from core.gc_tuning import freeze_long_lived_objects
 from core.settings import Settings
 from worker.fetch import FetchLimits, make_client
 
@@ -81,6 +82,8 @@ def get_runtime(settings: Settings) -> WorkerRuntime:
             _runtime = WorkerRuntime(settings)
             _owner_pid = os.getpid()
             log.info("worker runtime ready in process %d", _owner_pid)
+            # The runtime (loop, HTTP client, engine) lives as long as the process.
+            freeze_long_lived_objects()
         return _runtime
 
 

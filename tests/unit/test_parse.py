@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import gc
 
 import pytest
+from bs4.element import PageElement
 
 from core.settings import SourceProfile
 from worker.parse import ParsedPage, ProjectItem, parse_listing
@@ -392,3 +394,22 @@ def test_invalid_selector_in_the_profile_raises_on_every_page(body: bytes) -> No
     # A broken profile is configuration to fix, not a page to skip.
     with pytest.raises(Exception, match="Malformed attribute selector"):
         parse_listing(body, PAGE_URL, SourceProfile(title="h2["))
+
+
+def test_the_parsed_tree_is_freed_without_the_cycle_collector() -> None:
+    # A worker parses many pages at once; trees left to the cycle collector cost it a fifth of
+    # its CPU in full collections, so parse_listing takes its tree apart before returning.
+    def elements_alive() -> int:
+        return sum(isinstance(thing, PageElement) for thing in gc.get_objects())
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = elements_alive()
+        parsed = parse(page(*(article(f"Project {n}", f"/p/{n}") for n in range(20))))
+        assert len(parsed.items) == 20
+        # Only the document object and one string it holds wait for the collector, whatever
+        # the page's size (the tree of these 20 items alone is over 100 elements).
+        assert elements_alive() - before <= 2
+    finally:
+        gc.enable()
