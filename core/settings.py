@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     gateway_max_message_bytes: int = Field(default=16 * 1024, ge=1024)
     gateway_max_concurrent_rpcs: int = Field(default=512, ge=1)
     gateway_grace_seconds: float = Field(default=5.0, ge=0)
+    # One gateway process serves from one core (the GIL); more share the port (SO_REUSEPORT).
+    gateway_processes: int = Field(default=1, ge=1, le=64)
+    gateway_reuse_port: bool = False
     # Per client and per gateway process; 0 turns the limit off.
     gateway_rate_limit_per_second: float = Field(default=0.0, ge=0)
     gateway_rate_limit_burst: int = Field(default=100, ge=1)
@@ -184,6 +187,9 @@ class Settings(BaseSettings):
             raise ValueError("GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE go together")
         if self.gateway_tls_client_ca_file is not None and self.gateway_tls_cert_file is None:
             raise ValueError("GATEWAY_TLS_CLIENT_CA_FILE needs GATEWAY_TLS_CERT_FILE and _KEY_FILE")
+        if self.gateway_processes > 1 and self.gateway_address.endswith(":0"):
+            # Each process would be given a port of its own by the system.
+            raise ValueError("GATEWAY_PROCESSES above 1 needs a fixed port in GATEWAY_ADDRESS")
         if self.celery_result_backend is None and (self.celery_broker_url or "").startswith(
             ("amqp", "pyamqp")
         ):

@@ -1,9 +1,11 @@
-"""`python -m gateway`: serve the gRPC gateway at GATEWAY_ADDRESS."""
+"""`python -m gateway`: serve the gRPC gateway at GATEWAY_ADDRESS (GATEWAY_PROCESSES of them)."""
 
 import asyncio
 import logging
+import sys
 
 from core.settings import get_settings
+from gateway.processes import run_processes
 from gateway.server import serve
 
 
@@ -13,6 +15,8 @@ def main() -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.gateway_processes > 1:
+        sys.exit(run_processes(settings))
     asyncio.run(serve(settings))
 
 

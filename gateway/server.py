@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.celery_config import make_celery
 from core.db import create_engine
+from core.gc_tuning import freeze_long_lived_objects
 from core.migrate import upgrade_to_head
 from core.settings import ApiToken, Settings, generate_token
 from gateway.auth import BearerAuthInterceptor, TokenTable
@@ -117,7 +118,9 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
         ],
         options=[
             ("grpc.max_receive_message_length", settings.gateway_max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Off unless asked for (GATEWAY_PROCESSES asks): a second gateway started by mistake
+            # on a port in use then fails to start instead of quietly taking half the calls.
+            ("grpc.so_reuseport", int(settings.gateway_reuse_port)),
         ],
         maximum_concurrent_rpcs=settings.gateway_max_concurrent_rpcs,
     )
@@ -160,7 +163,7 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
     )
 
 
-def _banner(address: str, token: str, tls: bool) -> str:
+def banner(address: str, token: str, tls: bool) -> str:
     transport = "-cacert <your CA file>" if tls else "-plaintext"
     return (
         "No API_TOKENS set: this run's token (client name 'default') is\n"
@@ -179,6 +182,7 @@ async def serve(settings: Settings) -> None:
         tokens = [ApiToken(name="default", token=generated)]
     gateway = await build_gateway(settings, tokens)
     await gateway.start()
+    freeze_long_lived_objects()
     host = settings.gateway_address.rpartition(":")[0]
     address = f"{host}:{gateway.port}"
     log.info(
@@ -189,7 +193,7 @@ async def serve(settings: Settings) -> None:
     if generated is not None:
         # Printed once on stdout for the person who started it; never logged.
         tls = settings.gateway_tls_cert_file is not None
-        print(_banner(address, generated, tls), flush=True)
+        print(banner(address, generated, tls), flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -248,3 +248,10 @@ def test_gateway_address_without_a_port_is_rejected(env: pytest.MonkeyPatch, add
 @pytest.mark.parametrize("address", ["0.0.0.0:50051", "[::1]:50051", "gateway.internal:8443"])
 def test_gateway_address_with_a_port_is_accepted(env: pytest.MonkeyPatch, address: str) -> None:
     assert settings(env, GATEWAY_ADDRESS=address).gateway_address == address
+
+
+def test_several_gateway_processes_need_a_fixed_port(env: pytest.MonkeyPatch) -> None:
+    error = rejected(env, GATEWAY_PROCESSES="2", GATEWAY_ADDRESS="127.0.0.1:0")
+    assert "GATEWAY_PROCESSES above 1 needs a fixed port" in str(error)
+    fixed = settings(env, GATEWAY_PROCESSES="2", GATEWAY_ADDRESS="127.0.0.1:50051")
+    assert fixed.gateway_processes == 2
