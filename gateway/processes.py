@@ -13,6 +13,7 @@ gateway (systemd, compose, Kubernetes) restarts it whole instead of it serving a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -40,11 +41,26 @@ def run_processes(settings: Settings) -> int:
     """Run GATEWAY_PROCESSES gateways on GATEWAY_ADDRESS until signalled; the exit status."""
     token = None if settings.api_tokens else generate_token()
     env = child_environment(settings, token)
-    command = [sys.executable, "-m", "gateway"]
-    children = {
-        child.pid: child
-        for child in (subprocess.Popen(command, env=env) for _ in range(settings.gateway_processes))
-    }
+    children: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def stop_all(signum: int, _frame: FrameType | None = None) -> None:
+        nonlocal stopping
+        stopping = True
+        # os.kill, not Popen.send_signal: that polls, and could reap a child os.wait() below
+        # is counting on. A child still in `children` is unreaped, so its pid is still its own.
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    # Before the first child starts, so a signal never leaves one running without its parent.
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    for _ in range(settings.gateway_processes):
+        if stopping:
+            break
+        child = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
+        children[child.pid] = child
     log.info(
         "started %d gateway processes on %s: %s",
         len(children),
@@ -55,25 +71,13 @@ def run_processes(settings: Settings) -> int:
         tls = settings.gateway_tls_cert_file is not None
         print(banner(settings.gateway_address, token, tls), flush=True)
 
-    stopping = False
-
-    def stop_all(signum: int, _frame: FrameType | None = None) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop_all)
-    signal.signal(signal.SIGINT, stop_all)
     status = 0
     while children:
         pid, wait_status = os.wait()
-        child = children.pop(pid, None)
-        if child is None:
+        if pid not in children:
             continue
         code = os.waitstatus_to_exitcode(wait_status)
-        child.returncode = code
+        children.pop(pid).returncode = code
         if not stopping:
             log.error("gateway process %d exited (%d); stopping the others", pid, code)
             status = 1
