@@ -27,7 +27,7 @@ from gateway.server import banner
 log = logging.getLogger(__name__)
 
 
-def child_environment(settings: Settings, token: str | None) -> dict[str, str]:
+def child_environment(token: str | None) -> dict[str, str]:
     env = dict(os.environ)
     env["GATEWAY_PROCESSES"] = "1"
     env["GATEWAY_REUSE_PORT"] = "true"
@@ -40,7 +40,7 @@ def child_environment(settings: Settings, token: str | None) -> dict[str, str]:
 def run_processes(settings: Settings) -> int:
     """Run GATEWAY_PROCESSES gateways on GATEWAY_ADDRESS until signalled; the exit status."""
     token = None if settings.api_tokens else generate_token()
-    env = child_environment(settings, token)
+    env = child_environment(token)
     children: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
