@@ -25,6 +25,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -107,6 +108,28 @@ class TaskRecord(Base):
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
     # Set by the reconciler when the broker lost the task: the task is then FAILURE with this.
     lost_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+# SQLSTATE classes of a database that cannot serve now but may in a moment: connection
+# exceptions (08), insufficient resources such as "too many clients" (53), operator
+# intervention such as a shutdown or a server still starting (57P).
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P")
+# Contention between concurrent writers: serialization failure, deadlock, lock not available.
+_CONTENTION_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+
+
+def is_transient(exc: DBAPIError) -> bool:
+    """Whether the same statement may well succeed if simply tried again shortly.
+
+    asyncpg's errors reach SQLAlchemy as plain DBAPIError (not OperationalError) whatever they
+    mean, so the SQLSTATE decides: "too many clients" at connect is one of them.
+    """
+    if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    if not isinstance(sqlstate, str):
+        return False
+    return sqlstate in _CONTENTION_SQLSTATES or sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES)
 
 
 def dialect_insert(dialect: str) -> Any:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, delete, insert, select, update
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.db import TaskRecord, dialect_insert, utcnow
+from core.db import TaskRecord, dialect_insert, is_transient, utcnow
 from gateway.batching import Batcher
 
 # Records of Uploads without a request_id are written in groups of at most this many rows.
@@ -35,7 +35,11 @@ class StoreUnavailable(Exception):
 def _store_errors() -> Iterator[None]:
     try:
         yield
-    except (OperationalError, InterfaceError, PoolTimeout, OSError) as exc:
+    except DBAPIError as exc:
+        if not is_transient(exc):
+            raise
+        raise StoreUnavailable(str(exc)) from exc
+    except (PoolTimeout, OSError) as exc:
         raise StoreUnavailable(str(exc)) from exc
 
 

@@ -16,16 +16,22 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import case, func, literal, or_, update
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from core.db import MAX_URL_LENGTH, Project, TaskRecord, UtcDateTime, dialect_insert, utcnow
+from core.db import (
+    MAX_URL_LENGTH,
+    Project,
+    TaskRecord,
+    UtcDateTime,
+    dialect_insert,
+    is_transient,
+    utcnow,
+)
 from worker.errors import RetryableError
 from worker.parse import ProjectItem
 
-# SQLSTATEs of failures that succeed when simply tried again.
-_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "08000", "08003", "08006"}
 LOCAL_ATTEMPTS = 3
 LOCAL_BACKOFF_SECONDS = 0.05
 
@@ -39,20 +45,13 @@ class StoreCounts:
     unstorable: int = 0  # links longer than MAX_URL_LENGTH bytes
 
 
-def _is_transient(exc: DBAPIError) -> bool:
-    if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
-        return True
-    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-    return sqlstate in _TRANSIENT_SQLSTATES
-
-
 async def _with_retries(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
     for attempt in range(1, LOCAL_ATTEMPTS + 1):
         try:
             async with engine.begin() as conn:
                 return await work(conn)
         except DBAPIError as exc:
-            if not _is_transient(exc):
+            if not is_transient(exc):
                 raise
             if attempt == LOCAL_ATTEMPTS:
                 raise RetryableError(f"database busy or unreachable: {exc.orig!r}") from exc

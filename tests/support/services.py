@@ -66,6 +66,26 @@ def postgres_database() -> Iterator[str]:
 
 
 @contextmanager
+def postgres_role_refused(database_url: str) -> Iterator[str]:
+    """`database_url` as a role PostgreSQL refuses for "too many connections" (SQLSTATE 53300),
+    the way it refuses everyone once max_connections is reached."""
+    role = f"refused_{uuid.uuid4().hex[:12]}"
+
+    async def admin(statement: str) -> None:
+        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database="test")
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0'))
+    try:
+        yield database_url.replace(f"://{PG_USER}@", f"://{role}@", 1)
+    finally:
+        asyncio.run(admin(f'DROP ROLE IF EXISTS "{role}"'))
+
+
+@contextmanager
 def redis_namespace(prefix: str) -> Iterator[str]:
     """The machine's Redis; every key the test made under `prefix` is deleted afterwards."""
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)

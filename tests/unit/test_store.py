@@ -22,8 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import MAX_URL_LENGTH, Project, TaskRecord, create_engine, utcnow
 from core.migrate import upgrade_to_head
-from tests.support.services import postgres_database
+from tests.support.services import postgres_database, postgres_role_refused
 from tests.unit.helpers import project_item, project_items
+from worker.errors import RetryableError
 from worker.parse import ProjectItem
 from worker.store import StoreCounts, record_start, store_projects
 
@@ -376,3 +377,24 @@ def test_record_start_of_an_unknown_task_is_0_and_creates_nothing(database_url: 
         assert (row.deliveries, row.started_at) == (0, None)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.postgres
+def test_a_database_refusing_connections_is_a_retryable_error_not_a_failure() -> None:
+    # "too many clients" reaches SQLAlchemy as a plain DBAPIError; taken for a bug, it would
+    # fail the task for good instead of letting Celery try it again.
+    with postgres_database() as url, postgres_role_refused(url) as refused_url:
+
+        async def scenario() -> None:
+            async with engine_for(url):
+                pass  # migrated by a role that may connect
+            engine = create_engine(refused_url)
+            try:
+                with pytest.raises(RetryableError, match="too many"):
+                    await store_projects(engine, project_items(3), BATCH)
+                with pytest.raises(RetryableError, match="too many"):
+                    await record_start(engine, str(uuid.uuid4()))
+            finally:
+                await engine.dispose()
+
+        asyncio.run(scenario())
