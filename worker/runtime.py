@@ -1,9 +1,10 @@
 """The long-lived clients of one worker process: an event loop, an HTTP client, a DB engine.
 
-Celery runs tasks on a pool of threads; they all hand their I/O to this one loop, which runs in
-a thread of its own for the life of the process. So a process keeps many pages in flight while
-each waits on the network, and the pooled engine and HTTP connections always live on the loop
-that made them (an `asyncio.run` per task would make a new loop each time and break them).
+Celery runs tasks on a pool of threads; each hands its page's work (fetch, parse, store) to this
+one loop, which runs in a thread of its own for the life of the process, and waits. So a process
+keeps many pages in flight while each waits on the network, and the pooled engine and HTTP
+connections always live on the loop that made them (an `asyncio.run` per task would make a new
+loop each time and break them).
 """
 
 from __future__ import annotations
