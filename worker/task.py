@@ -15,6 +15,7 @@ from celery import Celery, Task, signals
 from google.protobuf import json_format
 
 from core.celery_config import HARVEST_TASK_NAME
+from core.gc_tuning import collector_paused
 from core.settings import Settings, get_settings
 from projects.v1 import task_pb2
 from worker import failpoints
@@ -44,7 +45,8 @@ async def _fetch_parse_store(runtime: WorkerRuntime, page: int) -> tuple[ParsedP
     """
     settings = runtime.settings
     fetched = await fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits)
-    parsed = parse_listing(fetched.body, fetched.url, settings.source_profile, fetched.encoding)
+    with collector_paused():
+        parsed = parse_listing(fetched.body, fetched.url, settings.source_profile, fetched.encoding)
     counts = await store_projects(runtime.engine, parsed.items, settings.upsert_batch_size)
     return parsed, counts
 
