@@ -147,18 +147,22 @@ def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """The process's engine for `url` (SQLite through aiosqlite or PostgreSQL through asyncpg)."""
+def create_engine(url: str, *, pool_size: int = 10, max_overflow: int | None = None) -> AsyncEngine:
+    """The process's engine for `url` (SQLite through aiosqlite or PostgreSQL through asyncpg).
+
+    It opens at most `pool_size` + `max_overflow` (by default twice `pool_size`) connections.
+    """
+    overflow = pool_size if max_overflow is None else max_overflow
     if url.startswith("sqlite"):
         engine = create_async_engine(
             url,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             pool_size=pool_size,
-            max_overflow=pool_size,
+            max_overflow=overflow,
             pool_pre_ping=True,
         )
         event.listen(engine.sync_engine, "connect", _tune_sqlite)
         return engine
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=1800
+        url, pool_size=pool_size, max_overflow=overflow, pool_pre_ping=True, pool_recycle=1800
     )

@@ -44,9 +44,11 @@ class WorkerRuntime:
         )
         self._thread.start()
         self.http: httpx.AsyncClient = self.run(self._make_client(settings.source_url))
-        # A connection per task thread: a thread never waits on the pool for one.
+        # A task holds one connection at a time (its start, then its store), so a connection per
+        # task never waits on the pool, and the process never opens more than that: worker
+        # processes x WORKER_CONCURRENCY is what they ask of the database's max_connections.
         self.engine: AsyncEngine = create_engine(
-            settings.resolved_database_url, pool_size=settings.worker_concurrency
+            settings.resolved_database_url, pool_size=settings.worker_concurrency, max_overflow=0
         )
 
     async def _make_client(self, source_url: str) -> httpx.AsyncClient:
