@@ -147,10 +147,15 @@ def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_engine(url: str, *, pool_size: int = 10, max_overflow: int | None = None) -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int | None = None, pre_ping: bool = True
+) -> AsyncEngine:
     """The process's engine for `url` (SQLite through aiosqlite or PostgreSQL through asyncpg).
 
     It opens at most `pool_size` + `max_overflow` (by default twice `pool_size`) connections.
+    `pre_ping` tests each connection with a round trip as it leaves the pool, so that one that
+    died idle (a database restart) is replaced instead of failing a statement; a caller that
+    retries its transient errors anyway can spare that round trip.
     """
     overflow = pool_size if max_overflow is None else max_overflow
     if url.startswith("sqlite"):
@@ -159,10 +164,14 @@ def create_engine(url: str, *, pool_size: int = 10, max_overflow: int | None = N
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             pool_size=pool_size,
             max_overflow=overflow,
-            pool_pre_ping=True,
+            pool_pre_ping=pre_ping,
         )
         event.listen(engine.sync_engine, "connect", _tune_sqlite)
         return engine
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=overflow, pool_pre_ping=True, pool_recycle=1800
+        url,
+        pool_size=pool_size,
+        max_overflow=overflow,
+        pool_pre_ping=pre_ping,
+        pool_recycle=1800,
     )

@@ -47,8 +47,15 @@ class WorkerRuntime:
         # A task holds one connection at a time (its start, then its store), so a connection per
         # task never waits on the pool, and the process never opens more than that: worker
         # processes x WORKER_CONCURRENCY is what they ask of the database's max_connections.
+        # No ping before each use: a connection that died idle fails its statement as a
+        # transient error, which `worker.store` retries on a fresh one (SQLAlchemy drops the
+        # pool's stale connections on such an error), and the ping was a round trip per
+        # statement, two per page.
         self.engine: AsyncEngine = create_engine(
-            settings.resolved_database_url, pool_size=settings.worker_concurrency, max_overflow=0
+            settings.resolved_database_url,
+            pool_size=settings.worker_concurrency,
+            max_overflow=0,
+            pre_ping=False,
         )
 
     async def _make_client(self, source_url: str) -> httpx.AsyncClient:

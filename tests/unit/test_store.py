@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import MAX_URL_LENGTH, Project, TaskRecord, create_engine, utcnow
@@ -394,6 +394,40 @@ def test_a_database_refusing_connections_is_a_retryable_error_not_a_failure() ->
                     await store_projects(engine, project_items(3), BATCH)
                 with pytest.raises(RetryableError, match="too many"):
                     await record_start(engine, str(uuid.uuid4()))
+            finally:
+                await engine.dispose()
+
+        asyncio.run(scenario())
+
+
+@pytest.mark.postgres
+def test_connections_killed_while_idle_in_the_pool_do_not_fail_a_store() -> None:
+    # The worker's engine does not ping a connection before use (see worker.runtime): a
+    # database restart or an idle timeout that killed its pooled connections must cost a local
+    # retry on fresh ones, not a failed or retried task.
+    with postgres_database() as url:
+
+        async def scenario() -> None:
+            async with engine_for(url):
+                pass  # migrated
+            engine = create_engine(url, pool_size=4, max_overflow=0, pre_ping=False)
+            try:
+                # Fill the pool with idle connections.
+                await asyncio.gather(*(record_start(engine, str(uuid.uuid4())) for _ in range(4)))
+                async with engine_for(url, migrate=False) as admin, admin.begin() as conn:
+                    killed = (
+                        await conn.execute(
+                            text(
+                                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                            )
+                        )
+                    ).scalar_one()
+                assert killed >= 1
+                items = project_items(5)
+                counts = await store_projects(engine, items, BATCH)
+                assert counts == StoreCounts(created=5)
+                assert await record_start(engine, str(uuid.uuid4())) == 0
             finally:
                 await engine.dispose()
 

@@ -1,0 +1,50 @@
+"""worker.kombu_fixes on a real kombu Redis channel (the machine's Redis, a prefix of its own)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kombu import Connection
+
+from tests.support.services import redis_namespace
+from worker import kombu_fixes
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def channel() -> Iterator[Any]:
+    kombu_fixes.apply()
+    prefix = f"test-kombu-{uuid.uuid4().hex[:12]}:"
+    with (
+        redis_namespace(prefix) as url,
+        Connection(url, transport_options={"global_keyprefix": prefix}) as connection,
+    ):
+        yield connection.default_channel
+
+
+def test_a_channel_reuses_one_client_for_calls_made_without_one(channel: Any) -> None:
+    with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+        assert first is second
+        first.hset("hash", "field", b"value")
+        assert second.hget("hash", "field") == b"value"
+
+
+def test_a_client_passed_in_is_the_one_used(channel: Any) -> None:
+    own = channel._create_client()
+    with channel.conn_or_acquire(own) as client:
+        assert client is own
+
+
+def test_a_replaced_pool_gets_a_client_of_its_own(channel: Any) -> None:
+    with channel.conn_or_acquire() as before:
+        before.hset("hash", "field", b"value")
+    # What kombu does when the broker connection drops: the pools are closed and made anew.
+    channel._disconnect_pools()
+    with channel.conn_or_acquire() as after:
+        assert after is not before
+        assert after.connection_pool is channel.pool
+        assert after.hget("hash", "field") == b"value"
