@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     source_url: str = ""
     source_profile: SourceProfile = Field(default_factory=SourceProfile)
     worker_concurrency: int = Field(default=16, ge=1)
+    worker_db_connections: int = Field(default=8, ge=1)
     fetch_timeout_seconds: float = Field(default=10.0, gt=0)
     fetch_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
     fetch_max_redirects: int = Field(default=5, ge=0)

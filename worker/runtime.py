@@ -44,16 +44,17 @@ class WorkerRuntime:
         )
         self._thread.start()
         self.http: httpx.AsyncClient = self.run(self._make_client(settings.source_url))
-        # A task holds one connection at a time (its start, then its store), so a connection per
-        # task never waits on the pool, and the process never opens more than that: worker
-        # processes x WORKER_CONCURRENCY is what they ask of the database's max_connections.
+        # A task holds a connection only for a statement or two (its start, then its store),
+        # so a few serve many tasks in flight: a task waits its turn for one, briefly, rather
+        # than each opening its own. Worker processes x WORKER_DB_CONNECTIONS is all the
+        # workers ask of the database's max_connections, whatever their concurrency.
         # No ping before each use: a connection that died idle fails its statement as a
         # transient error, which `worker.store` retries on a fresh one (SQLAlchemy drops the
         # pool's stale connections on such an error), and the ping was a round trip per
         # statement, two per page.
         self.engine: AsyncEngine = create_engine(
             settings.resolved_database_url,
-            pool_size=settings.worker_concurrency,
+            pool_size=settings.worker_db_connections,
             max_overflow=0,
             pre_ping=False,
         )

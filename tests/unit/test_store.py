@@ -280,6 +280,33 @@ def test_concurrent_stores_in_one_process_create_each_link_once(database_url: st
     asyncio.run(scenario())
 
 
+def test_more_concurrent_stores_than_connections_take_turns_and_all_succeed(
+    database_url: str,
+) -> None:
+    # A worker process has WORKER_DB_CONNECTIONS connections for WORKER_CONCURRENCY tasks:
+    # the tasks beyond the pool wait for a connection instead of failing or opening more.
+    pages = [project_items(20, start=20 * page) for page in range(8)]
+
+    async def scenario() -> None:
+        async with engine_for(database_url):
+            pass  # migrated
+        engine = create_engine(database_url, pool_size=1, max_overflow=0, pre_ping=False)
+        try:
+            counts = await asyncio.gather(
+                *(store_projects(engine, items, BATCH) for items in pages),
+                *(record_start(engine, str(uuid.uuid4())) for _ in range(8)),
+            )
+            assert counts[:8] == [StoreCounts(created=20)] * 8
+            assert engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+            async with engine.connect() as conn:
+                rows = (await conn.execute(select(func.count()).select_from(Project))).scalar()
+            assert rows == 160
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())
+
+
 def test_concurrent_stores_from_two_engines_create_each_link_once(database_url: str) -> None:
     # Two engines, two connection pools: as two worker processes would write.
     async def scenario() -> None:
