@@ -94,6 +94,8 @@ class TaskRecords:
         self._engine = engine
         self._lifetime = lifetime
         self._insert = dialect_insert(engine.dialect.name)
+        # Built once: a statement built per batch costs its construction and cache key anew.
+        self._add_statement = insert(TaskRecord)
         self._additions = Batcher(self._add_many, MAX_INSERT_BATCH)
 
     def _expired(self, task: IssuedTask, now: dt.datetime) -> bool:
@@ -106,7 +108,7 @@ class TaskRecords:
     async def _add_many(self, tasks: list[IssuedTask]) -> None:
         with _store_errors():
             async with self._engine.begin() as conn:
-                await conn.execute(insert(TaskRecord), [task.as_row() for task in tasks])
+                await conn.execute(self._add_statement, [task.as_row() for task in tasks])
 
     async def claim(self, client: str, request_id: str, page: int) -> tuple[IssuedTask, bool]:
         """A new record for this request_id, or the live one that already holds it.
