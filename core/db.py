@@ -148,14 +148,20 @@ def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
 
 
 def create_engine(
-    url: str, *, pool_size: int = 10, max_overflow: int | None = None, pre_ping: bool = True
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int | None = None,
+    pre_ping: bool = True,
+    pool_timeout: float = 30.0,
 ) -> AsyncEngine:
     """The process's engine for `url` (SQLite through aiosqlite or PostgreSQL through asyncpg).
 
     It opens at most `pool_size` + `max_overflow` (by default twice `pool_size`) connections.
     `pre_ping` tests each connection with a round trip as it leaves the pool, so that one that
     died idle (a database restart) is replaced instead of failing a statement; a caller that
-    retries its transient errors anyway can spare that round trip.
+    retries its transient errors anyway can spare that round trip. A caller waits at most
+    `pool_timeout` seconds for a connection when all are in use (SQLAlchemy's TimeoutError).
     """
     overflow = pool_size if max_overflow is None else max_overflow
     if url.startswith("sqlite"):
@@ -165,6 +171,7 @@ def create_engine(
             pool_size=pool_size,
             max_overflow=overflow,
             pool_pre_ping=pre_ping,
+            pool_timeout=pool_timeout,
         )
         event.listen(engine.sync_engine, "connect", _tune_sqlite)
         return engine
@@ -173,5 +180,6 @@ def create_engine(
         pool_size=pool_size,
         max_overflow=overflow,
         pool_pre_ping=pre_ping,
+        pool_timeout=pool_timeout,
         pool_recycle=1800,
     )

@@ -67,10 +67,6 @@ def parse_listing(
 def _soup(body: bytes, encoding: str | None) -> BeautifulSoup:
     """The parsed page; an empty document for a page with nothing to parse.
 
-    Every attribute stays one string: bs4 would split `class` (and a few others) into lists
-    while building the tree, for every tag on the page, though only the items' classes are
-    ever read (soupsieve splits a class string itself when a selector asks for a class).
-
     Always a document, so the profile's selectors are compiled (and a broken one raises) on
     every page, not only on pages that happen to contain markup.
     """
@@ -78,7 +74,7 @@ def _soup(body: bytes, encoding: str | None) -> BeautifulSoup:
         # No tag can be spelled without "<" (in any ASCII-compatible charset or UTF-16/32), and
         # bs4 warns that short tagless input "looks like a filename or URL"; under
         # `-W error` that warning would be an exception for a page that simply has no items.
-        return _empty_soup()
+        return BeautifulSoup("", "lxml")
     if body.startswith(b"<?xml"):
         # bs4 warns when a document starts like XML (XMLParsedAsHTMLWarning); an XHTML page with
         # an XML prolog is still HTML to us. One leading space avoids the check and changes
@@ -87,17 +83,11 @@ def _soup(body: bytes, encoding: str | None) -> BeautifulSoup:
     try:
         # An unknown charset name from the header makes lxml raise LookupError, which bs4 turns
         # into a rejection of that encoding and moves on to detection (BOM, <meta>, utf-8).
-        return BeautifulSoup(
-            body, "lxml", from_encoding=encoding or None, multi_valued_attributes=None
-        )
+        return BeautifulSoup(body, "lxml", from_encoding=encoding or None)
     except ParserRejectedMarkup:
         # Every candidate encoding was rejected: there is nothing to read, which is an empty
         # page, not a crash.
-        return _empty_soup()
-
-
-def _empty_soup() -> BeautifulSoup:
-    return BeautifulSoup("", "lxml", multi_valued_attributes=None)
+        return BeautifulSoup("", "lxml")
 
 
 def _free(soup: BeautifulSoup) -> None:
@@ -164,15 +154,9 @@ class _Fields:
             url=url,
             title=title,
             description=description,
-            is_active=self.active_class in _classes(element),
+            is_active=self.active_class in element.get_attribute_list("class"),
             start_date=_start_date(self.start.select_one(element), self.start_text_format),
         )
-
-
-def _classes(tag: Tag) -> list[str]:
-    value = tag.get("class")
-    # One string, as the page spelled it (see `_soup`); split as bs4 would have split it.
-    return value.split() if isinstance(value, str) else []
 
 
 def collapse_whitespace(text: str) -> str:

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# How long a task waits for one of the process's database connections before that try fails.
+POOL_WAIT_SECONDS = 5.0
+
 
 class WorkerRuntime:
     def __init__(self, settings: Settings) -> None:
@@ -47,7 +50,9 @@ class WorkerRuntime:
         # A task holds a connection only for a statement or two (its start, then its store),
         # so a few serve many tasks in flight: a task waits its turn for one, briefly, rather
         # than each opening its own. Worker processes x WORKER_DB_CONNECTIONS is all the
-        # workers ask of the database's max_connections, whatever their concurrency.
+        # workers ask of the database's max_connections, whatever their concurrency. The wait
+        # is bounded (POOL_WAIT_SECONDS, then worker.store retries twice), so a database that
+        # holds every connection delays a task's start by seconds, not by minutes.
         # No ping before each use: a connection that died idle fails its statement as a
         # transient error, which `worker.store` retries on a fresh one (SQLAlchemy drops the
         # pool's stale connections on such an error), and the ping was a round trip per
@@ -57,6 +62,7 @@ class WorkerRuntime:
             pool_size=settings.worker_db_connections,
             max_overflow=0,
             pre_ping=False,
+            pool_timeout=POOL_WAIT_SECONDS,
         )
 
     async def _make_client(self, source_url: str) -> httpx.AsyncClient:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from kombu import Connection
+from kombu.transport import redis as kombu_redis
 
 from tests.support.services import redis_namespace
 from worker import kombu_fixes
@@ -16,7 +17,10 @@ pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
-def channel() -> Iterator[Any]:
+def channel(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    # Patched for this test only: the rest of the session runs kombu as the gateway does.
+    monkeypatch.setattr(kombu_redis.Channel, "conn_or_acquire", kombu_redis.Channel.conn_or_acquire)
+    monkeypatch.setattr(kombu_redis.QoS, "restore_unacked", kombu_redis.QoS.restore_unacked)
     kombu_fixes.apply()
     prefix = f"test-kombu-{uuid.uuid4().hex[:12]}:"
     with (

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -459,3 +460,22 @@ def test_connections_killed_while_idle_in_the_pool_do_not_fail_a_store() -> None
                 await engine.dispose()
 
         asyncio.run(scenario())
+
+
+def test_a_store_that_cannot_get_a_connection_in_time_is_retryable(database_url: str) -> None:
+    # Every connection busy (a slow database): the task fails this try, soon, as retryable,
+    # instead of queueing behind the others for as long as they take.
+    async def scenario() -> None:
+        async with engine_for(database_url):
+            pass  # migrated
+        engine = create_engine(database_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+        try:
+            async with engine.connect():  # the only connection, held
+                started = time.monotonic()
+                with pytest.raises(RetryableError, match="unreachable or busy"):
+                    await record_start(engine, str(uuid.uuid4()))
+                assert time.monotonic() - started < 5
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())
