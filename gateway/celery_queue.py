@@ -55,7 +55,9 @@ class QueueUnavailable(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Publication:
+class Publication:
+    """One harvest task to enqueue."""
+
     task_id: str
     page: int
     give_up: float  # time.monotonic() past which the caller has stopped waiting
@@ -88,7 +90,7 @@ class CeleryQueue:
         # Publishes have a thread of their own, so reads and health pings never queue them; one
         # is enough, as what arrives while it sends a batch goes out together in the next.
         self._publish_executor = ThreadPoolExecutor(1, thread_name_prefix="celery-publish")
-        self._publications = Batcher(self._publish_batch, MAX_PUBLISH_BATCH)
+        self._publications = Batcher(self.publish_many, MAX_PUBLISH_BATCH)
         self._queue = app.amqp.queues[app.conf.task_default_queue]
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-read")
 
@@ -101,7 +103,7 @@ class CeleryQueue:
         except _QUEUE_ERRORS as exc:
             raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
-    def _publish_many(self, tasks: list[_Publication]) -> list[BaseException | None]:
+    def _publish_many(self, tasks: list[Publication]) -> list[BaseException | None]:
         """Send `tasks` in one batch, again while some are within their deadline; each's error."""
         errors: list[BaseException | None] = [None] * len(tasks)
         live = list(range(len(tasks)))
@@ -146,15 +148,23 @@ class CeleryQueue:
                 soonest = min(tasks[index].give_up for index in live)
                 time.sleep(max(0.0, min(interval, soonest - time.monotonic())))
 
-    async def _publish_batch(self, tasks: list[_Publication]) -> list[BaseException | None]:
+    async def publish_many(self, tasks: list[Publication]) -> list[BaseException | None]:
+        """Enqueue `tasks` in one broker round trip (more while within their deadlines).
+
+        Each item's outcome: None when enqueued, else a QueueUnavailable. The call itself raises
+        QueueUnavailable only when the broker could not be reached at all.
+        """
         errors: list[BaseException | None] = await self._call(
             self._publish_many, tasks, executor=self._publish_executor
         )
         return errors
 
     async def publish(self, task_id: str, page: int, give_up: float) -> None:
-        """Enqueue the harvest of `page` as task `task_id` unless `give_up` (monotonic) passes."""
-        await self._publications.submit(_Publication(task_id, page, give_up))
+        """Enqueue the harvest of `page` as task `task_id` unless `give_up` (monotonic) passes.
+
+        Batched with the other calls in flight.
+        """
+        await self._publications.submit(Publication(task_id, page, give_up))
 
     def _read(self, task_id: str) -> CeleryState:
         meta = self._app.backend.get_task_meta(task_id)

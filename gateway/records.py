@@ -21,10 +21,6 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import TaskRecord, dialect_insert, is_transient, utcnow
-from gateway.batching import Batcher
-
-# Records of Uploads without a request_id are written in groups of at most this many rows.
-MAX_INSERT_BATCH = 256
 
 
 class StoreUnavailable(Exception):
@@ -96,16 +92,12 @@ class TaskRecords:
         self._insert = dialect_insert(engine.dialect.name)
         # Built once: a statement built per batch costs its construction and cache key anew.
         self._add_statement = insert(TaskRecord)
-        self._additions = Batcher(self._add_many, MAX_INSERT_BATCH)
 
     def _expired(self, task: IssuedTask, now: dt.datetime) -> bool:
         return task.enqueued_at + self._lifetime < now
 
-    async def add(self, task: IssuedTask) -> None:
-        """Store the record of a new task without a request_id (in one INSERT with its peers)."""
-        await self._additions.submit(task)
-
-    async def _add_many(self, tasks: list[IssuedTask]) -> None:
+    async def add_many(self, tasks: list[IssuedTask]) -> None:
+        """Store the records of new tasks without a request_id, in one INSERT."""
         with _store_errors():
             async with self._engine.begin() as conn:
                 await conn.execute(self._add_statement, [task.as_row() for task in tasks])
@@ -170,9 +162,13 @@ class TaskRecords:
 
     async def forget(self, task_id: str) -> None:
         """Drop a record whose task never reached the broker."""
+        await self.forget_many([task_id])
+
+    async def forget_many(self, task_ids: list[str]) -> None:
+        """Drop the records of tasks that never reached the broker."""
         with _store_errors():
             async with self._engine.begin() as conn:
-                await conn.execute(delete(TaskRecord).where(TaskRecord.id == task_id))
+                await conn.execute(delete(TaskRecord).where(TaskRecord.id.in_(task_ids)))
 
     async def purge_expired(self) -> int:
         cutoff = utcnow() - self._lifetime

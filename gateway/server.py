@@ -28,6 +28,7 @@ from gateway.auth import BearerAuthInterceptor, TokenTable
 from gateway.celery_queue import CeleryQueue, PublishingCelery
 from gateway.contract import HEALTH_SERVICE_NAME, QUEUE_SERVICE_NAME
 from gateway.health import DependencyHealth
+from gateway.issuing import Issuer
 from gateway.ratelimit import RateLimiter
 from gateway.reconciler import Reconciler
 from gateway.records import StoreUnavailable, TaskRecords
@@ -127,6 +128,7 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
     service = QueueService(
         records,
         queue,
+        Issuer(records, queue),
         dependencies,
         max_page=settings.max_page,
         lifetime_seconds=settings.result_expires_seconds,

@@ -1,5 +1,8 @@
 """QueueService handlers: request -> validate -> record -> publish -> answer.
 
+Uploads without a request_id are recorded and published in groups by `gateway.issuing`; one
+with a request_id claims its record first, so that repeats find it, then is published.
+
 The caller's identity comes from `gateway.auth.current_client`; errors are raised as
 `gateway.errors` types and turned into statuses by `answers_errors`.
 """
@@ -27,6 +30,7 @@ from gateway.errors import (
     answers_errors,
 )
 from gateway.health import DependencyHealth
+from gateway.issuing import Issuer
 from gateway.records import IssuedTask, StoreUnavailable, TaskRecords
 from projects.v1 import queue_service_pb2, queue_service_pb2_grpc, task_pb2
 
@@ -115,6 +119,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         self,
         records: TaskRecords,
         queue: CeleryQueue,
+        issuer: Issuer,
         health: DependencyHealth,
         *,
         max_page: int,
@@ -123,6 +128,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
     ) -> None:
         self._records = records
         self._queue = queue
+        self._issuer = issuer
         self._health = health
         self._max_page = max_page
         self._lifetime_seconds = lifetime_seconds
@@ -142,13 +148,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         except StoreUnavailable:
             log.exception("could not drop the record of unpublished task %s", task.id)
 
-    async def _publish_or_forget(self, task: IssuedTask, give_up: float, *, record: bool) -> None:
-        if record:
-            try:
-                await self._records.add(task)
-            except asyncio.CancelledError:
-                await self._forget(task)  # its INSERT may have gone out with its batch
-                raise
+    async def _publish_or_forget(self, task: IssuedTask, give_up: float) -> None:
         try:
             await self._queue.publish(task.id, task.page, give_up)
             if task.published_at is None:
@@ -172,6 +172,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
 
     async def drain(self) -> None:
         """Wait for publishes whose callers have gone away."""
+        await self._issuer.drain()
         if self._publishing:
             await asyncio.wait(set(self._publishing))
 
@@ -188,7 +189,13 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         client = current_client.get()
         if request_id is None:
             task = IssuedTask.new(client, None, request.page)
-            await self._publish(task, context.time_remaining(), record=True)
+            try:
+                await self._issuer.issue(task, self._give_up(context.time_remaining()))
+            except StoreUnavailable as exc:
+                raise Unavailable(STORE_DOWN) from exc
+            except QueueUnavailable as exc:
+                await self._health.mark_down()
+                raise Unavailable(BROKER_DOWN) from exc
             return queue_service_pb2.UploadResponse(task=describe(task, None))
         try:
             task, created = await self._records.claim(client, request_id, request.page)
@@ -233,13 +240,11 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
                 raise Unavailable("this request_id is still being enqueued; retry shortly", 0.5)
             await asyncio.sleep(PUBLICATION_POLL_SECONDS)
 
-    async def _publish(
-        self, task: IssuedTask, deadline: float | None, *, record: bool = False
-    ) -> None:
-        """Publish `task` (after writing its record, when `record`), whatever the caller does.
+    def _give_up(self, deadline: float | None) -> float:
+        """When (time.monotonic()) a publish for a caller with `deadline` left should give up.
 
-        `deadline` is the caller's time left, if it set one; the publish gives up when that, or
-        PUBLISH_TIMEOUT_SECONDS from now, has passed, time spent waiting for its turn included.
+        At the caller's deadline or PUBLISH_TIMEOUT_SECONDS from now, whichever comes first;
+        time spent waiting for its turn counts.
         """
         if deadline is not None:
             # Ended a little early, the caller hears why (UNAVAILABLE) rather than only that
@@ -248,8 +253,15 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         allowed = (
             self._publish_timeout if deadline is None else min(self._publish_timeout, deadline)
         )
-        give_up = time.monotonic() + max(allowed, 0.1)
-        publishing = asyncio.create_task(self._publish_or_forget(task, give_up, record=record))
+        return time.monotonic() + max(allowed, 0.1)
+
+    async def _publish(self, task: IssuedTask, deadline: float | None) -> None:
+        """Publish the recorded `task`, whatever the caller does.
+
+        `deadline` is the caller's time left, if it set one (see `_give_up`).
+        """
+        give_up = self._give_up(deadline)
+        publishing = asyncio.create_task(self._publish_or_forget(task, give_up))
         self._publishing.add(publishing)
         publishing.add_done_callback(self._publish_done)
         try:

@@ -33,7 +33,7 @@ def test_too_many_clients_is_store_unavailable_for_every_kind_of_call() -> None:
             records = TaskRecords(engine, dt.timedelta(hours=1))
             try:
                 with pytest.raises(StoreUnavailable, match="too many"):
-                    await records.add(IssuedTask.new("alice", None, 1))
+                    await records.add_many([IssuedTask.new("alice", None, 1)])
                 with pytest.raises(StoreUnavailable, match="too many"):
                     await records.claim("alice", "request-1", 1)
                 with pytest.raises(StoreUnavailable, match="too many"):

@@ -1,0 +1,118 @@
+"""gateway.issuing on real services: PostgreSQL records and a Redis broker of the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import redis
+
+from core.celery_config import make_celery
+from core.db import create_engine
+from core.migrate import upgrade_to_head
+from core.settings import Settings
+from gateway.celery_queue import CeleryQueue, PublishingCelery, QueueUnavailable
+from gateway.issuing import Issuer
+from gateway.records import IssuedTask, TaskRecords
+from tests.support.processes import RedisServer
+
+pytestmark = pytest.mark.postgres
+
+QUEUE = "issuing-test"
+PUBLISH_TIMEOUT = 1.0
+
+
+@dataclass
+class Issuing:
+    issuer: Issuer
+    records: TaskRecords
+    broker: redis.Redis
+
+
+@asynccontextmanager
+async def issuing(database_url: str, broker: RedisServer) -> AsyncIterator[Issuing]:
+    engine = create_engine(database_url)
+    await upgrade_to_head(engine)
+    settings = Settings(
+        celery_broker_url=broker.url, celery_result_backend=broker.url, task_queue=QUEUE
+    )
+    queue = CeleryQueue(
+        make_celery(settings, "issuing-test", PublishingCelery), publish_timeout=PUBLISH_TIMEOUT
+    )
+    records = TaskRecords(engine, dt.timedelta(hours=1))
+    client = redis.Redis.from_url(broker.url)
+    try:
+        yield Issuing(Issuer(records, queue), records, client)
+    finally:
+        client.close()
+        queue.close()
+        await engine.dispose()
+
+
+def queued_ids(broker: redis.Redis) -> set[str]:
+    """Ids of the tasks waiting in the broker's queue."""
+    return {json.loads(message)["headers"]["id"] for message in broker.lrange(QUEUE, 0, -1)}
+
+
+def give_up() -> float:
+    return time.monotonic() + PUBLISH_TIMEOUT
+
+
+def test_tasks_issued_together_are_each_recorded_and_enqueued(
+    postgres_url: str, own_redis: RedisServer
+) -> None:
+    tasks = [IssuedTask.new("alice", None, page) for page in range(1, 6)]
+
+    async def scenario() -> None:
+        async with issuing(postgres_url, own_redis) as it:
+            await asyncio.gather(*(it.issuer.issue(task, give_up()) for task in tasks))
+            for task in tasks:
+                stored = await it.records.get("alice", task.id)
+                assert stored is not None
+                assert stored.page == task.page
+            assert queued_ids(it.broker) == {task.id for task in tasks}
+
+    asyncio.run(scenario())
+
+
+def test_a_task_the_broker_did_not_take_is_unavailable_and_leaves_no_record(
+    postgres_url: str, own_redis: RedisServer
+) -> None:
+    task = IssuedTask.new("alice", None, 1)
+
+    async def scenario() -> None:
+        async with issuing(postgres_url, own_redis) as it:
+            own_redis.stop()
+            with pytest.raises(QueueUnavailable):
+                await it.issuer.issue(task, give_up())
+            # Kept, the record would answer PENDING for a task that will never run.
+            assert await it.records.get("alice", task.id) is None
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_gone_before_its_group_is_cut_issues_nothing(
+    postgres_url: str, own_redis: RedisServer
+) -> None:
+    kept, abandoned = IssuedTask.new("alice", None, 1), IssuedTask.new("alice", None, 2)
+
+    async def scenario() -> None:
+        async with issuing(postgres_url, own_redis) as it:
+            waiting = asyncio.ensure_future(it.issuer.issue(kept, give_up()))
+            leaving = asyncio.ensure_future(it.issuer.issue(abandoned, give_up()))
+            await asyncio.sleep(0)  # both submitted; their group is not cut yet
+            leaving.cancel()
+            await waiting
+            await it.issuer.drain()
+            assert await it.records.get("alice", kept.id) is not None
+            assert await it.records.get("alice", abandoned.id) is None
+            assert queued_ids(it.broker) == {kept.id}
+            assert leaving.cancelled()
+
+    asyncio.run(scenario())
