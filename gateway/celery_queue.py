@@ -92,6 +92,8 @@ class CeleryQueue:
         self._publish_executor = ThreadPoolExecutor(1, thread_name_prefix="celery-publish")
         self._publications = Batcher(self.publish_many, MAX_PUBLISH_BATCH)
         self._queue = app.amqp.queues[app.conf.task_default_queue]
+        # Where `send_task` would route a harvest: the same for every message, worked out once.
+        self._route: dict[str, Any] = app.amqp.router.route({}, HARVEST_TASK_NAME)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-read")
 
     async def _call(
@@ -127,18 +129,7 @@ class CeleryQueue:
                     # the queue for every message it is asked to declare, even when cached.
                     producer.maybe_declare(self._queue)
                     for index in live:
-                        task = tasks[index]
-                        self._app.send_task(
-                            HARVEST_TASK_NAME,
-                            args=[task.page],
-                            task_id=task.task_id,
-                            producer=producer,
-                            declare=[],
-                            retry=False,  # retried here, within each caller's deadline
-                            # What the worker logs for the call; given, it is not saferepr'd.
-                            argsrepr=f"[{task.page}]",
-                            kwargsrepr="{}",
-                        )
+                        self._send(producer, tasks[index])
                 return errors
             except _QUEUE_ERRORS as exc:
                 # A pipeline that failed midway may have delivered some of its messages (kombu
@@ -147,6 +138,37 @@ class CeleryQueue:
                 failure = f"{type(exc).__name__}: {exc}"
                 soonest = min(tasks[index].give_up for index in live)
                 time.sleep(max(0.0, min(interval, soonest - time.monotonic())))
+
+    def _send(self, producer: Any, task: Publication) -> None:
+        """Send `task` as `Celery.send_task` would, in half the time.
+
+        The message is Celery's own (`create_task_message`, `send_task_message`, with the
+        options `send_task` gives them; tests/unit/test_celery_queue.py holds the two equal but
+        for the sending thread's id), without what `send_task` adds per call for a caller that
+        waits on results: an AsyncResult, its parent-task lookups, the routing and option
+        merging done anew. That was half of the publish thread's time, and 13% more Uploads/s
+        in an interleaved A/B.
+        """
+        options: dict[str, Any] = {
+            **self._route,
+            "declare": [],
+            "retry": False,  # retried by `_publish_many`, within each caller's deadline
+            # What the worker logs for the call; given, it is not saferepr'd.
+            "argsrepr": f"[{task.page}]",
+            "kwargsrepr": "{}",
+        }
+        amqp = self._app.amqp
+        message = amqp.create_task_message(
+            task.task_id,
+            HARVEST_TASK_NAME,
+            [task.page],
+            {},
+            reply_to=self._app.thread_oid,
+            create_sent_event=self._app.conf.task_send_sent_event,
+            ignore_result=None,
+            **options,
+        )
+        amqp.send_task_message(producer, HARVEST_TASK_NAME, message, **options)
 
     async def publish_many(self, tasks: list[Publication]) -> list[BaseException | None]:
         """Enqueue `tasks` in one broker round trip (more while within their deadlines).
