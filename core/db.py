@@ -8,7 +8,9 @@ still queued, and a task redelivered after crashes from a fresh one).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+from collections.abc import AsyncIterator
 from typing import Any
 
 from sqlalchemy import (
@@ -26,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -183,3 +185,15 @@ def create_engine(
         pool_timeout=pool_timeout,
         pool_recycle=1800,
     )
+
+
+@contextlib.asynccontextmanager
+async def single_statement(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection for one statement, which the database commits as it runs it.
+
+    A single statement is atomic by itself; SQLAlchemy would otherwise wrap it in a transaction
+    of its own (even a SELECT), a BEGIN and a COMMIT or ROLLBACK round trip more. Not for two
+    statements that must commit together: use `engine.begin()` for those.
+    """
+    async with engine.connect() as conn:
+        yield await conn.execution_options(isolation_level="AUTOCOMMIT")

@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.db import TaskRecord, dialect_insert, is_transient, utcnow
+from core.db import TaskRecord, dialect_insert, is_transient, single_statement, utcnow
 
 
 class StoreUnavailable(Exception):
@@ -99,7 +99,7 @@ class TaskRecords:
     async def add_many(self, tasks: list[IssuedTask]) -> None:
         """Store the records of new tasks without a request_id, in one INSERT."""
         with _store_errors():
-            async with self._engine.begin() as conn:
+            async with single_statement(self._engine) as conn:
                 await conn.execute(self._add_statement, [task.as_row() for task in tasks])
 
     async def claim(self, client: str, request_id: str, page: int) -> tuple[IssuedTask, bool]:
@@ -138,7 +138,7 @@ class TaskRecords:
     async def get(self, client: str, task_id: str) -> IssuedTask | None:
         """The client's live record of `task_id`, or None (never issued to it, or expired)."""
         with _store_errors():
-            async with self._engine.connect() as conn:
+            async with single_statement(self._engine) as conn:
                 row = (
                     await conn.execute(
                         select(TaskRecord).where(
@@ -167,7 +167,7 @@ class TaskRecords:
     async def forget_many(self, task_ids: list[str]) -> None:
         """Drop the records of tasks that never reached the broker."""
         with _store_errors():
-            async with self._engine.begin() as conn:
+            async with single_statement(self._engine) as conn:
                 await conn.execute(delete(TaskRecord).where(TaskRecord.id.in_(task_ids)))
 
     async def purge_expired(self) -> int:

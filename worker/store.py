@@ -27,6 +27,7 @@ from core.db import (
     UtcDateTime,
     dialect_insert,
     is_transient,
+    single_statement,
     utcnow,
 )
 from worker.errors import RetryableError
@@ -46,9 +47,10 @@ class StoreCounts:
 
 
 async def _with_retries(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """Run `work`, which executes one statement, retrying transient failures a few times."""
     for attempt in range(1, LOCAL_ATTEMPTS + 1):
         try:
-            async with engine.begin() as conn:
+            async with single_statement(engine) as conn:
                 return await work(conn)
         except DBAPIError as exc:
             if not is_transient(exc):
