@@ -9,6 +9,7 @@ because that is a configuration error to fail on, not a page to shrug at.
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urljoin, urlsplit
@@ -18,6 +19,9 @@ from bs4 import BeautifulSoup, ParserRejectedMarkup, Tag
 from core.settings import SourceProfile
 
 _WEB_SCHEMES = frozenset({"http", "https"})
+# A class attribute is a list of names separated by ASCII whitespace (HTML's "set of
+# space-separated tokens"); the pattern soupsieve uses for the same.
+_CLASS_NAME = re.compile(r"[^ \t\r\n\f]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,11 @@ def parse_listing(
 def _soup(body: bytes, encoding: str | None) -> BeautifulSoup:
     """The parsed page; an empty document for a page with nothing to parse.
 
+    Attributes stay the strings the page wrote: bs4 would split `class` into a list for every
+    tag as it builds the tree (2% of a parse), on any Unicode whitespace. soupsieve splits a
+    class string itself when a selector asks, on ASCII whitespace as HTML and browsers do, and
+    so does `_classes`: a class that contains a no-break space is one class, as in a browser.
+
     Always a document, so the profile's selectors are compiled (and a broken one raises) on
     every page, not only on pages that happen to contain markup.
     """
@@ -74,7 +83,7 @@ def _soup(body: bytes, encoding: str | None) -> BeautifulSoup:
         # No tag can be spelled without "<" (in any ASCII-compatible charset or UTF-16/32), and
         # bs4 warns that short tagless input "looks like a filename or URL"; under
         # `-W error` that warning would be an exception for a page that simply has no items.
-        return BeautifulSoup("", "lxml")
+        return _empty_soup()
     if body.startswith(b"<?xml"):
         # bs4 warns when a document starts like XML (XMLParsedAsHTMLWarning); an XHTML page with
         # an XML prolog is still HTML to us. One leading space avoids the check and changes
@@ -83,11 +92,17 @@ def _soup(body: bytes, encoding: str | None) -> BeautifulSoup:
     try:
         # An unknown charset name from the header makes lxml raise LookupError, which bs4 turns
         # into a rejection of that encoding and moves on to detection (BOM, <meta>, utf-8).
-        return BeautifulSoup(body, "lxml", from_encoding=encoding or None)
+        return BeautifulSoup(
+            body, "lxml", from_encoding=encoding or None, multi_valued_attributes=None
+        )
     except ParserRejectedMarkup:
         # Every candidate encoding was rejected: there is nothing to read, which is an empty
         # page, not a crash.
-        return BeautifulSoup("", "lxml")
+        return _empty_soup()
+
+
+def _empty_soup() -> BeautifulSoup:
+    return BeautifulSoup("", "lxml", multi_valued_attributes=None)
 
 
 def _free(soup: BeautifulSoup) -> None:
@@ -154,9 +169,14 @@ class _Fields:
             url=url,
             title=title,
             description=description,
-            is_active=self.active_class in element.get_attribute_list("class"),
+            is_active=self.active_class in _classes(element),
             start_date=_start_date(self.start.select_one(element), self.start_text_format),
         )
+
+
+def _classes(tag: Tag) -> list[str]:
+    value = tag.get("class")
+    return _CLASS_NAME.findall(value) if isinstance(value, str) else []
 
 
 def collapse_whitespace(text: str) -> str:

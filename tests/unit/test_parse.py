@@ -177,10 +177,18 @@ def test_missing_description_is_empty() -> None:
         ("project", False),
         ("project is-active-soon", False),
         ("project IS-ACTIVE", False),
+        ("\tproject\nis-active\r\n", True),
+        # HTML separates class names with ASCII whitespace only: one class, as in a browser.
+        ("project is-active\u00a0new", False),
     ],
 )
 def test_active_class(css_class: str, active: bool) -> None:
     assert only_item(page(article(css_class=css_class))).is_active is active
+
+
+def test_an_item_class_joined_by_a_no_break_space_is_no_item_as_in_a_browser() -> None:
+    # `.project` does not match class="project&nbsp;is-active" in CSS: it is one class name.
+    assert parse(page(article(css_class="project\u00a0is-active"))) == ParsedPage([], 0)
 
 
 @pytest.mark.parametrize(
