@@ -12,6 +12,7 @@ the group goes through whether or not its callers still wait.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -46,7 +47,13 @@ class Issuer:
         await self._groups.submit(_Issue(task, give_up))
 
     async def _issue_many(self, issues: list[_Issue]) -> list[BaseException | None]:
-        await self._records.add_many([issue.task for issue in issues])
+        tasks = [issue.task for issue in issues]
+        try:
+            await self._records.add_many(tasks)
+        except asyncio.CancelledError as exc:
+            # The loop is closing: the INSERT may have gone out before the cancel reached it.
+            await self._forget(tasks, exc)
+            raise
         try:
             errors = await self._queue.publish_many(
                 [Publication(issue.task.id, issue.task.page, issue.give_up) for issue in issues]
@@ -54,7 +61,7 @@ class Issuer:
         except BaseException as exc:
             # Whatever stopped the publish (the broker unreachable, the loop closing), the
             # records must not outlive it: kept, each would read PENDING until it expired.
-            await self._forget([issue.task for issue in issues], exc)
+            await self._forget(tasks, exc)
             raise
         failed = [(issue.task, error) for issue, error in zip(issues, errors, strict=True) if error]
         if failed:
