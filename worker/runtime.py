@@ -84,6 +84,8 @@ class WorkerRuntime:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
+            if not self._thread.is_alive():
+                self.loop.close()
 
 
 _lock = threading.Lock()
