@@ -14,6 +14,9 @@ Redis, with 2 worker processes each:
 Each run starts from an empty table and must end with rows == distinct links == pages * 100.
 Beside it, `harvest_vs_cpu_floor` compares ours with what the machine could do at most: its
 cores divided by the CPU seconds one page costs to parse and store, measured alone in-process.
+That measurement takes its turn between the runs of both sides, because this machine's speed
+drifts by tens of percent within minutes: a floor read once, before the runs, was 35 ms a
+page in one run and 56 ms in the next.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ ITEMS_PER_PAGE = 100
 SITE_DELAY_SECONDS = 0.25
 OUR_PAGES = 400
 BASELINE_PAGES = 48
+# Pages parsed and stored alone per turn of the CPU floor; their median is that turn's sample.
+FLOOR_PAGES = 10
 WORKERS = 2
 # Tasks in flight per worker process (WORKER_CONCURRENCY): 250 ms per page needs many.
 WORKER_CONCURRENCY = 32
@@ -212,16 +217,18 @@ class _Baseline:
         self.app.close()
 
 
-async def _cpu_per_page(engine: AsyncEngine, pages: int, batch_size: int) -> list[float]:
-    """CPU seconds to parse and store one 100-item page, alone in this process, per page."""
+async def _cpu_per_page(engine: AsyncEngine, batch_size: int) -> float:
+    """CPU seconds to parse and store one new 100-item page alone in this process (a median)."""
     seconds = []
-    for page in range(5001, 5001 + pages):  # links of their own, not those of the runs
+    # Links of their own, not those of the runs, and new on every turn: the table is emptied
+    # before each run of ours, and a turn stores after one.
+    for page in range(5001, 5001 + FLOOR_PAGES):
         body = data.listing(page, ITEMS_PER_PAGE)
         started = time.process_time()
         parsed = parse_listing(body, data.page_url(page), data.PROFILE)
         await store_projects(engine, parsed.items, batch_size)
         seconds.append(time.process_time() - started)
-    return seconds
+    return median(seconds)
 
 
 def _start_baseline_worker(directory: Path, env: dict[str, str]) -> Process:
@@ -247,6 +254,7 @@ class _Harvest:
 
     loop: asyncio.AbstractEventLoop
     engine: AsyncEngine
+    batch_size: int
     pages: _Pages
     ours: _Ours
     baseline: _Baseline
@@ -263,11 +271,14 @@ class _Harvest:
         self._prepare("baseline_projects", numbers)
         return self.baseline.harvest(numbers)
 
+    def cpu_per_page(self) -> float:
+        return self.loop.run_until_complete(_cpu_per_page(self.engine, self.batch_size))
+
 
 def _measure(
     options: Options, directory: Path, redis_url: str, prefix: str, database_url: str
-) -> tuple[dict[str, list[float]], list[float], int, int]:
-    """Samples of both sides, CPU seconds per page alone, and the pages of each side's runs."""
+) -> tuple[dict[str, list[float]], int, int]:
+    """Samples of both sides and of the CPU floor, and the pages of each side's runs."""
     our_pages = list(range(1, (OUR_PAGES // 4 if options.quick else OUR_PAGES) + 1))
     base_pages = list(range(1, (BASELINE_PAGES // 3 if options.quick else BASELINE_PAGES) + 1))
     bodies = {
@@ -308,13 +319,10 @@ def _measure(
                 f"baseline {len(base_pages)}; {ITEMS_PER_PAGE} items a page, "
                 f"{SITE_DELAY_SECONDS * 1000:.0f} ms a page"
             )
-            cpu = loop.run_until_complete(
-                _cpu_per_page(engine, 2 * options.runs + 1, settings.upsert_batch_size)
-            )[1:]  # the first page warms up
-            say(f"  CPU to parse and store one page alone: {median(cpu) * 1000:.1f} ms")
             harvest = _Harvest(
                 loop,
                 engine,
+                settings.upsert_batch_size,
                 _Pages(site, bodies),
                 _Ours(loop, address, engine),
                 _Baseline(loop, settings, engine),
@@ -325,6 +333,7 @@ def _measure(
                     {
                         "ours": lambda: harvest.run_ours(our_pages),
                         "baseline": lambda: harvest.run_baseline(base_pages),
+                        "CPU s/page alone": harvest.cpu_per_page,
                     },
                 )
             finally:
@@ -335,7 +344,7 @@ def _measure(
             process.stop()
         loop.run_until_complete(engine.dispose())
         loop.close()
-    return samples, cpu, len(our_pages), len(base_pages)
+    return samples, len(our_pages), len(base_pages)
 
 
 def run(options: Options) -> list[Figure]:
@@ -344,10 +353,11 @@ def run(options: Options) -> list[Figure]:
         redis_namespace() as (redis_url, prefix),
         postgres_database() as database_url,
     ):
-        samples, cpu, our_pages, base_pages = _measure(
+        samples, our_pages, base_pages = _measure(
             options, Path(name), redis_url, prefix, database_url
         )
     cores = os.cpu_count() or 1
+    cpu = samples.pop("CPU s/page alone")
     cpu_per_page = median(cpu)
     ours = median(samples["ours"])
     return [
