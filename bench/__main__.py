@@ -5,7 +5,10 @@
     python -m bench --quick               smaller inputs, fewer runs: for development only
 
 Sections: parse, upsert, upload (throughput, latency and the gateway's RSS growth), harvest.
-The table goes to stdout, progress to stderr, the figures to bench/results.json.
+The table goes to stdout, progress to stderr, the figures to bench/results.json and what the
+run was (machine, runs, sections) to bench/results.meta.json. A run of less than the full spec
+(--only, --quick or fewer than 5 runs) writes bench/results.partial.json instead, so it never
+replaces a full run's figures.
 """
 
 from __future__ import annotations
@@ -17,7 +20,16 @@ import time
 import traceback
 
 from bench.common import MIN_RUNS, Options, Section, say
-from bench.report import RESULTS_PATH, Figure, describe_machine, machine, table, write_json
+from bench.report import (
+    PARTIAL_RESULTS_PATH,
+    RESULTS_PATH,
+    Figure,
+    describe_machine,
+    machine,
+    meta_path,
+    table,
+    write_json,
+)
 from bench.services import ServiceMissing
 
 SECTIONS = ("parse", "upsert", "upload", "harvest")
@@ -42,11 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     runs = args.runs if args.runs is not None else (3 if args.quick else MIN_RUNS)
+    if runs < 1:
+        parser.error("--runs must be at least 1")
     options = Options(runs=runs, quick=args.quick)
+    full = set(chosen) == set(SECTIONS) and not args.quick and runs >= MIN_RUNS
+    path = RESULTS_PATH if full else PARTIAL_RESULTS_PATH
+    kind = "the full spec" if full else "partial: not the full spec"
 
     info = machine()
     started = time.monotonic()
-    say(f"bench on {describe_machine(info)}; sections {', '.join(chosen)}, {runs} runs each")
+    say(
+        f"bench on {describe_machine(info)}; sections {', '.join(chosen)}, {runs} runs each"
+        f"{', quick' if args.quick else ''} ({kind})"
+    )
     figures: list[Figure] = []
     failed: list[str] = []
     skipped: list[str] = []
@@ -72,14 +92,19 @@ def main(argv: list[str] | None = None) -> int:
             "duration_seconds": round(duration, 1),
             "runs": runs,
             "quick": args.quick,
+            "full_spec": full,
             "sections": list(chosen),
             "failed_sections": failed,
             "skipped_sections": skipped,
         },
+        path,
     )
-    print(f"\nBenchmarks on {describe_machine(info)}; {duration:.0f} s in all\n")
+    print(
+        f"\nBenchmarks on {describe_machine(info)}; {duration:.0f} s in all; "
+        f"median of {runs} runs{', quick inputs' if args.quick else ''} ({kind})\n"
+    )
     print(table(figures))
-    print(f"\nwritten to {RESULTS_PATH}")
+    print(f"\nwritten to {path} (and {meta_path(path).name})")
     if skipped:
         print(f"sections skipped for a missing service: {', '.join(skipped)}", file=sys.stderr)
     if failed:

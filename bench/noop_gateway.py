@@ -1,10 +1,11 @@
 """`python -m bench.noop_gateway ADDRESS`: QueueService.Upload that does nothing, on grpc.aio.
 
-The floor of `upload_per_s`: what one Python gRPC process answers on this machine when an
-Upload costs nothing but gRPC itself (the same request, metadata and size of answer as the real
-gateway, no token check, no record, no publish). The bench drives it with the same clients as
-the gateway, so the gap between the two is what our own work costs, and its latency is the
-least a Python gateway could offer at 32 calls in flight.
+The floor of `upload_per_s`: what Python gRPC answers on this machine when an Upload costs
+nothing but gRPC itself (the same request, metadata and size of answer as the real gateway, no
+token check, no record, no publish). The bench runs it as one process and as many processes on
+one port (SO_REUSEPORT) as the gateway serves with, and drives both with the same clients as the
+gateway, so the gap is what our own work costs, and the better latency of the two is the least
+a Python gateway could offer at 32 calls in flight.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class _NoOpQueueService(queue_service_pb2_grpc.QueueServiceServicer):
 
 
 async def _serve(address: str) -> None:
-    server = grpc.aio.server()
+    # Several of these processes share one port, as the gateway's own serving processes do.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     queue_service_pb2_grpc.add_QueueServiceServicer_to_server(_NoOpQueueService(), server)
     port = server.add_insecure_port(address)
     await server.start()

@@ -2,7 +2,7 @@
 
 Ours is `worker.parse.parse_listing`; the baseline BeautifulSoup on html.parser with the same
 selectors. Beside it: ours against raw lxml (parse plus XPath, the practical floor) and against
-BeautifulSoup on lxml (what worker.parse did before it parsed with lxml directly).
+BeautifulSoup on lxml with plain `select()` calls (what our own selector handling is worth).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
   practical floor for any parser written in Python on top of lxml.
 
 Each returns the same `ProjectItem`s as `worker.parse.parse_listing` on the bench's pages, which
-`check_same_items` asserts before anything is timed.
+`bench/parse.py` asserts before anything is timed.
 """
 
 from __future__ import annotations

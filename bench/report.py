@@ -8,6 +8,7 @@ Most targets are on the ratio; a few (p99 latency) are on our own value, which `
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 RESULTS_PATH = Path(__file__).with_name("results.json")
+# Where a run of some sections, fewer runs or --quick writes, so it never replaces the figures
+# of a full run.
+PARTIAL_RESULTS_PATH = Path(__file__).with_name("results.partial.json")
 
 
 @dataclass
@@ -40,8 +44,8 @@ class Figure:
 
     @property
     def passed(self) -> bool | None:
-        if self.target is None:
-            return None
+        if self.target is None or not math.isfinite(self.ratio):
+            return None  # no target, or a baseline of 0: nothing to judge by
         if self.target_on == "ratio":
             return self.ratio >= self.target
         return self.ours >= self.target if self.higher_is_better else self.ours <= self.target
@@ -58,7 +62,7 @@ class Figure:
         return {
             "ours": self.ours,
             "baseline": self.baseline,
-            "ratio": self.ratio,
+            "ratio": self.ratio if math.isfinite(self.ratio) else None,
             "target": self.target,
             "unit": self.unit,
             "target_on": self.target_on,
@@ -145,8 +149,18 @@ def describe_machine(info: dict[str, Any]) -> str:
     )
 
 
-def write_json(figures: Sequence[Figure], meta: dict[str, Any], path: Path = RESULTS_PATH) -> None:
-    """One object per figure, keyed by its name; `_meta` (not a figure) says where and when."""
-    document: dict[str, Any] = {f.name: f.as_json() for f in figures}
-    document["_meta"] = meta
-    path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+def meta_path(path: Path) -> Path:
+    """Where the run's metadata goes beside `path`: results.json -> results.meta.json."""
+    return path.with_suffix(".meta.json")
+
+
+def write_json(figures: Sequence[Figure], meta: dict[str, Any], path: Path) -> None:
+    """`path`: one object per figure, keyed by its name and nothing else; what the run was (the
+    machine, runs, sections, duration) goes to `meta_path(path)`."""
+    for target, document in (
+        (path, {f.name: f.as_json() for f in figures}),
+        (meta_path(path), meta),
+    ):
+        target.write_text(
+            json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        )

@@ -81,7 +81,8 @@ async def upsert_row_by_row(engine: AsyncEngine, items: Sequence[ProjectItem]) -
 class _Bench:
     def __init__(self, url: str) -> None:
         self.loop = asyncio.new_event_loop()
-        self.engine = create_engine(url)
+        # As the worker's engine is: no ping before each statement, for either side.
+        self.engine = create_engine(url, pre_ping=False)
         self.items = _items()
         self.known = _known(self.items)
         self.batch_size = get_settings().upsert_batch_size
