@@ -10,11 +10,13 @@ The caller's identity comes from `gateway.auth.current_client`; errors are raise
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
@@ -151,6 +153,17 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             await self._health.mark_down()
             raise Unavailable("the task result store is unreachable; retry shortly") from exc
 
+    @contextlib.asynccontextmanager
+    async def _enqueue_errors(self) -> AsyncIterator[None]:
+        """A failed enqueue as the caller's UNAVAILABLE; a broker failure also marks it down."""
+        try:
+            yield
+        except StoreUnavailable as exc:
+            raise Unavailable(STORE_DOWN) from exc
+        except QueueUnavailable as exc:
+            await self._health.mark_down()
+            raise Unavailable(BROKER_DOWN) from exc
+
     async def _forget(self, task: IssuedTask) -> None:
         try:
             await self._records.forget(task.id)
@@ -198,13 +211,8 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         client = current_client.get()
         if request_id is None:
             task = IssuedTask.new(client, None, request.page)
-            try:
+            async with self._enqueue_errors():
                 await self._issuer.issue(task, self._give_up(context.time_remaining()))
-            except StoreUnavailable as exc:
-                raise Unavailable(STORE_DOWN) from exc
-            except QueueUnavailable as exc:
-                await self._health.mark_down()
-                raise Unavailable(BROKER_DOWN) from exc
             return queue_service_pb2.UploadResponse(task=describe(task, None))
         try:
             task, created = await self._records.claim(client, request_id, request.page)
@@ -273,16 +281,11 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         publishing = asyncio.create_task(self._publish_or_forget(task, give_up))
         self._publishing.add(publishing)
         publishing.add_done_callback(self._publish_done)
-        try:
+        async with self._enqueue_errors():
             # Shielded: a caller that gives up (deadline, cancel) must not cut a publish in
             # half. It runs to its end; the record stays if the task reached the broker (a
             # retry with the request_id finds it) and goes if it did not.
             await asyncio.shield(publishing)
-        except StoreUnavailable as exc:
-            raise Unavailable(STORE_DOWN) from exc
-        except QueueUnavailable as exc:
-            await self._health.mark_down()
-            raise Unavailable(BROKER_DOWN) from exc
         log.debug("client %s enqueued task %s for page %d", task.client, task.id, task.page)
 
     @answers_errors
