@@ -239,9 +239,9 @@ async def _cpu_per_page(engine: AsyncEngine, batch_size: int) -> float:
     seconds = []
     # Links of their own, not those of the runs, and new on every turn: the table is emptied
     # before each run of ours, and a turn stores after one.
+    backend = await _backend(engine)
     for page in range(5001, 5001 + FLOOR_PAGES):
         body = data.listing(page, ITEMS_PER_PAGE)
-        backend = await _backend(engine)
         started = time.process_time() + _cpu_seconds(backend)
         parsed = parse_listing(body, data.page_url(page), data.PROFILE)
         await store_projects(engine, parsed.items, batch_size)
