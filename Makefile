@@ -37,19 +37,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck $(VENV)/compose-spec.json
+test: lint typecheck
 	$(BIN)/pytest
-
-# The Compose specification's JSON schema, which tests/unit/test_compose.py checks
-# docker-compose.yml against; it ships inside the docker-compose 1.29.2 wheel.
-$(VENV)/compose-spec.json: | $(STAMP)
-	$(BIN)/pip download --quiet --no-deps --only-binary :all: docker-compose==1.29.2 \
-	  -d $(VENV)/downloads
-	$(BIN)/python -c "import pathlib, sys, zipfile; \
-	  wheel = zipfile.ZipFile('$(VENV)/downloads/docker_compose-1.29.2-py2.py3-none-any.whl'); \
-	  pathlib.Path(sys.argv[1]).write_bytes(wheel.read('compose/config/compose_spec.json'))" \
-	  $@.tmp
-	mv $@.tmp $@
 
 faults: $(STAMP)
 	$(BIN)/pytest tests/faults

@@ -1,7 +1,7 @@
 """docker-compose.yml and the Dockerfile agree with the Compose specification and with the code.
 
 There is no Docker here, so these check what can be checked without running the stack: the
-file's shape (the Compose specification's JSON schema, fetched by `make test`), that every
+file's shape (the Compose specification's JSON schema, as check-jsonschema ships it), that every
 variable is a setting and its value one `Settings` accepts, that the commands name modules that
 exist, that the gateway listens where it is published, and that its healthcheck really tells
 SERVING from NOT_SERVING.
@@ -10,6 +10,8 @@ SERVING from NOT_SERVING.
 from __future__ import annotations
 
 import ast
+import copy
+import importlib.resources
 import importlib.util
 import itertools
 import json
@@ -36,9 +38,10 @@ from tests.support.processes import clean_environment
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-# Written by the Makefile target `.venv/compose-spec.json`, a prerequisite of `make test`.
-SCHEMA_FILE = Path(sys.executable).parent.parent / "compose-spec.json"
-SCHEMA_TARGET = ".venv/compose-spec.json"
+# The Compose specification's schema as check-jsonschema (a dev dependency, pinned in
+# constraints.txt) vendors it for its `--builtin-schema vendor.compose-spec`.
+SCHEMA_PACKAGE = "check_jsonschema.builtin_schemas.vendor"
+SCHEMA_RESOURCE = "compose-spec.json"
 
 APP_SERVICES = ("gateway", "worker")
 # Stand-ins for the `${VAR:?...}` variables the operator must set; each must be a valid value.
@@ -198,22 +201,52 @@ def deepest(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
     return max(causes, key=lambda cause: len(cause.absolute_path), default=error)
 
 
-def test_compose_file_matches_the_compose_specification(compose: dict[str, Any]) -> None:
-    if not SCHEMA_FILE.is_file():
+@pytest.fixture(scope="module")
+def compose_validator() -> jsonschema.protocols.Validator:
+    try:
+        resource = importlib.resources.files(SCHEMA_PACKAGE).joinpath(SCHEMA_RESOURCE)
+        schema = json.loads(resource.read_bytes())
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
         pytest.fail(
-            f"{SCHEMA_FILE} is missing: run `make test`, or only `make {SCHEMA_TARGET}`, which "
-            "extracts the Compose specification's schema from the docker-compose wheel"
+            f"no {SCHEMA_RESOURCE} in {SCHEMA_PACKAGE} ({exc}): install the dev dependencies "
+            "(`make setup`); if check-jsonschema moved its vendored schemas, update SCHEMA_PACKAGE"
         )
-    schema = json.loads(SCHEMA_FILE.read_text())
-    validator = jsonschema.Draft7Validator(schema)
+    # The schema names its draft ($schema); the validator for that draft checks it first.
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    return validator_class(schema)
+
+
+def schema_problems(validator: jsonschema.protocols.Validator, document: Any) -> list[str]:
     problems = []
-    for error in sorted(validator.iter_errors(compose), key=lambda e: list(map(str, e.path))):
+    for error in sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.path))):
         detail = deepest(error)
         where = "/".join(map(str, detail.absolute_path)) or "<top level>"
         problems.append(f"  {where}: {detail.message}")
+    return problems
+
+
+def test_compose_file_matches_the_compose_specification(
+    compose: dict[str, Any], compose_validator: jsonschema.protocols.Validator
+) -> None:
+    problems = schema_problems(compose_validator, compose)
     assert not problems, "docker-compose.yml breaks the Compose specification:\n" + "\n".join(
         problems
     )
+
+
+def test_the_schema_rejects_what_compose_would(
+    compose: dict[str, Any], compose_validator: jsonschema.protocols.Validator
+) -> None:
+    """The schema check can fail: a misspelt key and a wrong type in a copy of the file."""
+    broken = copy.deepcopy(compose)
+    broken["services"]["gateway"]["helthcheck"] = broken["services"]["gateway"].pop(
+        "healthcheck", {}
+    )
+    broken["services"]["worker"]["ports"] = "50051"
+    problems = "\n".join(schema_problems(compose_validator, broken))
+    assert "helthcheck" in problems, problems
+    assert "services/worker/ports" in problems, problems
 
 
 @pytest.mark.parametrize("service", APP_SERVICES)
