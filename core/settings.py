@@ -23,13 +23,42 @@ MAX_CLIENT_NAME_LENGTH = 64  # the width of tasks.client
 class SourceProfile(BaseModel):
     """CSS selectors that say where a listing page keeps each field of a project."""
 
-    item: str = ".project"
-    active_class: str = "is-active"
-    title: str = ".project-title"
-    link: str = ".project-title a"
-    description: str = ".project-description"
-    start: str = "time.project-start"
-    start_text_format: str = "%d.%m.%Y"
+    item: str = Field(
+        default=".project",
+        description="CSS selector of one project on a listing page: each element it matches is one "
+        "item, and the selectors below are looked up inside it.",
+    )
+    active_class: str = Field(
+        default="is-active",
+        description="Class name that marks an item as an active project; an item without it is "
+        "stored as inactive.",
+    )
+    title: str = Field(
+        default=".project-title",
+        description="CSS selector of the title inside an item; its text is taken with whitespace "
+        "collapsed, and an item without a title is skipped.",
+    )
+    link: str = Field(
+        default=".project-title a",
+        description="CSS selector of the link inside an item; its `href`, resolved against the "
+        "page's URL, is the project's identity, and an item without an http(s) link is "
+        "skipped.",
+    )
+    description: str = Field(
+        default=".project-description",
+        description="CSS selector of the description inside an item (its text, whitespace "
+        "collapsed; empty when missing).",
+    )
+    start: str = Field(
+        default="time.project-start",
+        description="CSS selector of the start date inside an item: its `datetime` attribute as "
+        "an ISO date, else its text in `SOURCE_PROFILE__START_TEXT_FORMAT`, else no date.",
+    )
+    start_text_format: str = Field(
+        default="%d.%m.%Y",
+        description="strptime format of a start date given as text, e.g. `%d.%m.%Y` for "
+        "31.12.2026.",
+    )
 
 
 class ApiToken(BaseModel):
@@ -70,65 +99,250 @@ class Settings(BaseSettings):
     )
 
     # --- gateway ---
-    gateway_address: str = DEFAULT_GATEWAY_ADDRESS
-    api_tokens: Annotated[list[ApiToken], NoDecode] = Field(default_factory=list)
-    max_page: int = Field(default=10_000, ge=1)
-    gateway_max_message_bytes: int = Field(default=16 * 1024, ge=1024)
-    gateway_max_concurrent_rpcs: int = Field(default=512, ge=1)
-    gateway_grace_seconds: float = Field(default=5.0, ge=0)
-    # One gateway process serves from one core (the GIL); more share the port (SO_REUSEPORT).
-    gateway_processes: int = Field(default=1, ge=1, le=64)
-    gateway_reuse_port: bool = False
-    # Per client and per gateway process; 0 turns the limit off.
-    gateway_rate_limit_per_second: float = Field(default=0.0, ge=0)
-    gateway_rate_limit_burst: int = Field(default=100, ge=1)
-    # TLS: a certificate and key turn it on; a client CA also requires client certificates.
-    gateway_tls_cert_file: Path | None = None
-    gateway_tls_key_file: Path | None = None
-    gateway_tls_client_ca_file: Path | None = None
-    # Tasks never started, no longer queued, and enqueued longer ago than this are FAILURE
-    # "lost by the broker" (a Redis that lost its data); 0 turns the check off.
-    reconcile_after_seconds: float = Field(default=900.0, ge=0)
-    reconcile_interval_seconds: float = Field(default=60.0, gt=0)
-    publish_timeout_seconds: float = Field(default=3.0, gt=0)
-    broker_check_interval_seconds: float = Field(default=2.0, gt=0)
+    gateway_address: str = Field(
+        default=DEFAULT_GATEWAY_ADDRESS,
+        description="host:port the gateway listens on; localhost only unless you set e.g. "
+        "`0.0.0.0:50051`.",
+    )
+    api_tokens: Annotated[list[ApiToken], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens of the gateway's clients, as `name:token,name2:token2`; the "
+        "name is the client's identity (a client sees only its own tasks). Unset: the gateway "
+        "makes up one token for client `default` and prints it once.",
+    )
+    max_page: int = Field(default=10_000, ge=1, description="Highest page number Upload accepts.")
+    gateway_max_message_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        description="Largest request the gateway accepts, in bytes; a larger one is "
+        "RESOURCE_EXHAUSTED.",
+    )
+    gateway_max_concurrent_rpcs: int = Field(
+        default=512,
+        ge=1,
+        description="Calls one gateway process keeps in flight; past it new calls are "
+        "RESOURCE_EXHAUSTED.",
+    )
+    gateway_grace_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a gateway told to stop (SIGTERM, Ctrl-C) lets calls in flight "
+        "finish.",
+    )
+    gateway_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Gateway processes `python -m gateway` runs on `GATEWAY_ADDRESS` (they share "
+        "the port with SO_REUSEPORT). One process uses one core: on a host of its own, set it "
+        "to the host's cores. Above 1 it needs a fixed port.",
+    )
+    gateway_reuse_port: bool = Field(
+        default=False,
+        description="Listen with SO_REUSEPORT, so gateways you start yourself can share one "
+        "port (`GATEWAY_PROCESSES` sets it for its own processes).",
+    )
+    gateway_rate_limit_per_second: float = Field(
+        default=0.0,
+        ge=0,
+        description="Calls per second each client may make, per gateway process; past it the "
+        "gateway answers RESOURCE_EXHAUSTED with a RetryInfo. `0` turns the limit off.",
+    )
+    gateway_rate_limit_burst: int = Field(
+        default=100,
+        ge=1,
+        description="Calls a client may make at once before `GATEWAY_RATE_LIMIT_PER_SECOND` "
+        "applies.",
+    )
+    gateway_tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate chain of the gateway; set with `GATEWAY_TLS_KEY_FILE`, the "
+        "gateway serves TLS only. Unset: plaintext.",
+    )
+    gateway_tls_key_file: Path | None = Field(
+        default=None,
+        description="PEM private key of `GATEWAY_TLS_CERT_FILE`; the two go together.",
+    )
+    gateway_tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA certificate; when set, clients must present a certificate it "
+        "signed (mutual TLS). Needs `GATEWAY_TLS_CERT_FILE`.",
+    )
+    reconcile_after_seconds: float = Field(
+        default=900.0,
+        ge=0,
+        description="A task never started, no longer queued and enqueued longer ago than this "
+        'is marked FAILURE "lost by the broker" (a Redis that lost its data) instead of '
+        "staying PENDING. `0` turns the check off.",
+    )
+    reconcile_interval_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often the gateway looks for tasks the broker lost.",
+    )
+    publish_timeout_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        description="Longest the gateway tries to hand one Upload's task to the broker, "
+        "retries included, before answering UNAVAILABLE.",
+    )
+    broker_check_interval_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often the gateway's health service re-checks the broker and the database.",
+    )
 
     # --- broker, results ---
-    celery_broker_url: str | None = None
-    celery_result_backend: str | None = None
-    result_expires_seconds: int = Field(default=86_400, ge=1)
-    broker_visibility_timeout_seconds: int = Field(default=600, ge=1)
-    task_queue: str = "harvest"
-    # Prefix for every Redis key of the broker and the result backend (several apps, one Redis).
-    redis_key_prefix: str = ""
+    celery_broker_url: str | None = Field(
+        default=None,
+        description="Broker URL, e.g. `redis://host:6379/0`, `amqp://user:pass@host//` or "
+        "`redis+socket:///path`. Unset: a Redis embedded in `DATA_DIR`, started on demand "
+        "(one machine only).",
+    )
+    celery_result_backend: str | None = Field(
+        default=None,
+        description="Result store URL (`redis://...`). Unset: the broker's URL; it must be set "
+        "when the broker is AMQP.",
+    )
+    result_expires_seconds: int = Field(
+        default=86_400,
+        ge=1,
+        description="How long task results and the gateway's task records are kept; after "
+        "it GetStatus answers NOT_FOUND.",
+    )
+    broker_visibility_timeout_seconds: int = Field(
+        default=600,
+        ge=1,
+        description="Redis broker: a task taken but not acknowledged this long is delivered "
+        "again. It must exceed `TASK_TIME_LIMIT_SECONDS` plus the longer of "
+        "`RETRY_AFTER_CAP_SECONDS` and `RETRY_MAX_DELAY_SECONDS`.",
+    )
+    task_queue: str = Field(
+        default="harvest",
+        description="Name of the queue the gateway publishes to and the workers consume; give "
+        "both the same.",
+    )
+    redis_key_prefix: str = Field(
+        default="",
+        description="Prefix of every Redis key of the broker and the result store, so several "
+        "deployments can share one Redis. Unset: no prefix.",
+    )
 
     # --- worker ---
-    # Unset: the bundled sample site at SAMPLE_SITE_ADDRESS.
-    source_url: str = ""
-    source_profile: SourceProfile = Field(default_factory=SourceProfile)
-    worker_concurrency: int = Field(default=16, ge=1)
-    worker_db_connections: int = Field(default=8, ge=1)
-    fetch_timeout_seconds: float = Field(default=10.0, gt=0)
-    fetch_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
-    fetch_max_redirects: int = Field(default=5, ge=0)
-    retry_max_tries: int = Field(default=4, ge=1)
-    retry_base_delay_seconds: float = Field(default=1.0, ge=0, le=2.0)
-    retry_max_delay_seconds: float = Field(default=30.0, ge=0)
-    retry_after_cap_seconds: float = Field(default=60.0, ge=0)
-    task_soft_time_limit_seconds: float = Field(default=120.0, gt=0)
-    task_time_limit_seconds: float = Field(default=150.0, gt=0)
-    upsert_batch_size: int = Field(default=500, ge=1, le=4000)
-    # Test-only fault injection, e.g. "after_store=pause@3" (see worker/failpoints.py).
-    failpoints: str = ""
+    source_url: str = Field(
+        default="",
+        description="URL template of a listing page, with `{page}` where the page number "
+        "goes, e.g. `https://example.org/projects?page={page}`. Unset: the bundled sample "
+        "site, `http://SAMPLE_SITE_ADDRESS/projects?page={page}`.",
+    )
+    source_profile: SourceProfile = Field(
+        default_factory=SourceProfile,
+        description="How the worker reads a listing page: the CSS selectors below, each set "
+        "by its own `SOURCE_PROFILE__<NAME>` variable, or several at once as a JSON object in "
+        '`SOURCE_PROFILE`, e.g. `{"item": ".card"}`.',
+    )
+    worker_concurrency: int = Field(
+        default=16,
+        ge=1,
+        description="Tasks in flight per worker process (threads sharing its one event loop); "
+        "`celery worker --concurrency` overrides it. The benchmark runs 32, its best on 2 "
+        "cores against a site answering in 250 ms (see bench/README.md).",
+    )
+    worker_db_connections: int = Field(
+        default=8,
+        ge=1,
+        description="Database connections per worker process, which its tasks take turns on; "
+        "keep worker processes x this, plus 20 per gateway process, below the database's "
+        "max_connections.",
+    )
+    fetch_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Deadline of one whole fetch of a page, redirects and body included; "
+        "past it the try is retried.",
+    )
+    fetch_max_bytes: int = Field(
+        default=5 * 1024 * 1024,
+        ge=1024,
+        description="Largest page body the worker reads, in bytes counted after "
+        "decompression; a larger page fails its task.",
+    )
+    fetch_max_redirects: int = Field(
+        default=5,
+        ge=0,
+        description="Redirects a fetch follows, only ever to the source's own host; a "
+        "redirect elsewhere fails the task.",
+    )
+    retry_max_tries: int = Field(
+        default=4,
+        ge=1,
+        description="Tries per task (5xx, 429, timeouts, connection errors) before it is FAILURE.",
+    )
+    retry_base_delay_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=2.0,
+        description="First step of the exponential backoff between tries (at most 2); each "
+        "next step doubles, with jitter.",
+    )
+    retry_max_delay_seconds: float = Field(
+        default=30.0, ge=0, description="Longest step of the backoff between tries."
+    )
+    retry_after_cap_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="Longest `Retry-After` of a 429 or 503 the worker honours; a longer one is "
+        "cut to this.",
+    )
+    task_soft_time_limit_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="A try of a task running longer than this is stopped and retried; it "
+        "must be below `TASK_TIME_LIMIT_SECONDS`.",
+    )
+    task_time_limit_seconds: float = Field(
+        default=150.0,
+        gt=0,
+        description="Hard time limit of a try, enforced by Celery in prefork pools only (the "
+        "worker's threads pool relies on the soft limit); it bounds "
+        "`BROKER_VISIBILITY_TIMEOUT_SECONDS` from below.",
+    )
+    upsert_batch_size: int = Field(
+        default=500,
+        ge=1,
+        le=4000,
+        description="Projects stored per upsert statement (and per database round trip).",
+    )
+    failpoints: str = Field(
+        default="",
+        description="Test-only fault injection, e.g. `after_store=pause@3` (see "
+        "worker/failpoints.py); leave it unset in production.",
+    )
 
     # --- storage ---
-    data_dir: Path = DEFAULT_DATA_DIR
-    database_url: str | None = None
+    data_dir: Path = Field(
+        default=DEFAULT_DATA_DIR,
+        description="Directory of the default SQLite database and of the embedded Redis "
+        "(socket, AOF, logs), relative to the working directory unless absolute.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy async URL of the database, e.g. "
+        "`postgresql+asyncpg://user:pass@host/db`. Unset: SQLite at `DATA_DIR/projects.db`.",
+    )
 
     # --- sample site (make run) ---
-    sample_site_address: str = DEFAULT_SAMPLE_SITE_ADDRESS
+    sample_site_address: str = Field(
+        default=DEFAULT_SAMPLE_SITE_ADDRESS,
+        description="host:port the bundled sample site listens on (`make run`, "
+        "`python -m sample_site`).",
+    )
 
-    log_level: str = "INFO"
+    log_level: str = Field(
+        default="INFO",
+        description="Log level of the gateway: DEBUG, INFO, WARNING, ERROR or CRITICAL (the "
+        "worker takes `celery worker --loglevel`).",
+    )
 
     @field_validator("api_tokens", mode="before")
     @classmethod
