@@ -7,6 +7,7 @@ gateway never imports the worker and enqueues by `HARVEST_TASK_NAME`.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import Celery
 
@@ -34,31 +35,40 @@ def broker_and_backend(settings: Settings) -> tuple[str, str]:
 
 
 def make_celery(settings: Settings, main: str, app_class: type[Celery] = Celery) -> Celery:
+    """A configured app for a process that knows its settings now (the gateway)."""
+    app = app_class(main, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery's configuration for `settings` (which may start the embedded Redis)."""
     broker, backend = broker_and_backend(settings)
-    app = app_class(main, broker=broker, backend=backend, set_as_current=False)
     redis_options: dict[str, object] = {
         "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_SECONDS,
         "socket_timeout": SOCKET_TIMEOUT_SECONDS,
     }
     if settings.redis_key_prefix:
         redis_options["global_keyprefix"] = settings.redis_key_prefix
-    app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        task_default_queue=settings.task_queue,
+    return {
+        "broker_url": broker,
+        "result_backend": backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": settings.task_queue,
         # At-least-once: a message is acked only after the task ran, and is handed back when
         # the process running it dies; storage is idempotent, so a second run is harmless.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_track_started=True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_track_started": True,
         # A message redelivered after its task already succeeded (it outlived the visibility
         # timeout) is skipped instead of run, and its SUCCESS left alone.
-        worker_deduplicate_successful_tasks=True,
-        task_soft_time_limit=settings.task_soft_time_limit_seconds,
-        task_time_limit=settings.task_time_limit_seconds,
-        result_expires=settings.result_expires_seconds,
-        broker_transport_options={
+        "worker_deduplicate_successful_tasks": True,
+        "task_soft_time_limit": settings.task_soft_time_limit_seconds,
+        "task_time_limit": settings.task_time_limit_seconds,
+        "result_expires": settings.result_expires_seconds,
+        "broker_transport_options": {
             "visibility_timeout": settings.broker_visibility_timeout_seconds,
             # kombu sweeps for messages past their visibility timeout only every interval x
             # throttle seconds (100 s by default); a dead worker's tasks should come back soon
@@ -69,12 +79,12 @@ def make_celery(settings: Settings, main: str, app_class: type[Celery] = Celery)
             "unacked_restore_throttle": 1,
             **redis_options,
         },
-        broker_connection_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,
-        broker_connection_retry_on_startup=True,
-        redis_socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_SECONDS,
-        redis_socket_timeout=SOCKET_TIMEOUT_SECONDS,
-        redis_retry_on_timeout=True,
-        result_backend_transport_options={
+        "broker_connection_timeout": SOCKET_CONNECT_TIMEOUT_SECONDS,
+        "broker_connection_retry_on_startup": True,
+        "redis_socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_SECONDS,
+        "redis_socket_timeout": SOCKET_TIMEOUT_SECONDS,
+        "redis_retry_on_timeout": True,
+        "result_backend_transport_options": {
             "retry_policy": {"timeout": 5.0},
             **(
                 {"global_keyprefix": settings.redis_key_prefix} if settings.redis_key_prefix else {}
@@ -82,8 +92,7 @@ def make_celery(settings: Settings, main: str, app_class: type[Celery] = Celery)
         },
         # One long-lived event loop per process serves a pool of threads (see worker.runtime),
         # so the pool and its size are part of the configuration, not only of the command line.
-        worker_pool="threads",
-        worker_concurrency=settings.worker_concurrency,
-        worker_prefetch_multiplier=1,
-    )
-    return app
+        "worker_pool": "threads",
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_prefetch_multiplier": 1,
+    }

@@ -83,8 +83,9 @@ async def upgrade_to_head(engine: AsyncEngine) -> None:
     log.info("database schema is up to date")
 
 
-async def _main() -> None:
-    engine = create_engine(get_settings().resolved_database_url)
+async def migrate(database_url: str) -> None:
+    """`upgrade_to_head` on an engine of its own, for a process that has none yet."""
+    engine = create_engine(database_url)
     try:
         await upgrade_to_head(engine)
     finally:
@@ -93,4 +94,4 @@ async def _main() -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    asyncio.run(_main())
+    asyncio.run(migrate(get_settings().resolved_database_url))

@@ -1,29 +1,32 @@
-"""Bearer-token authentication (and the per-client rate limit) of QueueService calls.
+"""Bearer-token authentication (and the per-client rate limit) of every call but health's.
 
 Handlers never see tokens: the interceptor checks `authorization: Bearer <token>` against
 API_TOKENS in constant time, applies the client's rate limit, and puts the client's name in
-`current_client` for the call. Health and reflection stay open so probes and `grpcurl list`
-need no token.
+`current_client` for the call, for handlers of all four kinds (unary or streaming, either
+way). Health and reflection stay open so probes and `grpcurl list` need no token; every other
+service is protected, including ones added later.
 """
 
 from __future__ import annotations
 
 import contextvars
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
+from grpc_reflection.v1alpha import reflection
 
 from core.settings import ApiToken
-from gateway.contract import QUEUE_SERVICE_NAME
+from gateway.contract import HEALTH_SERVICE_NAME
 from gateway.errors import ResourceExhausted, ServiceError, Unauthenticated, to_status
 from gateway.ratelimit import RateLimiter
 
 Metadata = Sequence[tuple[str, str | bytes]]
 current_client: contextvars.ContextVar[str] = contextvars.ContextVar("current_client")
 
-PROTECTED_PREFIX = f"/{QUEUE_SERVICE_NAME}/"
+OPEN_SERVICES = frozenset((HEALTH_SERVICE_NAME, reflection.SERVICE_NAME))
 _SCHEME = "bearer "
 _HOW = "send metadata 'authorization: Bearer <token>' with a token from the gateway's API_TOKENS"
 
@@ -80,7 +83,7 @@ class BearerAuthInterceptor(_Interceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(PROTECTED_PREFIX):
+        if handler is None or _service_of(handler_call_details.method) in OPEN_SERVICES:
             return handler
         try:
             client = authenticate(handler_call_details.invocation_metadata, self._table)
@@ -94,19 +97,52 @@ class BearerAuthInterceptor(_Interceptor):
         return _as_client(handler, client)
 
 
-def _as_client(handler: Handler, client: str) -> Handler:
-    # The aio server awaits what the handler returns; the sync-typed stubs do not know that.
-    inner: Any = handler.unary_unary
+def _service_of(method: str) -> str:
+    """The service's full name in a method path, '/package.Service/Method'."""
+    return method[1:].rpartition("/")[0]
 
-    async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        current_client.set(client)
-        return await inner(request, context)
 
-    return grpc.unary_unary_rpc_method_handler(
-        behavior,
+# The method-handler attribute that holds the behaviour, and the factory that rebuilds the
+# handler, for each kind: (request_streaming, response_streaming).
+_KINDS: dict[tuple[bool, bool], tuple[str, Callable[..., Handler]]] = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+Behavior: TypeAlias = Callable[[Any, Any], Any]
+
+
+def _with_behavior(handler: Handler, make: Callable[[Behavior], Behavior]) -> Handler:
+    """A handler of the same kind and serializers whose behaviour is `make(the old one)`."""
+    attribute, build = _KINDS[(handler.request_streaming, handler.response_streaming)]
+    return build(
+        make(getattr(handler, attribute)),
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+def _as_client(handler: Handler, client: str) -> Handler:
+    def make(inner: Behavior) -> Behavior:
+        # The aio server awaits what a behaviour returns, or iterates it when it is an async
+        # generator (a streaming answer); the wrapper must be of the same sort.
+        if inspect.isasyncgenfunction(inner):
+
+            async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+                current_client.set(client)
+                async for response in inner(request, context):
+                    yield response
+
+            return streaming
+
+        async def behavior(request: Any, context: Any) -> Any:
+            current_client.set(client)
+            return await inner(request, context)
+
+        return behavior
+
+    return _with_behavior(handler, make)
 
 
 def _refusal(handler: Handler, error: ServiceError) -> Handler:
@@ -115,8 +151,4 @@ def _refusal(handler: Handler, error: ServiceError) -> Handler:
     async def behavior(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(status.code, status.details, status.trailing_metadata)
 
-    return grpc.unary_unary_rpc_method_handler(
-        behavior,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return _with_behavior(handler, lambda _inner: behavior)

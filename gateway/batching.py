@@ -25,17 +25,23 @@ class Batcher(Generic[T]):
         self._pending: list[tuple[T, asyncio.Future[None]]] = []
         self._runner: asyncio.Task[None] | None = None
 
-    async def submit(self, item: T) -> None:
+    async def submit(self, item: T, *, detached: bool = False) -> None:
         """Return once `item` is flushed; raise what its flush raised (or said of it).
 
-        An item whose submitter is cancelled before its batch is cut is never flushed; once
-        the flush has begun, the item goes with it whether or not anyone still waits.
+        An item whose submitter is cancelled before its batch is cut is never flushed, unless
+        `detached`: then it is flushed whatever its submitter does. Once the flush has begun,
+        the item goes with it whether or not anyone still waits.
         """
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if self._runner is None:
             self._runner = asyncio.create_task(self._run(), name="batcher")
-        await future
+        if not detached:
+            await future
+            return
+        # Read here if its submitter has gone away, so that asyncio does not log it as lost.
+        future.add_done_callback(_retrieve)
+        await asyncio.shield(future)
 
     async def _run(self) -> None:
         try:
@@ -75,3 +81,8 @@ class Batcher(Generic[T]):
         """Wait until everything submitted so far is flushed."""
         while self._runner is not None:
             await asyncio.shield(self._runner)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -1,7 +1,8 @@
 """The gateway's side of Celery: publish a harvest by task name, read a task's state back.
 
 Every Celery, kombu or Redis call blocks, so each runs on a small thread pool of its own, never
-on the event loop. Broker and backend failures leave this module as `QueueUnavailable`.
+on the event loop. Broker and backend failures leave this module as `QueueUnavailable`, after
+telling `on_unavailable` (the gateway's health).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import datetime as dt
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +23,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
 from core.celery_config import HARVEST_TASK_NAME
-from gateway.batching import Batcher
+from gateway.errors import BROKER_DOWN, RESULTS_DOWN, TOO_BUSY, QueueUnavailable, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ log = logging.getLogger(__name__)
 _TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _QUEUE_ERRORS = (KombuError, KombuOperationalError, RedisError, OSError, TimeoutError)
 PUBLISH_RETRIES = 2
-# Messages sent in one broker round trip at most.
-MAX_PUBLISH_BATCH = 256
 
 
 class PublishingCelery(Celery):
@@ -48,10 +48,6 @@ class PublishingCelery(Celery):
 
 def _no_subscription(producer: object, task_id: str) -> None:
     return None
-
-
-class QueueUnavailable(Exception):
-    """The broker or the result backend did not answer in time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +68,20 @@ class CeleryState:
     finished_at: dt.datetime | None
 
 
+async def _nobody() -> None:
+    return None
+
+
 class CeleryQueue:
-    def __init__(self, app: Celery, publish_timeout: float, threads: int = 8) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        publish_timeout: float,
+        threads: int = 8,
+        on_unavailable: Callable[[], Awaitable[None]] = _nobody,
+    ) -> None:
         self._app = app
+        self._on_unavailable = on_unavailable
         self._publish_timeout = publish_timeout
         # One socket operation may not outlast the whole publish bound (the worker's 10 s read
         # timeout suits a consumer, not a caller waiting on an answer).
@@ -90,37 +97,51 @@ class CeleryQueue:
         # Publishes have a thread of their own, so reads and health pings never queue them; one
         # is enough, as what arrives while it sends a batch goes out together in the next.
         self._publish_executor = ThreadPoolExecutor(1, thread_name_prefix="celery-publish")
-        self._publications = Batcher(self.publish_many, MAX_PUBLISH_BATCH)
         self._queue = app.amqp.queues[app.conf.task_default_queue]
         # Where `send_task` would route a harvest: the same for every message, worked out once.
         self._route: dict[str, Any] = app.amqp.router.route({}, HARVEST_TASK_NAME)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-read")
 
     async def _call(
-        self, function: Any, *args: Any, executor: ThreadPoolExecutor | None = None
+        self,
+        function: Any,
+        *args: Any,
+        executor: ThreadPoolExecutor | None = None,
+        unavailable: str = RESULTS_DOWN,
     ) -> Any:
+        """`function(*args)` on a thread; a broker or backend failure as QueueUnavailable."""
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(executor or self._executor, function, *args)
         except _QUEUE_ERRORS as exc:
-            raise QueueUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            await self._on_unavailable()
+            raise QueueUnavailable(f"{type(exc).__name__}: {exc}", unavailable) from exc
 
-    def _publish_many(self, tasks: list[Publication]) -> list[BaseException | None]:
-        """Send `tasks` in one batch, again while some are within their deadline; each's error."""
+    def _publish_many(
+        self, tasks: list[Publication]
+    ) -> tuple[list[BaseException | None], str | None]:
+        """Send `tasks` in one batch, again while some are within their deadline.
+
+        Each task's error (None: sent), and the broker's last failure if there was one.
+        """
         errors: list[BaseException | None] = [None] * len(tasks)
         live = list(range(len(tasks)))
         # Bounded retries: kombu's default policy can keep a caller waiting far longer than any
         # gRPC deadline while the broker is down.
         interval = max(self._publish_timeout / (PUBLISH_RETRIES + 1), 0.05)
-        failure = "its deadline passed before its turn"
+        failure: str | None = None
         while True:
             now = time.monotonic()
             for index in live:
                 if tasks[index].give_up <= now:
-                    errors[index] = QueueUnavailable(failure)
+                    errors[index] = (
+                        QueueUnavailable(failure)
+                        if failure
+                        else Unavailable(TOO_BUSY, cause="its deadline passed before its turn")
+                    )
             live = [index for index in live if errors[index] is None]
             if not live:
-                return errors
+                return errors, failure
             try:
                 # One Redis pipeline for the batch when the producer's channel can batch (kombu
                 # sends one message at a time otherwise, e.g. over AMQP).
@@ -130,7 +151,7 @@ class CeleryQueue:
                     producer.maybe_declare(self._queue)
                     for index in live:
                         self._send(producer, tasks[index])
-                return errors
+                return errors, failure
             except _QUEUE_ERRORS as exc:
                 # A pipeline that failed midway may have delivered some of its messages (kombu
                 # says "uncertain"); sent again, such a task runs twice under one id, and its
@@ -146,8 +167,7 @@ class CeleryQueue:
         options `send_task` gives them; tests/unit/test_celery_queue.py holds the two equal but
         for the sending thread's id), without what `send_task` adds per call for a caller that
         waits on results: an AsyncResult, its parent-task lookups, the routing and option
-        merging done anew. That was half of the publish thread's time, and 13% more Uploads/s
-        in an interleaved A/B.
+        merging done anew: half of the publish thread's time (bench/README.md).
         """
         options: dict[str, Any] = {
             **self._route,
@@ -173,20 +193,20 @@ class CeleryQueue:
     async def publish_many(self, tasks: list[Publication]) -> list[BaseException | None]:
         """Enqueue `tasks` in one broker round trip (more while within their deadlines).
 
-        Each item's outcome: None when enqueued, else a QueueUnavailable. The call itself raises
-        QueueUnavailable only when the broker could not be reached at all.
+        Each item's outcome: None when enqueued, else an Unavailable (a QueueUnavailable when
+        the broker failed). The call itself raises QueueUnavailable only when the broker could
+        not be reached at all.
         """
-        errors: list[BaseException | None] = await self._call(
-            self._publish_many, tasks, executor=self._publish_executor
+        sent: tuple[list[BaseException | None], str | None] = await self._call(
+            self._publish_many,
+            tasks,
+            executor=self._publish_executor,
+            unavailable=BROKER_DOWN,
         )
+        errors, broker_failure = sent
+        if broker_failure is not None and any(errors):
+            await self._on_unavailable()
         return errors
-
-    async def publish(self, task_id: str, page: int, give_up: float) -> None:
-        """Enqueue the harvest of `page` as task `task_id` unless `give_up` (monotonic) passes.
-
-        Batched with the other calls in flight.
-        """
-        await self._publications.submit(Publication(task_id, page, give_up))
 
     def _read(self, task_id: str) -> CeleryState:
         meta = self._app.backend.get_task_meta(task_id)

@@ -1,15 +1,19 @@
-"""The gateway's errors and the one table that turns them into gRPC statuses.
+"""The gateway's errors; each class carries the gRPC status code it is answered with.
 
     ServiceError
-     ├── Unauthenticated      UNAUTHENTICATED   missing, garbled or unknown token
-     ├── InvalidArgument      INVALID_ARGUMENT  + google.rpc.BadRequest field violation
-     ├── NotFound             NOT_FOUND         never issued to this client, or expired
-     ├── AlreadyExists        ALREADY_EXISTS    request_id reused for another page
-     ├── ResourceExhausted    RESOURCE_EXHAUSTED + google.rpc.RetryInfo
-     └── Unavailable          UNAVAILABLE       + google.rpc.RetryInfo (broker or database down)
+     ├── Unauthenticated        UNAUTHENTICATED     missing, garbled or unknown token
+     ├── InvalidArgument        INVALID_ARGUMENT    + google.rpc.BadRequest field violation
+     ├── NotFound               NOT_FOUND           never issued to this client, or expired
+     ├── AlreadyExists          ALREADY_EXISTS      request_id reused for another page
+     ├── ResourceExhausted      RESOURCE_EXHAUSTED  + google.rpc.RetryInfo
+     └── Unavailable            UNAVAILABLE         + google.rpc.RetryInfo
+          ├── StoreUnavailable                      the database did not answer
+          └── QueueUnavailable                      the broker or the result backend did not
 
-Handlers raise these; `abort` sends them with rich details through grpcio-status. Anything else
-that escapes a handler is logged and answered INTERNAL without leaking its text.
+Handlers (and the modules they call: the records, the queue) raise these; `answers_errors` is
+the one place that turns them into statuses, with rich details through grpcio-status. A
+subclass inherits its parent's code. Anything else that escapes a handler is logged and
+answered INTERNAL without leaking its text.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import NoReturn, TypeVar
+from typing import ClassVar, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -28,9 +32,16 @@ from grpc_status import rpc_status
 
 log = logging.getLogger(__name__)
 
+STORE_DOWN = "the task database is unreachable; retry shortly"
+BROKER_DOWN = "the task broker is unreachable; nothing was enqueued; retry shortly"
+RESULTS_DOWN = "the task result store is unreachable; retry shortly"
+TOO_BUSY = "the gateway could not enqueue it before your deadline; nothing was enqueued; retry"
+
 
 class ServiceError(Exception):
     """An answer other than OK, with a message that tells the caller what to do."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str, *details: Message) -> None:
         super().__init__(message)
@@ -39,10 +50,12 @@ class ServiceError(Exception):
 
 
 class Unauthenticated(ServiceError):
-    pass
+    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
     def __init__(self, field: str, description: str) -> None:
         violation = error_details_pb2.BadRequest.FieldViolation(
             field=field, description=description
@@ -53,11 +66,11 @@ class InvalidArgument(ServiceError):
 
 
 class NotFound(ServiceError):
-    pass
+    code = grpc.StatusCode.NOT_FOUND
 
 
 class AlreadyExists(ServiceError):
-    pass
+    code = grpc.StatusCode.ALREADY_EXISTS
 
 
 def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
@@ -67,27 +80,44 @@ def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
 
 
 class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
     def __init__(self, message: str, retry_after_seconds: float) -> None:
         super().__init__(message, _retry_info(retry_after_seconds))
 
 
 class Unavailable(ServiceError):
-    def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
+    """A dependency or the gateway itself cannot serve the call now; a retry may succeed.
+
+    `cause` says what went wrong underneath, for the gateway's log; the caller sees `message`.
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after_seconds: float = 1.0, cause: str = "") -> None:
         super().__init__(message, _retry_info(retry_after_seconds))
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.cause})" if self.cause else self.message
 
 
-STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-}
+class StoreUnavailable(Unavailable):
+    """The database did not answer (or not in time)."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(STORE_DOWN, cause=cause)
+
+
+class QueueUnavailable(Unavailable):
+    """The broker or the result backend did not answer (or not in time)."""
+
+    def __init__(self, cause: str, message: str = BROKER_DOWN) -> None:
+        super().__init__(message, cause=cause)
 
 
 def to_status(error: ServiceError) -> grpc.Status:
-    code: grpc.StatusCode = STATUS_CODES[type(error)]
+    code = error.code
     packed = []
     for detail in error.details:
         any_detail = any_pb2.Any()

@@ -1,7 +1,9 @@
 """The standard health service, kept in step with the broker and the database.
 
-A watcher pings both every BROKER_CHECK_INTERVAL_SECONDS; a failed publish marks the gateway
-NOT_SERVING at once, and the next good ping marks it SERVING again, without a restart.
+A watcher pings both every BROKER_CHECK_INTERVAL_SECONDS. The queue and the records call
+`mark_down` the moment a call of theirs finds the broker or the database unreachable, which
+marks the gateway NOT_SERVING at once; the next good ping marks it SERVING again, without a
+restart.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ Probe = Callable[[], Awaitable[bool]]
 
 class DependencyHealth:
     # `servicer` is a grpc_health.v1.health.aio.HealthServicer, which the type stubs lack.
-    def __init__(self, servicer: Any, probes: list[Probe], interval: float) -> None:
+    def __init__(self, servicer: Any, interval: float) -> None:
         self.servicer = servicer
-        self._probes = probes
+        self._probes: list[Probe] = []
         self._interval = interval
         self._serving: bool | None = None
         self._task: asyncio.Task[None] | None = None
@@ -49,6 +51,10 @@ class DependencyHealth:
             "health: %s",
             "SERVING" if serving else "NOT_SERVING",
         )
+
+    def watch(self, probes: list[Probe]) -> None:
+        """Ping these (each True when its dependency answers) from now on."""
+        self._probes = probes
 
     async def check_now(self) -> bool:
         results = await asyncio.gather(*(probe() for probe in self._probes))

@@ -1,24 +1,26 @@
-"""Issue new tasks in groups: their records in one INSERT, then their messages in one pipeline.
+"""Issue tasks in groups: their records in one INSERT, then their messages in one pipeline.
 
-An Upload without a request_id needs its record written before its message is sent (a worker
-counts its starts on that record, and GetStatus answers from it), and the record dropped again
-if the message could not be sent. Done per call, that is two batching stages, a task and a
-shield per Upload; done for the group that arrived together, it is one stage (+20% Uploads/s
-in the upload bench, in an interleaved A/B run on 2 cores).
+Every Upload goes through here. A task's record is written before its message is sent (a
+worker counts its starts on that record, and GetStatus answers from it), and dropped again if
+the message could not be sent: kept, it would read PENDING until it expired and hold its
+request_id hostage. An Upload with a request_id has claimed its record already (so repeats
+find it): the group skips its INSERT and, once the message is sent, marks it published, which
+is what a repeat of the request_id waits for.
 
-A caller cancelled before its group is cut is left out of it: no record, no message. Once cut,
-the group goes through whether or not its callers still wait.
+A caller without a request_id that is cancelled before its group is cut is left out of it: no
+record, no message. A claimed record is issued whether or not its caller still waits, so that
+a publish is never cut in half. Once cut, a group goes through whatever its callers do.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
 from gateway.batching import Batcher
 from gateway.celery_queue import CeleryQueue, Publication
-from gateway.records import IssuedTask, StoreUnavailable, TaskRecords
+from gateway.errors import StoreUnavailable
+from gateway.records import IssuedTask, TaskRecords
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ MAX_ISSUE_BATCH = 256
 class _Issue:
     task: IssuedTask
     give_up: float  # time.monotonic() past which the caller has stopped waiting
+    claimed: bool  # its record exists already (a request_id's), unpublished
 
 
 class Issuer:
@@ -38,44 +41,54 @@ class Issuer:
         self._queue = queue
         self._groups = Batcher(self._issue_many, MAX_ISSUE_BATCH)
 
-    async def issue(self, task: IssuedTask, give_up: float) -> None:
-        """Record and enqueue `task` unless `give_up` (monotonic) passes first.
+    async def issue(self, task: IssuedTask, give_up: float, *, claimed: bool = False) -> None:
+        """Record (unless `claimed`) and enqueue `task` unless `give_up` (monotonic) passes first.
 
-        Raises StoreUnavailable (nothing recorded, nothing sent) or QueueUnavailable (nothing
-        sent, the record dropped again).
+        Raises StoreUnavailable or QueueUnavailable (an Unavailable either way): then nothing
+        was sent and the record is gone again.
         """
-        await self._groups.submit(_Issue(task, give_up))
+        await self._groups.submit(_Issue(task, give_up, claimed), detached=claimed)
 
     async def _issue_many(self, issues: list[_Issue]) -> list[BaseException | None]:
         tasks = [issue.task for issue in issues]
+        fresh = [issue.task for issue in issues if not issue.claimed]
         try:
-            await self._records.add_many(tasks)
-        except asyncio.CancelledError as exc:
-            # The loop is closing: the INSERT may have gone out before the cancel reached it.
-            await self._forget(tasks, exc)
-            raise
-        try:
+            if fresh:
+                await self._records.add_many(fresh)
             errors = await self._queue.publish_many(
                 [Publication(issue.task.id, issue.task.page, issue.give_up) for issue in issues]
             )
         except BaseException as exc:
-            # Whatever stopped the publish (the broker unreachable, the loop closing), the
-            # records must not outlive it: kept, each would read PENDING until it expired.
-            await self._forget(tasks, exc)
+            # Whatever stopped it (the database or broker unreachable, the loop closing), the
+            # records must not outlive it; an INSERT cancelled mid-way may have gone out.
+            await self._forget([(task, exc) for task in tasks])
             raise
         failed = [(issue.task, error) for issue, error in zip(issues, errors, strict=True) if error]
         if failed:
-            await self._forget([task for task, _ in failed], failed[0][1])
+            await self._forget(failed)
+        confirmed = [
+            issue.task.id
+            for issue, error in zip(issues, errors, strict=True)
+            if issue.claimed and error is None
+        ]
+        if confirmed:
+            try:
+                await self._records.mark_published(confirmed)
+            except StoreUnavailable:
+                # Sent, but not marked: a repeat of the request_id publishes it again (same
+                # id, idempotent storage) once its record looks abandoned.
+                log.warning(
+                    "%d task(s) were enqueued but their records could not say so", len(confirmed)
+                )
         return errors
 
-    async def _forget(self, tasks: list[IssuedTask], reason: BaseException) -> None:
-        for task in tasks:
-            # The same words as a failed publish of a request_id's task (gateway.service).
+    async def _forget(self, failed: list[tuple[IssuedTask, BaseException]]) -> None:
+        for task, reason in failed:
             log.warning("publish of task %s failed: %s; its record is dropped", task.id, reason)
         try:
-            await self._records.forget_many([task.id for task in tasks])
+            await self._records.forget_many([task.id for task, _ in failed])
         except StoreUnavailable:
-            log.exception("could not drop the records of %d unpublished tasks", len(tasks))
+            log.exception("could not drop the records of %d unpublished tasks", len(failed))
 
     async def drain(self) -> None:
         """Wait until every group cut so far is issued."""

@@ -15,8 +15,9 @@ import datetime as dt
 import logging
 
 from core.db import utcnow
-from gateway.celery_queue import CeleryQueue, QueueUnavailable
-from gateway.records import StoreUnavailable, TaskRecords
+from gateway.celery_queue import CeleryQueue
+from gateway.errors import Unavailable
+from gateway.records import TaskRecords
 
 log = logging.getLogger(__name__)
 
@@ -72,5 +73,5 @@ class Reconciler:
     async def run_forever(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            with contextlib.suppress(StoreUnavailable, QueueUnavailable):
+            with contextlib.suppress(Unavailable):
                 await self.run_once()

@@ -3,7 +3,8 @@
 A record says who asked for which page, under which request_id, when, and whether the broker
 has confirmed it; it is what makes an unknown or expired id NOT_FOUND instead of Celery's
 endless PENDING, and a repeated request_id return the task it first created. Database outages
-leave this module as `StoreUnavailable`; anything else is a bug and is not disguised as one.
+leave this module as `StoreUnavailable`, after telling `on_unavailable` (the gateway's health);
+anything else is a bug and is not disguised as one.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,22 +22,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import TaskRecord, dialect_insert, is_transient, single_statement, utcnow
-
-
-class StoreUnavailable(Exception):
-    """The database did not answer; the call may be retried."""
-
-
-@contextlib.contextmanager
-def _store_errors() -> Iterator[None]:
-    try:
-        yield
-    except DBAPIError as exc:
-        if not is_transient(exc):
-            raise
-        raise StoreUnavailable(str(exc)) from exc
-    except (PoolTimeout, OSError) as exc:
-        raise StoreUnavailable(str(exc)) from exc
+from gateway.errors import StoreUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,22 +71,45 @@ class IssuedTask:
         )
 
 
+async def _nobody() -> None:
+    return None
+
+
 class TaskRecords:
-    def __init__(self, engine: AsyncEngine, lifetime: dt.timedelta) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        lifetime: dt.timedelta,
+        on_unavailable: Callable[[], Awaitable[None]] = _nobody,
+    ) -> None:
         self._engine = engine
         self._lifetime = lifetime
+        self._on_unavailable = on_unavailable
         self._insert = dialect_insert(engine.dialect.name)
         # Built once: a statement built per batch costs its construction and cache key anew.
         self._add_statement = insert(TaskRecord)
+
+    @contextlib.asynccontextmanager
+    async def _store_errors(self) -> AsyncIterator[None]:
+        """A database outage as StoreUnavailable, told to `on_unavailable` first."""
+        try:
+            yield
+        except DBAPIError as exc:
+            if not is_transient(exc):
+                raise
+            await self._on_unavailable()
+            raise StoreUnavailable(str(exc)) from exc
+        except (PoolTimeout, OSError) as exc:
+            await self._on_unavailable()
+            raise StoreUnavailable(str(exc)) from exc
 
     def _expired(self, task: IssuedTask, now: dt.datetime) -> bool:
         return task.enqueued_at + self._lifetime < now
 
     async def add_many(self, tasks: list[IssuedTask]) -> None:
         """Store the records of new tasks without a request_id, in one INSERT."""
-        with _store_errors():
-            async with single_statement(self._engine) as conn:
-                await conn.execute(self._add_statement, [task.as_row() for task in tasks])
+        async with self._store_errors(), single_statement(self._engine) as conn:
+            await conn.execute(self._add_statement, [task.as_row() for task in tasks])
 
     async def claim(self, client: str, request_id: str, page: int) -> tuple[IssuedTask, bool]:
         """A new record for this request_id, or the live one that already holds it.
@@ -111,103 +120,86 @@ class TaskRecords:
         """
         new = IssuedTask.new(client, request_id, page)
         statement = self._insert(TaskRecord).values(**new.as_row())
-        with _store_errors():
-            async with self._engine.begin() as conn:
-                inserted = await conn.execute(
-                    statement.on_conflict_do_nothing(
-                        index_elements=["client", "request_id"]
-                    ).returning(TaskRecord.id)
+        async with self._store_errors(), self._engine.begin() as conn:
+            inserted = await conn.execute(
+                statement.on_conflict_do_nothing(index_elements=["client", "request_id"]).returning(
+                    TaskRecord.id
                 )
-                if inserted.first() is not None:
-                    return new, True
-                row = (
-                    await conn.execute(
-                        select(TaskRecord).where(
-                            TaskRecord.client == client, TaskRecord.request_id == request_id
-                        )
-                    )
-                ).one()
-                existing = IssuedTask.from_row(row)
-                if not self._expired(existing, new.enqueued_at):
-                    return existing, False
-                # The old task's record has expired: the request_id is free again.
-                await conn.execute(delete(TaskRecord).where(TaskRecord.id == existing.id))
-                await conn.execute(statement)
+            )
+            if inserted.first() is not None:
                 return new, True
+            row = (
+                await conn.execute(
+                    select(TaskRecord).where(
+                        TaskRecord.client == client, TaskRecord.request_id == request_id
+                    )
+                )
+            ).one()
+            existing = IssuedTask.from_row(row)
+            if not self._expired(existing, new.enqueued_at):
+                return existing, False
+            # The old task's record has expired: the request_id is free again.
+            await conn.execute(delete(TaskRecord).where(TaskRecord.id == existing.id))
+            await conn.execute(statement)
+            return new, True
 
     async def get(self, client: str, task_id: str) -> IssuedTask | None:
         """The client's live record of `task_id`, or None (never issued to it, or expired)."""
-        with _store_errors():
-            async with single_statement(self._engine) as conn:
-                row = (
-                    await conn.execute(
-                        select(TaskRecord).where(
-                            TaskRecord.id == task_id, TaskRecord.client == client
-                        )
-                    )
-                ).first()
+        async with self._store_errors(), single_statement(self._engine) as conn:
+            row = (
+                await conn.execute(
+                    select(TaskRecord).where(TaskRecord.id == task_id, TaskRecord.client == client)
+                )
+            ).first()
         if row is None:
             return None
         task = IssuedTask.from_row(row)
         return None if self._expired(task, utcnow()) else task
 
-    async def mark_published(self, task_id: str) -> dt.datetime:
-        now = utcnow()
-        with _store_errors():
-            async with self._engine.begin() as conn:
-                await conn.execute(
-                    update(TaskRecord).where(TaskRecord.id == task_id).values(published_at=now)
-                )
-        return now
-
-    async def forget(self, task_id: str) -> None:
-        """Drop a record whose task never reached the broker."""
-        await self.forget_many([task_id])
+    async def mark_published(self, task_ids: list[str]) -> None:
+        """Say that the broker has these tasks, so repeats of their request_ids stop waiting."""
+        async with self._store_errors(), single_statement(self._engine) as conn:
+            await conn.execute(
+                update(TaskRecord).where(TaskRecord.id.in_(task_ids)).values(published_at=utcnow())
+            )
 
     async def forget_many(self, task_ids: list[str]) -> None:
         """Drop the records of tasks that never reached the broker."""
-        with _store_errors():
-            async with single_statement(self._engine) as conn:
-                await conn.execute(delete(TaskRecord).where(TaskRecord.id.in_(task_ids)))
+        async with self._store_errors(), single_statement(self._engine) as conn:
+            await conn.execute(delete(TaskRecord).where(TaskRecord.id.in_(task_ids)))
 
     async def purge_expired(self) -> int:
         cutoff = utcnow() - self._lifetime
-        with _store_errors():
-            async with self._engine.begin() as conn:
-                result = await conn.execute(
-                    delete(TaskRecord).where(TaskRecord.enqueued_at < cutoff)
-                )
+        async with self._store_errors(), self._engine.begin() as conn:
+            result = await conn.execute(delete(TaskRecord).where(TaskRecord.enqueued_at < cutoff))
         return int(result.rowcount or 0)
 
     async def unstarted_before(self, cutoff: dt.datetime) -> list[IssuedTask]:
         """Tasks enqueued before `cutoff` that no worker has started, not yet judged lost."""
-        with _store_errors():
-            async with self._engine.connect() as conn:
-                rows = await conn.execute(
-                    select(TaskRecord).where(
-                        TaskRecord.enqueued_at < cutoff,
-                        TaskRecord.started_at.is_(None),
-                        TaskRecord.lost_reason.is_(None),
-                    )
+        async with self._store_errors(), self._engine.connect() as conn:
+            rows = await conn.execute(
+                select(TaskRecord).where(
+                    TaskRecord.enqueued_at < cutoff,
+                    TaskRecord.started_at.is_(None),
+                    TaskRecord.lost_reason.is_(None),
                 )
-                return [IssuedTask.from_row(row) for row in rows]
+            )
+            return [IssuedTask.from_row(row) for row in rows]
 
     async def mark_lost(self, reasons: dict[str, str]) -> None:
         """Record why each of these never-started tasks will not run."""
-        with _store_errors():
-            async with self._engine.begin() as conn:
-                for task_id, reason in reasons.items():
-                    await conn.execute(
-                        update(TaskRecord)
-                        .where(TaskRecord.id == task_id, TaskRecord.started_at.is_(None))
-                        .values(lost_reason=reason)
-                    )
+        async with self._store_errors(), self._engine.begin() as conn:
+            for task_id, reason in reasons.items():
+                await conn.execute(
+                    update(TaskRecord)
+                    .where(TaskRecord.id == task_id, TaskRecord.started_at.is_(None))
+                    .values(lost_reason=reason)
+                )
 
     async def ping(self) -> bool:
         try:
-            with _store_errors():
-                async with self._engine.connect() as conn:
-                    await conn.execute(select(1))
+            async with self._store_errors(), self._engine.connect() as conn:
+                await conn.execute(select(1))
         except StoreUnavailable:
             return False
         return True

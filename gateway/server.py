@@ -27,11 +27,12 @@ from core.settings import ApiToken, Settings, generate_token
 from gateway.auth import BearerAuthInterceptor, TokenTable
 from gateway.celery_queue import CeleryQueue, PublishingCelery
 from gateway.contract import HEALTH_SERVICE_NAME, QUEUE_SERVICE_NAME
+from gateway.errors import StoreUnavailable
 from gateway.health import DependencyHealth
 from gateway.issuing import Issuer
 from gateway.ratelimit import RateLimiter
 from gateway.reconciler import Reconciler
-from gateway.records import StoreUnavailable, TaskRecords
+from gateway.records import TaskRecords
 from gateway.service import QueueService
 from projects.v1 import queue_service_pb2_grpc
 
@@ -78,6 +79,8 @@ class Gateway:
         await self.service.drain()
         for task in self._background:
             task.cancel()
+        # Ended before the clients they use are closed under them.
+        await asyncio.gather(*self._background, return_exceptions=True)
         self.queue.close()
         await self.engine.dispose()
 
@@ -101,13 +104,14 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
     await upgrade_to_head(engine)
     # May start the embedded Redis, which waits for it: keep that off the event loop.
     app = await asyncio.to_thread(make_celery, settings, "gateway", PublishingCelery)
-    queue = CeleryQueue(app, settings.publish_timeout_seconds)
-    lifetime = dt.timedelta(seconds=settings.result_expires_seconds)
-    records = TaskRecords(engine, lifetime)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-    dependencies = DependencyHealth(
-        health_servicer, [queue.ping, records.ping], settings.broker_check_interval_seconds
+    dependencies = DependencyHealth(health_servicer, settings.broker_check_interval_seconds)
+    queue = CeleryQueue(
+        app, settings.publish_timeout_seconds, on_unavailable=dependencies.mark_down
     )
+    lifetime = dt.timedelta(seconds=settings.result_expires_seconds)
+    records = TaskRecords(engine, lifetime, on_unavailable=dependencies.mark_down)
+    dependencies.watch([queue.ping, records.ping])
     server = grpc.aio.server(
         interceptors=[
             BearerAuthInterceptor(
@@ -129,7 +133,6 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
         records,
         queue,
         Issuer(records, queue),
-        dependencies,
         max_page=settings.max_page,
         lifetime_seconds=settings.result_expires_seconds,
         publish_timeout=settings.publish_timeout_seconds,

@@ -1,5 +1,8 @@
 """The long-lived clients of one worker process: an event loop, an HTTP client, a DB engine.
 
+Built when the worker process starts and closed when it shuts down (`worker.app`), and handed
+to the task through its base class (`worker.task.HarvestTask`); nothing here is a global.
+
 Celery runs tasks on a pool of threads; each hands its page's work (fetch, parse, store) to this
 one loop, which runs in a thread of its own for the life of the process, and waits. So a process
 keeps many pages in flight while each waits on the network, and the pooled engine and HTTP
@@ -12,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -21,7 +23,6 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import create_engine
-from core.gc_tuning import freeze_long_lived_objects
 from core.settings import Settings
 from worker.fetch import FetchLimits, make_client
 
@@ -86,30 +87,3 @@ class WorkerRuntime:
             self._thread.join(timeout=5)
             if not self._thread.is_alive():
                 self.loop.close()
-
-
-_lock = threading.Lock()
-_runtime: WorkerRuntime | None = None
-_owner_pid = 0
-
-
-def get_runtime(settings: Settings) -> WorkerRuntime:
-    """This process's runtime, made on first use (and anew in a forked child)."""
-    global _runtime, _owner_pid  # noqa: PLW0603 - one runtime per process by design
-    with _lock:
-        if _runtime is None or _owner_pid != os.getpid():
-            _runtime = WorkerRuntime(settings)
-            _owner_pid = os.getpid()
-            log.info("worker runtime ready in process %d", _owner_pid)
-            # The runtime (loop, HTTP client, engine) lives as long as the process.
-            freeze_long_lived_objects()
-        return _runtime
-
-
-def close_runtime() -> None:
-    global _runtime  # noqa: PLW0603
-    with _lock:
-        if _runtime is not None and _owner_pid == os.getpid():
-            _runtime.close()
-            log.info("worker runtime closed in process %d", _owner_pid)
-        _runtime = None

@@ -16,14 +16,13 @@ from google.protobuf import json_format
 
 from core.celery_config import HARVEST_TASK_NAME
 from core.gc_tuning import collector_paused
-from core.settings import Settings, get_settings
 from projects.v1 import task_pb2
 from worker import failpoints
 from worker.errors import PermanentError, RetryableError
 from worker.fetch import fetch_page
 from worker.parse import ParsedPage, parse_listing
 from worker.retry import RetryPolicy
-from worker.runtime import WorkerRuntime, get_runtime
+from worker.runtime import WorkerRuntime
 from worker.store import StoreCounts, record_start, store_projects
 
 log = logging.getLogger(__name__)
@@ -93,9 +92,33 @@ def succeeded_meanwhile(task: Task[Any, Any], page: int) -> dict[str, Any] | Non
     return result
 
 
-def run_harvest(task: Task[Any, Any], page: int, settings: Settings) -> dict[str, Any]:
+class HarvestTask(Task):  # type: ignore[type-arg]
+    """The harvest task's base class: it holds the worker process's runtime.
+
+    `worker.app` attaches the runtime when the worker process starts and detaches it at
+    shutdown; a task run outside a started worker fails saying so instead of building one.
+    """
+
+    _runtime: WorkerRuntime | None = None
+
+    @property
+    def runtime(self) -> WorkerRuntime:
+        if self._runtime is None:
+            raise RuntimeError("the worker runtime is not started: run the task in a worker")
+        return self._runtime
+
+    def attach(self, runtime: WorkerRuntime) -> None:
+        self._runtime = runtime
+
+    def detach(self) -> WorkerRuntime | None:
+        runtime, self._runtime = self._runtime, None
+        return runtime
+
+
+def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
     started = time.monotonic()
-    runtime = get_runtime(settings)
+    runtime = task.runtime
+    settings = runtime.settings
     policy = RetryPolicy.from_settings(settings)
     tries_done = task.request.retries
     try:
@@ -134,16 +157,16 @@ def run_harvest(task: Task[Any, Any], page: int, settings: Settings) -> dict[str
     )
 
 
-def register(app: Celery) -> Task[Any, Any]:
+def register(app: Celery) -> HarvestTask:
     # `throws`: a PermanentError is an expected outcome, logged without a traceback.
-    @app.task(bind=True, name=HARVEST_TASK_NAME, throws=(PermanentError,))
-    def harvest_page(self: Task[Any, Any], page: int) -> dict[str, Any]:
-        return run_harvest(self, page, get_settings())
+    @app.task(bind=True, base=HarvestTask, name=HARVEST_TASK_NAME, throws=(PermanentError,))
+    def harvest_page(self: HarvestTask, page: int) -> dict[str, Any]:
+        return run_harvest(self, page)
 
     @signals.task_prerun.connect(sender=harvest_page, weak=False)
-    def record_delivery(task: Task[Any, Any], task_id: str, **_: Any) -> None:
+    def record_delivery(task: HarvestTask, task_id: str, **_: Any) -> None:
         # Runs before Celery stores STARTED, so a task seen STARTED always has its start time.
-        runtime = get_runtime(get_settings())
+        runtime = task.runtime
         # Celery's request Context takes any attribute; the task body reads this one back.
         task.request.deliveries = runtime.run(record_start(runtime.engine, task_id))  # type: ignore[attr-defined]
 

@@ -17,7 +17,8 @@ from core.celery_config import make_celery
 from core.db import create_engine
 from core.migrate import upgrade_to_head
 from core.settings import Settings
-from gateway.celery_queue import CeleryQueue, PublishingCelery, QueueUnavailable
+from gateway.celery_queue import CeleryQueue, PublishingCelery
+from gateway.errors import QueueUnavailable
 from gateway.issuing import Issuer
 from gateway.records import IssuedTask, TaskRecords
 from tests.support.processes import RedisServer

@@ -14,7 +14,8 @@ import pytest
 
 from core.db import create_engine
 from core.migrate import upgrade_to_head
-from gateway.records import IssuedTask, StoreUnavailable, TaskRecords
+from gateway.errors import StoreUnavailable
+from gateway.records import IssuedTask, TaskRecords
 from tests.support.services import postgres_database, postgres_role_refused
 
 pytestmark = pytest.mark.postgres
