@@ -26,6 +26,8 @@ proto: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos \
 	  --python_out=protos --grpc_python_out=protos \
 	  --mypy_out=protos --mypy_grpc_out=protos $(PROTO_SRC)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --include_source_info --include_imports \
+	  --descriptor_set_out=protos/projects/v1/descriptor_set.binpb $(PROTO_SRC)
 
 run: $(STAMP)
 	$(BIN)/python -m devstack

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.celery_config import make_celery
@@ -33,6 +32,7 @@ from gateway.issuing import Issuer
 from gateway.ratelimit import RateLimiter
 from gateway.reconciler import Reconciler
 from gateway.records import TaskRecords
+from gateway.reflection import enable_reflection
 from gateway.service import QueueService
 from projects.v1 import queue_service_pb2_grpc
 
@@ -139,9 +139,7 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
     )
     queue_service_pb2_grpc.add_QueueServiceServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (QUEUE_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((QUEUE_SERVICE_NAME, HEALTH_SERVICE_NAME), server)
     credentials = server_credentials(settings)
     if credentials is None:
         port = server.add_insecure_port(settings.gateway_address)

@@ -51,6 +51,14 @@ def test_lists_and_describes_services_by_reflection(module_stack: Stack) -> None
         in described.stdout
     )
     assert "rpc GetStatus ( .projects.v1.GetStatusRequest )" in described.stdout
+    # The proto's comments, served from the descriptor set with source info.
+    assert "// QueueService enqueues harvests of listing pages" in described.stdout
+    assert "// Upload enqueues the harvest of one listing page" in described.stdout
+    message = grpcurl(module_stack, "describe", "projects.v1.UploadRequest", token=None)
+    assert message.returncode == 0, message.stderr
+    assert "1 to 128 printable ASCII characters without spaces" in message.stdout
+    health_described = grpcurl(module_stack, "describe", "grpc.health.v1.Health", token=None)
+    assert "rpc Check" in health_described.stdout, health_described.stderr
 
 
 def test_health_check_answers_serving_without_a_token(module_stack: Stack) -> None:

@@ -41,5 +41,31 @@ def test_committed_stubs_are_fresh(tmp_path: Path) -> None:
     assert not stale, f"stale generated stubs {stale}: run `make proto` and commit the result"
 
 
+def test_committed_descriptor_set_is_fresh(tmp_path: Path) -> None:
+    """The descriptor set that reflection serves (comments included) is today's contract."""
+    fresh = tmp_path / "descriptor_set.binpb"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTOS}",
+            "--include_source_info",
+            "--include_imports",
+            f"--descriptor_set_out={fresh}",
+            *map(str, sorted(GENERATED.glob("*.proto"))),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    committed = GENERATED / "descriptor_set.binpb"
+    assert committed.exists(), "no descriptor set: run `make proto` and commit it"
+    assert fresh.read_bytes() == committed.read_bytes(), (
+        "stale descriptor set: run `make proto` and commit the result"
+    )
+
+
 def test_stub_generator_is_on_path() -> None:
     assert shutil.which("protoc-gen-mypy", path=str(Path(sys.executable).parent))

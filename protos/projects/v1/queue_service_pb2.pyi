@@ -26,11 +26,11 @@ class UploadRequest(_message.Message):
     PAGE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     page: _builtins.int
-    """The listing page to harvest, from 1 up to the gateway's configured maximum."""
+    """The listing page to harvest, from 1 up to the gateway's configured maximum (required)."""
     request_id: _builtins.str
-    """Optional idempotency key (at most 128 printable ASCII characters): repeating it returns the
-    task it first created instead of enqueuing another; reusing it for another page is
-    ALREADY_EXISTS.
+    """Optional idempotency key, 1 to 128 printable ASCII characters without spaces (a UUID is a
+    good choice): repeating it returns the task it first created instead of enqueuing another;
+    reusing it for another page is ALREADY_EXISTS.
     """
     def __init__(
         self,
@@ -78,7 +78,7 @@ class GetStatusRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """The task id that Upload returned."""
+    """The task id that Upload returned (a UUID, in any letter case)."""
     def __init__(
         self,
         *,
