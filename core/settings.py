@@ -14,10 +14,11 @@ from typing import Annotated, Self
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.db import MAX_CLIENT_LENGTH  # the width of tasks.client
+
 DEFAULT_GATEWAY_ADDRESS = "127.0.0.1:50051"
 DEFAULT_SAMPLE_SITE_ADDRESS = "127.0.0.1:8081"
 DEFAULT_DATA_DIR = Path("data")
-MAX_CLIENT_NAME_LENGTH = 64  # the width of tasks.client
 
 
 class SourceProfile(BaseModel):
@@ -75,9 +76,9 @@ def _parse_tokens(raw: str) -> list[ApiToken]:
         # Named by position: the entry itself may be a token.
         if not sep or not name.strip() or not token.strip():
             raise ValueError(f"API_TOKENS entry #{number} must look like name:token")
-        if len(name.strip()) > MAX_CLIENT_NAME_LENGTH:
+        if len(name.strip()) > MAX_CLIENT_LENGTH:
             raise ValueError(
-                f"API_TOKENS entry #{number}: the name is longer than {MAX_CLIENT_NAME_LENGTH}"
+                f"API_TOKENS entry #{number}: the name is longer than {MAX_CLIENT_LENGTH}"
             )
         tokens.append(ApiToken(name=name.strip(), token=token.strip()))
     names = [t.name for t in tokens]
@@ -242,11 +243,11 @@ class Settings(BaseSettings):
         '`SOURCE_PROFILE`, e.g. `{"item": ".card"}`.',
     )
     worker_concurrency: int = Field(
-        default=16,
+        default=32,
         ge=1,
         description="Tasks in flight per worker process (threads sharing its one event loop); "
-        "`celery worker --concurrency` overrides it. The benchmark runs 32, its best on 2 "
-        "cores against a site answering in 250 ms (see bench/README.md).",
+        "`celery worker --concurrency` overrides it. 32 is the best the benchmark found "
+        "(bench/README.md); tune it to your source's latency and your cores.",
     )
     worker_db_connections: int = Field(
         default=8,
