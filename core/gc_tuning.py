@@ -1,10 +1,9 @@
 """Keep the cyclic garbage collector off the objects a process keeps for its whole life.
 
 A started gateway or worker holds well over 100,000 long-lived objects: modules, Celery,
-kombu, SQLAlchemy and grpc machinery. Every full collection walked all of them again; in a
-harvest worker those collections came to about a fifth of its CPU (measured with gc.callbacks
-under `make bench`). `gc.freeze()` moves what is alive at that moment into a generation the
-collector never scans; what is made later is collected as usual.
+kombu, SQLAlchemy and grpc machinery. Every full collection walked all of them again, a large
+share of a harvest worker's CPU (bench/README.md). `gc.freeze()` moves what is alive at that
+moment into a generation the collector never scans; what is made later is collected as usual.
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ def collector_paused() -> Iterator[None]:
     """No cyclic collection while the block runs; for a burst of short-lived allocations.
 
     Building a parse tree allocates thousands of objects that all die together when the tree
-    is taken apart; the collector would scan them several times on the way (in a harvest worker
-    3.4% of its CPU went to collections, 1.2% with parses run this way). A thread that finds
+    is taken apart; the collector would scan them several times on the way. A thread that finds
     the collector already paused leaves it to the one that paused it.
     """
     pause = gc.isenabled()

@@ -9,8 +9,8 @@
   timeout. So the failure is logged and the worker reconnects.
 - A message must not cost a new Redis client. `Channel.conn_or_acquire` builds a client object
   for every call made without one (each delivery's unacked bookkeeping, each ack), and a
-  redis-py client builds a table of some 200 response callbacks in its constructor: about 3%
-  of a harvest worker's CPU under `make bench`. A client holds no connection of its own (it
+  redis-py client builds a table of some 200 response callbacks in its constructor, a visible
+  share of a harvest worker's CPU (bench/README.md). A client holds no connection of its own (it
   borrows one from the channel's pool per command) and is safe to share between threads, so
   one per pool is kept and reused; a pool replaced after a disconnect gets a client of its own.
 """

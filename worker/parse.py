@@ -72,7 +72,7 @@ def _soup(body: bytes, encoding: str | None) -> BeautifulSoup:
     """The parsed page; an empty document for a page with nothing to parse.
 
     Attributes stay the strings the page wrote: bs4 would split `class` into a list for every
-    tag as it builds the tree (2% of a parse), on any Unicode whitespace. soupsieve splits a
+    tag as it builds the tree, on any Unicode whitespace. soupsieve splits a
     class string itself when a selector asks, on ASCII whitespace as HTML and browsers do, and
     so does `_classes`: a class that contains a no-break space is one class, as in a browser.
 

@@ -68,7 +68,7 @@ async def _with_retries(engine: AsyncEngine, work: Callable[[AsyncConnection], A
 def _upsert_statement(dialect: str) -> Any:
     # Executed with a list of rows, so SQLAlchemy compiles it once and sends each batch as one
     # multi-row INSERT ("insertmanyvalues"); a `.values(rows)` statement would be compiled anew
-    # for every batch, which measured 6x slower on SQLite.
+    # for every batch (several times slower on SQLite; bench/README.md has the figure).
     statement = dialect_insert(dialect)(Project)
     new = statement.excluded
     changed = or_(

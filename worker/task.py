@@ -38,9 +38,8 @@ async def _fetch_parse_store(runtime: WorkerRuntime, page: int) -> tuple[ParsedP
 
     The parse runs on the loop too, between the awaits: only one thread of a process runs
     Python at a time anyway, and a parse in the task's own thread made that thread, the loop
-    and Celery's threads pass the GIL back and forth (in `make bench`: 54 pages/s that way,
-    62 this way, and the process spent less CPU per page). It holds up the loop's other I/O
-    for one parse, about 15 ms for a 100-item page.
+    and Celery's threads pass the GIL back and forth (slower, and more CPU per page: see
+    bench/README.md). It holds up the loop's other I/O for the length of one parse.
     """
     settings = runtime.settings
     fetched = await fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits)
