@@ -47,9 +47,10 @@ def clean_environment(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now on `host` (bound once, then released)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 

@@ -45,24 +45,33 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test; its asyncpg URL."""
-    require("PostgreSQL (127.0.0.1:5432)", _port_open(PG_HOST, PG_PORT))
-    name = f"harvest_test_{uuid.uuid4().hex[:12]}"
+def admin(statement: str) -> None:
+    """Run one SQL statement as the superuser, on a connection to the `test` database of its own.
 
-    async def admin(statement: str) -> None:
+    Synchronous, on an event loop of its own: the contexts below are entered from sync fixtures
+    and tests, never from inside a running loop.
+    """
+
+    async def execute() -> None:
         conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database="test")
         try:
             await conn.execute(statement)
         finally:
             await conn.close()
 
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    asyncio.run(execute())
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test; its asyncpg URL."""
+    require("PostgreSQL (127.0.0.1:5432)", _port_open(PG_HOST, PG_PORT))
+    name = f"harvest_test_{uuid.uuid4().hex[:12]}"
+    admin(f'CREATE DATABASE "{name}"')
     try:
         yield f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
     finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager
@@ -70,19 +79,11 @@ def postgres_role_refused(database_url: str) -> Iterator[str]:
     """`database_url` as a role PostgreSQL refuses for "too many connections" (SQLSTATE 53300),
     the way it refuses everyone once max_connections is reached."""
     role = f"refused_{uuid.uuid4().hex[:12]}"
-
-    async def admin(statement: str) -> None:
-        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database="test")
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0'))
+    admin(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0')
     try:
         yield database_url.replace(f"://{PG_USER}@", f"://{role}@", 1)
     finally:
-        asyncio.run(admin(f'DROP ROLE IF EXISTS "{role}"'))
+        admin(f'DROP ROLE IF EXISTS "{role}"')
 
 
 @contextmanager
