@@ -60,6 +60,13 @@ def stacks_in(
 StackFactory = Callable[..., Stack]
 
 
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """The event loop async tests run on (pyproject's anyio_mode = "auto"): asyncio, as in the
+    gateway and the worker; trio is not a backend this code supports."""
+    return "asyncio"
+
+
 @pytest.fixture(scope="module")
 def module_stack(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest

@@ -15,8 +15,8 @@ from core.settings import SourceProfile
 from projects.v1 import task_pb2
 from sample_site.pages import render_listing, sample_page
 from tests.faults.ledger import Counts, Ledger, record
+from tests.support.http_servers import RawExchange, gzip_of_zeros, raw_http_server
 from tests.support.stack import Stack
-from tests.unit.helpers import RawExchange, gzip_of_zeros, raw_http_server
 from worker.parse import parse_listing
 
 BOMB_BYTES = 200 * 1024 * 1024  # 200 MiB of zeros, about 200 kB on the wire

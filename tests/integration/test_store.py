@@ -23,8 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import MAX_URL_LENGTH, Project, TaskRecord, create_engine, utcnow
 from core.migrate import upgrade_to_head
+from tests.support.projects import project_item, project_items
 from tests.support.services import postgres_database, postgres_role_refused
-from tests.unit.helpers import project_item, project_items
 from worker.errors import RetryableError
 from worker.parse import ProjectItem
 from worker.store import StoreCounts, record_start, store_projects

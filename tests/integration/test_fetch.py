@@ -1,8 +1,8 @@
 """fetch_page against real local HTTP servers: statuses, redirects, limits and broken connections.
 
-The sample site (in a thread) serves scripted answers; a raw socket server (tests.unit.helpers)
-does what the sample site cannot: endless redirects, gzip bombs, unbounded or dripping bodies,
-resets halfway through a body.
+The sample site (in a thread) serves scripted answers; a raw socket server
+(tests.support.http_servers) does what the sample site cannot: endless redirects, gzip bombs,
+unbounded or dripping bodies, resets halfway through a body.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import httpx
 import pytest
 
 from sample_site.pages import render_listing, sample_page
-from tests.unit.helpers import (
+from tests.support.http_servers import (
     RawExchange,
     SampleSite,
-    free_port,
     gzip_of_zeros,
     raw_http_server,
     running_sample_site,
 )
+from tests.support.processes import free_port
 from worker.errors import PermanentError, RetryableError
 from worker.fetch import FetchedPage, FetchLimits, OffHostRedirect, fetch_page, make_client
 
