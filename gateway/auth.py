@@ -73,7 +73,7 @@ else:
 
 
 class BearerAuthInterceptor(_Interceptor):
-    def __init__(self, table: TokenTable, limiter: RateLimiter | None = None) -> None:
+    def __init__(self, table: TokenTable, limiter: RateLimiter) -> None:
         self._table = table
         self._limiter = limiter
 
@@ -87,7 +87,7 @@ class BearerAuthInterceptor(_Interceptor):
             return handler
         try:
             client = authenticate(handler_call_details.invocation_metadata, self._table)
-            wait = self._limiter.acquire(client) if self._limiter is not None else 0.0
+            wait = self._limiter.acquire(client)
             if wait > 0:
                 raise ResourceExhausted(
                     f"rate limit of client {client!r} reached; retry in {wait:.2f} s", wait
