@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from tests.support.processes import RedisServer, Site, free_port, start_site
-from tests.support.services import postgres_database, rabbitmq_vhost, redis_namespace
+from tests.support.services import (
+    postgres_database,
+    postgres_role_refused,
+    rabbitmq_vhost,
+    redis_namespace,
+)
 from tests.support.stack import Stack, base_environment
 
 
@@ -104,6 +109,13 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def refused_postgres_url(postgres_url: str) -> Iterator[str]:
+    """`postgres_url` as a role PostgreSQL refuses for "too many connections"."""
+    with postgres_role_refused(postgres_url) as url:
         yield url
 
 

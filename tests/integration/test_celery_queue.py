@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -19,7 +18,7 @@ from tests.support.services import redis_namespace
 pytestmark = pytest.mark.redis
 
 
-def test_a_published_task_is_the_message_send_task_would_send() -> None:
+async def test_a_published_task_is_the_message_send_task_would_send() -> None:
     prefix = f"test-queue-{uuid.uuid4().hex[:12]}:"
     task_id = str(uuid.uuid4())
     with redis_namespace(prefix) as url:
@@ -33,9 +32,7 @@ def test_a_published_task_is_the_message_send_task_would_send() -> None:
         queue = CeleryQueue(app, publish_timeout=2.0)
         client = redis.Redis.from_url(url)
         try:
-            ours = asyncio.run(
-                queue.publish_many([Publication(task_id, 7, time.monotonic() + 2.0)])
-            )
+            ours = await queue.publish_many([Publication(task_id, 7, time.monotonic() + 2.0)])
             assert ours == [None]
             # What Celery's public API sends for the same task.
             app.send_task(

@@ -433,7 +433,7 @@ def test_an_encoding_it_cannot_inflate_under_the_limit_is_permanent(site: Sample
         fetch(site.page_url(1))
 
 
-def test_the_client_asks_only_for_codings_it_inflates_and_keeps_no_cookies() -> None:
+async def test_the_client_asks_only_for_codings_it_inflates_and_keeps_no_cookies() -> None:
     seen: list[dict[str, str]] = []
 
     def answer(exchange: RawExchange) -> None:
@@ -445,13 +445,9 @@ def test_the_client_asks_only_for_codings_it_inflates_and_keeps_no_cookies() -> 
     with raw_http_server(answer) as server:
         limits = FetchLimits(timeout=5, max_bytes=MB, max_redirects=1)
         url = f"{server.base_url}/projects?page=1"
-
-        async def twice() -> None:
-            async with make_client(limits, url, max_connections=1) as client:
-                await fetch_page(client, url, limits)
-                await fetch_page(client, url, limits)
-
-        asyncio.run(twice())
+        async with make_client(limits, url, max_connections=1) as client:
+            await fetch_page(client, url, limits)
+            await fetch_page(client, url, limits)
 
     assert [h.get("accept-encoding") for h in seen] == ["gzip, x-gzip, deflate"] * 2
     assert "cookie" not in seen[1], "a site's cookie was kept and sent back"

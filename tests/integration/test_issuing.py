@@ -65,55 +65,46 @@ def give_up() -> float:
     return time.monotonic() + PUBLISH_TIMEOUT
 
 
-def test_tasks_issued_together_are_each_recorded_and_enqueued(
+async def test_tasks_issued_together_are_each_recorded_and_enqueued(
     postgres_url: str, own_redis: RedisServer
 ) -> None:
     tasks = [IssuedTask.new("alice", None, page) for page in range(1, 6)]
 
-    async def scenario() -> None:
-        async with issuing(postgres_url, own_redis) as it:
-            await asyncio.gather(*(it.issuer.issue(task, give_up()) for task in tasks))
-            for task in tasks:
-                stored = await it.records.get("alice", task.id)
-                assert stored is not None
-                assert stored.page == task.page
-            assert queued_ids(it.broker) == {task.id for task in tasks}
-
-    asyncio.run(scenario())
+    async with issuing(postgres_url, own_redis) as it:
+        await asyncio.gather(*(it.issuer.issue(task, give_up()) for task in tasks))
+        for task in tasks:
+            stored = await it.records.get("alice", task.id)
+            assert stored is not None
+            assert stored.page == task.page
+        assert queued_ids(it.broker) == {task.id for task in tasks}
 
 
-def test_a_task_the_broker_did_not_take_is_unavailable_and_leaves_no_record(
+async def test_a_task_the_broker_did_not_take_is_unavailable_and_leaves_no_record(
     postgres_url: str, own_redis: RedisServer
 ) -> None:
     task = IssuedTask.new("alice", None, 1)
 
-    async def scenario() -> None:
-        async with issuing(postgres_url, own_redis) as it:
-            own_redis.stop()
-            with pytest.raises(QueueUnavailable):
-                await it.issuer.issue(task, give_up())
-            # Kept, the record would answer PENDING for a task that will never run.
-            assert await it.records.get("alice", task.id) is None
-
-    asyncio.run(scenario())
+    async with issuing(postgres_url, own_redis) as it:
+        own_redis.stop()
+        with pytest.raises(QueueUnavailable):
+            await it.issuer.issue(task, give_up())
+        # Kept, the record would answer PENDING for a task that will never run.
+        assert await it.records.get("alice", task.id) is None
 
 
-def test_a_caller_gone_before_its_group_is_cut_issues_nothing(
+async def test_a_caller_gone_before_its_group_is_cut_issues_nothing(
     postgres_url: str, own_redis: RedisServer
 ) -> None:
     kept, abandoned = IssuedTask.new("alice", None, 1), IssuedTask.new("alice", None, 2)
 
-    async def scenario() -> None:
-        async with issuing(postgres_url, own_redis) as it:
-            waiting = asyncio.ensure_future(it.issuer.issue(kept, give_up()))
-            leaving = asyncio.ensure_future(it.issuer.issue(abandoned, give_up()))
-            await asyncio.sleep(0)  # both submitted; their group is not cut yet
-            leaving.cancel()
-            await waiting
-            await it.issuer.drain()
-            assert await it.records.get("alice", kept.id) is not None
-            assert await it.records.get("alice", abandoned.id) is None
-            assert queued_ids(it.broker) == {kept.id}
-            assert leaving.cancelled()
-
-    asyncio.run(scenario())
+    async with issuing(postgres_url, own_redis) as it:
+        waiting = asyncio.ensure_future(it.issuer.issue(kept, give_up()))
+        leaving = asyncio.ensure_future(it.issuer.issue(abandoned, give_up()))
+        await asyncio.sleep(0)  # both submitted; their group is not cut yet
+        leaving.cancel()
+        await waiting
+        await it.issuer.drain()
+        assert await it.records.get("alice", kept.id) is not None
+        assert await it.records.get("alice", abandoned.id) is None
+        assert queued_ids(it.broker) == {kept.id}
+        assert leaving.cancelled()

@@ -23,14 +23,14 @@ class _Recorder:
             raise self.fail_with
 
 
-async def _calls_in_the_same_turn_share_one_flush() -> None:
+async def test_calls_in_the_same_turn_share_one_flush() -> None:
     recorder = _Recorder()
     batcher = Batcher(recorder.flush, max_size=100)
     await asyncio.gather(*(batcher.submit(n) for n in range(10)))
     assert recorder.batches == [list(range(10))]
 
 
-async def _calls_during_a_flush_go_out_together_in_the_next() -> None:
+async def test_calls_during_a_flush_go_out_together_in_the_next() -> None:
     recorder = _Recorder()
     recorder.release.clear()
     batcher = Batcher(recorder.flush, max_size=100)
@@ -44,14 +44,14 @@ async def _calls_during_a_flush_go_out_together_in_the_next() -> None:
     assert recorder.batches == [[0], [1, 2, 3, 4]]
 
 
-async def _batches_are_cut_at_max_size() -> None:
+async def test_batches_are_cut_at_max_size() -> None:
     recorder = _Recorder()
     batcher = Batcher(recorder.flush, max_size=3)
     await asyncio.gather(*(batcher.submit(n) for n in range(7)))
     assert recorder.batches == [[0, 1, 2], [3, 4, 5], [6]]
 
 
-async def _every_caller_of_a_failed_flush_gets_its_error() -> None:
+async def test_every_caller_of_a_failed_flush_gets_its_error() -> None:
     recorder = _Recorder(fail_with=ConnectionError("broker gone"))
     batcher = Batcher(recorder.flush, max_size=100)
     outcomes = await asyncio.gather(*(batcher.submit(n) for n in range(3)), return_exceptions=True)
@@ -61,7 +61,7 @@ async def _every_caller_of_a_failed_flush_gets_its_error() -> None:
     assert recorder.batches[-1] == [9]
 
 
-async def _a_caller_cancelled_before_its_batch_is_cut_is_left_out() -> None:
+async def test_a_caller_cancelled_before_its_batch_is_cut_is_left_out() -> None:
     recorder = _Recorder()
     recorder.release.clear()
     batcher = Batcher(recorder.flush, max_size=100)
@@ -78,7 +78,7 @@ async def _a_caller_cancelled_before_its_batch_is_cut_is_left_out() -> None:
     assert recorder.batches == [[0], [2]]
 
 
-async def _a_caller_cancelled_during_its_flush_is_still_flushed() -> None:
+async def test_a_caller_cancelled_during_its_flush_is_still_flushed() -> None:
     recorder = _Recorder()
     recorder.release.clear()
     batcher = Batcher(recorder.flush, max_size=100)
@@ -94,38 +94,10 @@ async def _a_caller_cancelled_during_its_flush_is_still_flushed() -> None:
     assert recorder.batches == [[1]]
 
 
-async def _each_caller_gets_its_own_outcome_when_the_flush_gives_them() -> None:
+async def test_each_caller_gets_its_own_outcome_when_the_flush_gives_them() -> None:
     async def flush(items: list[int]) -> list[BaseException | None]:
         return [None if item % 2 == 0 else TimeoutError(f"item {item}") for item in items]
 
     batcher = Batcher(flush, max_size=100)
     outcomes = await asyncio.gather(*(batcher.submit(n) for n in range(4)), return_exceptions=True)
     assert [None if o is None else str(o) for o in outcomes] == [None, "item 1", None, "item 3"]
-
-
-def test_calls_in_the_same_turn_share_one_flush() -> None:
-    asyncio.run(_calls_in_the_same_turn_share_one_flush())
-
-
-def test_calls_during_a_flush_go_out_together_in_the_next() -> None:
-    asyncio.run(_calls_during_a_flush_go_out_together_in_the_next())
-
-
-def test_batches_are_cut_at_max_size() -> None:
-    asyncio.run(_batches_are_cut_at_max_size())
-
-
-def test_every_caller_of_a_failed_flush_gets_its_error() -> None:
-    asyncio.run(_every_caller_of_a_failed_flush_gets_its_error())
-
-
-def test_a_caller_cancelled_before_its_batch_is_cut_is_left_out() -> None:
-    asyncio.run(_a_caller_cancelled_before_its_batch_is_cut_is_left_out())
-
-
-def test_a_caller_cancelled_during_its_flush_is_still_flushed() -> None:
-    asyncio.run(_a_caller_cancelled_during_its_flush_is_still_flushed())
-
-
-def test_each_caller_gets_its_own_outcome_when_the_flush_gives_them() -> None:
-    asyncio.run(_each_caller_gets_its_own_outcome_when_the_flush_gives_them())
