@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from celery.platforms import EX_FAILURE, EX_OK
 
 from tests.faults.ledger import Ledger, record, sample_links
 from tests.support.processes import poll_until
 from tests.support.stack import Stack
 
 PAGES = [1, 2, 3, 4, 5, 6]
+SHUTDOWN_SECONDS = 60
 
 
 def upload_pages(ledger: Ledger, stack: Stack, tag: str) -> None:
@@ -77,12 +80,18 @@ def test_worker_killed_after_an_ack(
     assert counts.success + counts.failure == len(PAGES)
 
 
-@pytest.mark.parametrize(("signum", "name"), [(signal.SIGTERM, "warm"), (signal.SIGQUIT, "cold")])
+# Celery's exit codes: a warm shutdown (SIGTERM) ends with EX_OK, a cold one (SIGQUIT) with
+# EX_FAILURE (celery.apps.worker's shutdown handlers).
+@pytest.mark.parametrize(
+    ("signum", "name", "exit_code"),
+    [(signal.SIGTERM, "warm", EX_OK), (signal.SIGQUIT, "cold", EX_FAILURE)],
+)
 def test_worker_shutdown_with_tasks_queued(
     fault_stack: Callable[..., Stack],
     ledger_for: Callable[[Stack], Ledger],
     signum: int,
     name: str,
+    exit_code: int,
 ) -> None:
     stack = fault_stack()
     gateway = stack.start_gateway()
@@ -94,7 +103,11 @@ def test_worker_shutdown_with_tasks_queued(
     upload_pages(ledger, stack, name)
     worker.wait_for_line(r"Task projects.v1.harvest_page\[.*\] received", timeout=30)
     worker.send(signum)
-    assert worker.popen.wait(60) is not None
+    try:
+        code = worker.popen.wait(SHUTDOWN_SECONDS)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker did not exit within {SHUTDOWN_SECONDS} s of {name} shutdown")
+    assert code == exit_code, f"{name} shutdown exited with {code}:\n{worker.output()}"
     stack.start_worker("next", concurrency=2)
     ledger.settle(gateway, 120)
     counts = ledger.count(sample_links(stack.site.url, PAGES))
