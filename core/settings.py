@@ -7,12 +7,15 @@ result (or the parts they need) down. Validators fail fast and name the variable
 from __future__ import annotations
 
 import functools
+import json
+import re
 import secrets
+import sys
 from pathlib import Path
 from typing import Annotated, Self
 
-from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from core.db import MAX_CLIENT_LENGTH  # the width of tasks.client
 
@@ -430,6 +433,44 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process's settings, read once."""
     return Settings()
+
+
+def describe_settings_error(error: ValidationError | SettingsError) -> list[str]:
+    """One line per bad setting: the variable as the environment spells it, and what it expects.
+
+    Without pydantic's boilerplate and without the value given (it may be a token).
+    """
+    if isinstance(error, SettingsError):
+        # pydantic-settings could not decode a JSON value: 'error parsing value for field "x"'.
+        field = re.search(r'field "(\w+)"', str(error))
+        variable = field.group(1).upper() if field else "a setting"
+        cause = error.__cause__
+        if isinstance(cause, json.JSONDecodeError):
+            return [f"{variable}: must be JSON ({cause.msg} at character {cause.pos})"]
+        return [f"{variable}: cannot be read{f' ({cause})' if cause else ''}"]
+    lines = []
+    for problem in error.errors(include_url=False, include_input=False, include_context=False):
+        variable = "__".join(str(part) for part in problem["loc"]).upper()
+        message = problem["msg"].removeprefix("Value error, ")
+        message = re.sub(r"^Input should", "should", message)
+        if not variable:  # a check across settings: its message names them
+            lines.append(message)
+        elif message.startswith(f"{variable} "):
+            lines.append(f"{variable}: {message.removeprefix(variable).lstrip()}")
+        else:
+            lines.append(f"{variable}: {message}")
+    return lines
+
+
+def settings_or_exit() -> Settings:
+    """`get_settings()`, or each bad setting on a line of its own on stderr and exit status 2."""
+    try:
+        return get_settings()
+    except (ValidationError, SettingsError) as error:
+        for line in describe_settings_error(error):
+            print(line, file=sys.stderr)
+        sys.stderr.flush()
+        raise SystemExit(2) from None
 
 
 def generate_token() -> str:
