@@ -22,12 +22,16 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# googleapis-common-protos ships google/type/*.proto beside its modules: the contract imports
+# google/type/date.proto from there (its generated module comes with that package too).
+GOOGLEAPIS = $(shell $(BIN)/python -c "import google.type.date_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[2])")
+
 proto: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos \
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos -I$(GOOGLEAPIS) \
 	  --python_out=protos --grpc_python_out=protos \
 	  --mypy_out=protos --mypy_grpc_out=protos $(PROTO_SRC)
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --include_source_info --include_imports \
-	  --descriptor_set_out=protos/projects/v1/descriptor_set.binpb $(PROTO_SRC)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos -I$(GOOGLEAPIS) --include_source_info \
+	  --include_imports --descriptor_set_out=protos/projects/v1/descriptor_set.binpb $(PROTO_SRC)
 
 run: $(STAMP)
 	$(BIN)/python -m devstack

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Computed,
     Date,
     DateTime,
     Dialect,
@@ -86,6 +87,30 @@ class Project(Base):
     last_seen_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
     # When a harvest last changed one of the fields above (first_seen_at until then).
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    # The feed's revision of the commit that last created or changed the row (see `Feed`).
+    revision: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # start_date, or a day before any other: what "start_date desc" orders by, dateless last.
+    start_sort: Mapped[dt.date] = mapped_column(
+        Date, Computed("coalesce(start_date, '0001-01-01')")
+    )
+
+
+class Feed(Base):
+    """The one row that orders every change to `projects`: the WatchProjects feed's clock.
+
+    A commit that creates or changes projects bumps `revision` and stamps the rows with it, as
+    its last statements, so the row lock it takes is held until it commits: revisions are
+    handed out in commit order. A reader that has seen revision r therefore never sees a later
+    commit appear with a revision below r (a sequence drawn at INSERT time gives no such
+    promise). It also names the deployment and holds the key that signs tokens.
+    """
+
+    __tablename__ = "feed"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    deployment: Mapped[str] = mapped_column(String(36))
+    signing_key: Mapped[str] = mapped_column(String(64))
+    revision: Mapped[int] = mapped_column(BigInteger)
 
 
 class TaskRecord(Base):

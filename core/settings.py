@@ -195,6 +195,39 @@ class Settings(BaseSettings):
         gt=0,
         description="How often the gateway's health service re-checks the broker and the database.",
     )
+    token_signing_key: str | None = Field(
+        default=None,
+        min_length=32,
+        description="The key (32 characters or more) that signs ListProjects page tokens and "
+        "WatchProjects cursors. Unset: a key made once and kept in the database, which every "
+        "gateway of the deployment shares and which survives restarts; set it only to rotate "
+        "it (tokens signed with the old key are then refused).",
+    )
+    watch_max_streams_per_client: int = Field(
+        default=100,
+        ge=1,
+        description="Open WatchProjects streams one client may hold on one gateway process; "
+        "past it, RESOURCE_EXHAUSTED.",
+    )
+    watch_buffer_changes: int = Field(
+        default=1000,
+        ge=1,
+        description="Changes a WatchProjects stream may fall behind the gateway's feed before it "
+        "is served from the database at its own pace instead.",
+    )
+    watch_poll_interval_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often the gateway reads new project changes when no event from a "
+        "worker woke it: the longest a change can wait when events are lost.",
+    )
+    gateway_keepalive_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often the gateway pings a connection that is quiet (HTTP/2 "
+        "keepalive), so that idle WatchProjects streams survive proxies and dead peers are "
+        "noticed.",
+    )
 
     # --- broker, results ---
     celery_broker_url: str | None = Field(

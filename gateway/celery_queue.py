@@ -12,7 +12,6 @@ import datetime as dt
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from redis.exceptions import RedisError
 
 from core.celery_config import HARVEST_TASK_NAME
 from gateway.errors import BROKER_DOWN, RESULTS_DOWN, TOO_BUSY, QueueUnavailable, Unavailable
+from gateway.health import OnUnavailable, nobody
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +68,13 @@ class CeleryState:
     finished_at: dt.datetime | None
 
 
-async def _nobody() -> None:
-    return None
-
-
 class CeleryQueue:
     def __init__(
         self,
         app: Celery,
         publish_timeout: float,
         threads: int = 8,
-        on_unavailable: Callable[[], Awaitable[None]] = _nobody,
+        on_unavailable: OnUnavailable = nobody,
     ) -> None:
         self._app = app
         self._on_unavailable = on_unavailable

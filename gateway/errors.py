@@ -21,8 +21,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from typing import ClassVar, NoReturn, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -142,6 +142,19 @@ Servicer = TypeVar("Servicer")
 Handler = Callable[
     [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]
 ]
+StreamHandler = Callable[
+    [Servicer, Request, grpc.aio.ServicerContext[Request, Response]], AsyncIterator[Response]
+]
+
+
+async def _answer(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, name: str) -> None:
+    """The one translation: a ServiceError as its status, anything else as INTERNAL."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    if isinstance(exc, ServiceError):
+        await abort(context, exc)
+    log.exception("unexpected error in %s", name, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error in the gateway; see its log")
 
 
 def answers_errors(
@@ -155,15 +168,27 @@ def answers_errors(
     ) -> Response:
         try:
             return await handler(self, request, context)
-        except ServiceError as error:
-            await abort(context, error)  # type: ignore[arg-type]
-        except grpc.aio.AbortError:
+        except Exception as exc:
+            await _answer(context, exc, handler.__name__)
             raise
-        except Exception:
-            log.exception("unexpected error in %s", handler.__name__)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, "internal error in the gateway; see its log"
-            )
+
+    return wrapper
+
+
+def answers_stream_errors(
+    handler: StreamHandler[Servicer, Request, Response],
+) -> StreamHandler[Servicer, Request, Response]:
+    """`answers_errors` for a handler that streams its answer (an async generator)."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Servicer, request: Request, context: grpc.aio.ServicerContext[Request, Response]
+    ) -> AsyncIterator[Response]:
+        try:
+            async for response in handler(self, request, context):
+                yield response
+        except Exception as exc:
+            await _answer(context, exc, handler.__name__)
             raise
 
     return wrapper

@@ -16,14 +16,21 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2
 
-from gateway.contract import QUEUE_SERVICE_NAME
+from gateway.contract import PROJECT_SERVICE_NAME, QUEUE_SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
 # "" is the whole server, as probes such as `grpc_health_probe` ask by default.
-SERVICES = ("", QUEUE_SERVICE_NAME)
+SERVICES = ("", QUEUE_SERVICE_NAME, PROJECT_SERVICE_NAME)
 
 Probe = Callable[[], Awaitable[bool]]
+# What a client of a dependency calls when a call finds it unreachable (`mark_down`).
+OnUnavailable = Callable[[], Awaitable[None]]
+
+
+async def nobody() -> None:
+    """An `on_unavailable` for a client that has no health to tell (a test's, a tool's)."""
+    return
 
 
 class DependencyHealth:

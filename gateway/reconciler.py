@@ -10,7 +10,6 @@ Brokers whose queues cannot be read without consuming them (AMQP) are not judged
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 
@@ -73,5 +72,10 @@ class Reconciler:
     async def run_forever(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            with contextlib.suppress(Unavailable):
+            try:
                 await self.run_once()
+            except Unavailable:
+                pass  # health says so already; the next pass tries again
+            except Exception:
+                # A bug here must not end reconciling for the rest of the process's life.
+                log.exception("reconciler pass failed")

@@ -3,26 +3,23 @@
 A record says who asked for which page, under which request_id, when, and whether the broker
 has confirmed it; it is what makes an unknown or expired id NOT_FOUND instead of Celery's
 endless PENDING, and a repeated request_id return the task it first created. Database outages
-leave this module as `StoreUnavailable`, after telling `on_unavailable` (the gateway's health);
-anything else is a bug and is not disguised as one.
+leave this module as `StoreUnavailable` (`gateway.database`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, delete, insert, select, update
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.db import TaskRecord, dialect_insert, is_transient, single_statement, utcnow
+from core.db import TaskRecord, dialect_insert, single_statement, utcnow
+from gateway.database import store_errors
 from gateway.errors import StoreUnavailable
+from gateway.health import OnUnavailable, nobody
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,16 +68,12 @@ class IssuedTask:
         )
 
 
-async def _nobody() -> None:
-    return None
-
-
 class TaskRecords:
     def __init__(
         self,
         engine: AsyncEngine,
         lifetime: dt.timedelta,
-        on_unavailable: Callable[[], Awaitable[None]] = _nobody,
+        on_unavailable: OnUnavailable = nobody,
     ) -> None:
         self._engine = engine
         self._lifetime = lifetime
@@ -89,26 +82,12 @@ class TaskRecords:
         # Built once: a statement built per batch costs its construction and cache key anew.
         self._add_statement = insert(TaskRecord)
 
-    @contextlib.asynccontextmanager
-    async def _store_errors(self) -> AsyncIterator[None]:
-        """A database outage as StoreUnavailable, told to `on_unavailable` first."""
-        try:
-            yield
-        except DBAPIError as exc:
-            if not is_transient(exc):
-                raise
-            await self._on_unavailable()
-            raise StoreUnavailable(str(exc)) from exc
-        except (PoolTimeout, OSError) as exc:
-            await self._on_unavailable()
-            raise StoreUnavailable(str(exc)) from exc
-
     def _expired(self, task: IssuedTask, now: dt.datetime) -> bool:
         return task.enqueued_at + self._lifetime < now
 
     async def add_many(self, tasks: list[IssuedTask]) -> None:
         """Store the records of new tasks without a request_id, in one INSERT."""
-        async with self._store_errors(), single_statement(self._engine) as conn:
+        async with store_errors(self._on_unavailable), single_statement(self._engine) as conn:
             await conn.execute(self._add_statement, [task.as_row() for task in tasks])
 
     async def claim(self, client: str, request_id: str, page: int) -> tuple[IssuedTask, bool]:
@@ -120,7 +99,7 @@ class TaskRecords:
         """
         new = IssuedTask.new(client, request_id, page)
         statement = self._insert(TaskRecord).values(**new.as_row())
-        async with self._store_errors(), self._engine.begin() as conn:
+        async with store_errors(self._on_unavailable), self._engine.begin() as conn:
             inserted = await conn.execute(
                 statement.on_conflict_do_nothing(index_elements=["client", "request_id"]).returning(
                     TaskRecord.id
@@ -145,7 +124,7 @@ class TaskRecords:
 
     async def get(self, client: str, task_id: str) -> IssuedTask | None:
         """The client's live record of `task_id`, or None (never issued to it, or expired)."""
-        async with self._store_errors(), single_statement(self._engine) as conn:
+        async with store_errors(self._on_unavailable), single_statement(self._engine) as conn:
             row = (
                 await conn.execute(
                     select(TaskRecord).where(TaskRecord.id == task_id, TaskRecord.client == client)
@@ -158,25 +137,25 @@ class TaskRecords:
 
     async def mark_published(self, task_ids: list[str]) -> None:
         """Say that the broker has these tasks, so repeats of their request_ids stop waiting."""
-        async with self._store_errors(), single_statement(self._engine) as conn:
+        async with store_errors(self._on_unavailable), single_statement(self._engine) as conn:
             await conn.execute(
                 update(TaskRecord).where(TaskRecord.id.in_(task_ids)).values(published_at=utcnow())
             )
 
     async def forget_many(self, task_ids: list[str]) -> None:
         """Drop the records of tasks that never reached the broker."""
-        async with self._store_errors(), single_statement(self._engine) as conn:
+        async with store_errors(self._on_unavailable), single_statement(self._engine) as conn:
             await conn.execute(delete(TaskRecord).where(TaskRecord.id.in_(task_ids)))
 
     async def purge_expired(self) -> int:
         cutoff = utcnow() - self._lifetime
-        async with self._store_errors(), self._engine.begin() as conn:
+        async with store_errors(self._on_unavailable), self._engine.begin() as conn:
             result = await conn.execute(delete(TaskRecord).where(TaskRecord.enqueued_at < cutoff))
         return int(result.rowcount or 0)
 
     async def unstarted_before(self, cutoff: dt.datetime) -> list[IssuedTask]:
         """Tasks enqueued before `cutoff` that no worker has started, not yet judged lost."""
-        async with self._store_errors(), self._engine.connect() as conn:
+        async with store_errors(self._on_unavailable), self._engine.connect() as conn:
             rows = await conn.execute(
                 select(TaskRecord).where(
                     TaskRecord.enqueued_at < cutoff,
@@ -188,7 +167,7 @@ class TaskRecords:
 
     async def mark_lost(self, reasons: dict[str, str]) -> None:
         """Record why each of these never-started tasks will not run."""
-        async with self._store_errors(), self._engine.begin() as conn:
+        async with store_errors(self._on_unavailable), self._engine.begin() as conn:
             for task_id, reason in reasons.items():
                 await conn.execute(
                     update(TaskRecord)
@@ -198,7 +177,7 @@ class TaskRecords:
 
     async def ping(self) -> bool:
         try:
-            async with self._store_errors(), self._engine.connect() as conn:
+            async with store_errors(self._on_unavailable), self._engine.connect() as conn:
                 await conn.execute(select(1))
         except StoreUnavailable:
             return False

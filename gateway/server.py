@@ -20,25 +20,32 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.celery_config import make_celery
 from core.db import create_engine
+from core.events import events_url, listen
 from core.gc_tuning import freeze_long_lived_objects
 from core.migrate import upgrade_to_head
 from core.settings import ApiToken, Settings, generate_token
 from gateway.auth import BearerAuthInterceptor, TokenTable
 from gateway.celery_queue import CeleryQueue, PublishingCelery
-from gateway.contract import HEALTH_SERVICE_NAME, QUEUE_SERVICE_NAME
+from gateway.contract import HEALTH_SERVICE_NAME, PROJECT_SERVICE_NAME, QUEUE_SERVICE_NAME
 from gateway.errors import StoreUnavailable
 from gateway.health import DependencyHealth
 from gateway.issuing import Issuer
+from gateway.project_service import ProjectService
+from gateway.project_store import ProjectStore
 from gateway.ratelimit import RateLimiter
 from gateway.reconciler import Reconciler
 from gateway.records import TaskRecords
 from gateway.reflection import enable_reflection
 from gateway.service import QueueService
-from projects.v1 import queue_service_pb2_grpc
+from gateway.tokens import TokenSigner
+from gateway.watching import ProjectFeed
+from projects.v1 import project_service_pb2_grpc, queue_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 PURGE_INTERVAL_SECONDS = 600.0
+KEEPALIVE_TIMEOUT_MS = 10_000
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
 
 
 @dataclass
@@ -49,6 +56,8 @@ class Gateway:
     records: TaskRecords
     queue: CeleryQueue
     service: QueueService
+    projects: ProjectService
+    feed: ProjectFeed
     engine: AsyncEngine
     purge_interval: float
     reconciler: Reconciler | None
@@ -57,8 +66,10 @@ class Gateway:
     async def start(self) -> None:
         # Checked before the port opens, so no probe ever sees SERVING unchecked.
         await self.health.check_now()
+        await self.feed.prime()
         await self.server.start()
         self.health.start()
+        self._background.append(asyncio.create_task(self.feed.run(), name="project-feed"))
         self._background.append(asyncio.create_task(self._purge_loop(), name="purge-records"))
         if self.reconciler is not None:
             self._background.append(
@@ -75,6 +86,8 @@ class Gateway:
 
     async def stop(self, grace: float) -> None:
         await self.health.shutdown()
+        # Streams never end by themselves: each is told to end, with the way to resume.
+        self.projects.stop_streams()
         await self.server.stop(grace)
         await self.service.drain()
         for task in self._background:
@@ -112,6 +125,19 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
     lifetime = dt.timedelta(seconds=settings.result_expires_seconds)
     records = TaskRecords(engine, lifetime, on_unavailable=dependencies.mark_down)
     dependencies.watch([queue.ping, records.ping])
+    store = ProjectStore(engine, on_unavailable=dependencies.mark_down)
+    deployment, stored_key = await store.deployment()
+    signer = TokenSigner((settings.token_signing_key or stored_key).encode(), deployment)
+    events = events_url(app.conf.broker_url, app.conf.result_backend)
+    feed = ProjectFeed(
+        store,
+        lambda: listen(events, settings.redis_key_prefix),
+        settings.watch_poll_interval_seconds,
+        settings.watch_buffer_changes,
+    )
+    projects = ProjectService(
+        store, feed, signer, max_streams_per_client=settings.watch_max_streams_per_client
+    )
     server = grpc.aio.server(
         interceptors=[
             BearerAuthInterceptor(
@@ -126,6 +152,13 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
             # Off unless asked for (GATEWAY_PROCESSES asks): a second gateway started by mistake
             # on a port in use then fails to start instead of quietly taking half the calls.
             ("grpc.so_reuseport", int(settings.gateway_reuse_port)),
+            # Quiet connections (an idle watch stream) are pinged, so proxies keep them and a
+            # peer that vanished is noticed; clients may ping as often as every 10 s.
+            ("grpc.keepalive_time_ms", int(settings.gateway_keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         ],
         maximum_concurrent_rpcs=settings.gateway_max_concurrent_rpcs,
     )
@@ -138,8 +171,9 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
         publish_timeout=settings.publish_timeout_seconds,
     )
     queue_service_pb2_grpc.add_QueueServiceServicer_to_server(service, server)
+    project_service_pb2_grpc.add_ProjectServiceServicer_to_server(projects, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection((QUEUE_SERVICE_NAME, HEALTH_SERVICE_NAME), server)
+    enable_reflection((QUEUE_SERVICE_NAME, PROJECT_SERVICE_NAME, HEALTH_SERVICE_NAME), server)
     credentials = server_credentials(settings)
     if credentials is None:
         port = server.add_insecure_port(settings.gateway_address)
@@ -152,6 +186,8 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
         records=records,
         queue=queue,
         service=service,
+        projects=projects,
+        feed=feed,
         engine=engine,
         purge_interval=min(PURGE_INTERVAL_SECONDS, settings.result_expires_seconds),
         reconciler=Reconciler(

@@ -23,6 +23,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import create_engine
+from core.events import EventPublisher
 from core.settings import Settings
 from worker.fetch import FetchLimits, make_client
 
@@ -35,7 +36,7 @@ POOL_WAIT_SECONDS = 5.0
 
 
 class WorkerRuntime:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, events_url: str) -> None:
         self.settings = settings
         self.fetch_limits = FetchLimits(
             timeout=settings.fetch_timeout_seconds,
@@ -48,6 +49,7 @@ class WorkerRuntime:
         )
         self._thread.start()
         self.http: httpx.AsyncClient = self.run(self._make_client(settings.source_url))
+        self.events: EventPublisher = self.run(self._make_publisher(events_url))
         # A task holds a connection only for a statement or two (its start, then its store),
         # so a few serve many tasks in flight: a task waits its turn for one, briefly, rather
         # than each opening its own. Worker processes x WORKER_DB_CONNECTIONS is all the
@@ -69,6 +71,9 @@ class WorkerRuntime:
     async def _make_client(self, source_url: str) -> httpx.AsyncClient:
         return make_client(self.fetch_limits, source_url, self.settings.worker_concurrency)
 
+    async def _make_publisher(self, url: str) -> EventPublisher:
+        return EventPublisher(url, self.settings.redis_key_prefix)
+
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run `coroutine` on the process's loop and wait for it from the calling thread."""
         future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
@@ -81,6 +86,7 @@ class WorkerRuntime:
     def close(self) -> None:
         try:
             self.run(self.http.aclose(), timeout=5)
+            self.run(self.events.close(), timeout=5)
             self.run(self.engine.dispose(), timeout=5)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)

@@ -1,9 +1,11 @@
 """What the worker writes to the database: projects (upserted by link) and task starts.
 
 One INSERT ... ON CONFLICT DO UPDATE per batch, never a round trip per row; rows are sorted by
-link so concurrent workers lock them in the same order and do not deadlock. Locks, deadlocks,
-serialization failures and lost connections are retried briefly here and then leave as
-`RetryableError`, so Celery tries the task again instead of failing it.
+link so concurrent workers lock them in the same order and do not deadlock. A batch that
+created or changed rows stamps them, in the same transaction and as its last statements, with
+the next revision of the feed (`core.db.Feed`), which orders WatchProjects by commit. Locks,
+deadlocks, serialization failures and lost connections are retried briefly here and then leave
+as `RetryableError`, so Celery tries the task again instead of failing it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import datetime as dt
 import functools
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy import case, func, literal, or_, update
@@ -22,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.db import (
     MAX_URL_LENGTH,
+    Feed,
     Project,
     TaskRecord,
     UtcDateTime,
@@ -44,13 +47,22 @@ class StoreCounts:
     created: int = 0
     updated: int = 0
     unstorable: int = 0  # links longer than MAX_URL_LENGTH bytes
+    # The feed revision of the last batch that changed rows (0: none did); not a count, so
+    # counts compare equal whatever the feed's clock says.
+    revision: int = field(default=0, compare=False)
 
 
-async def _with_retries(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-    """Run `work`, which executes one statement, retrying transient failures a few times."""
+async def _with_retries(
+    engine: AsyncEngine,
+    work: Callable[[AsyncConnection], Awaitable[T]],
+    *,
+    transaction: bool = False,
+) -> T:
+    """Run `work` (one statement, or a transaction), retrying transient failures a few times."""
     for attempt in range(1, LOCAL_ATTEMPTS + 1):
         try:
-            async with single_statement(engine) as conn:
+            connection = engine.begin() if transaction else single_statement(engine)
+            async with connection as conn:
                 return await work(conn)
         except DBAPIError as exc:
             if not is_transient(exc):
@@ -87,7 +99,20 @@ def _upsert_statement(dialect: str) -> Any:
             "last_seen_at": new.last_seen_at,
             "updated_at": case((changed, new.updated_at), else_=Project.updated_at),
         },
-    ).returning(Project.first_seen_at, Project.updated_at)
+    ).returning(Project.id, Project.first_seen_at, Project.updated_at)
+
+
+# Taken last in a transaction that changed projects: its row lock is held until the commit.
+_NEXT_REVISION = (
+    update(Feed).where(Feed.id == 1).values(revision=Feed.revision + 1).returning(Feed.revision)
+)
+
+
+async def _stamp_revision(conn: AsyncConnection, project_ids: list[int]) -> int:
+    """Give these rows, changed in `conn`'s open transaction, the feed's next revision."""
+    revision = int((await conn.execute(_NEXT_REVISION)).scalar_one())
+    await conn.execute(update(Project).where(Project.id.in_(project_ids)).values(revision=revision))
+    return revision
 
 
 async def store_projects(
@@ -97,7 +122,7 @@ async def store_projects(
     latest = {item.url: item for item in items}  # a link listed twice is stored once, last wins
     # Bounded in bytes: PostgreSQL's unique index refuses keys past ~2.7 KB, whatever the chars.
     storable = sorted(url for url in latest if len(url.encode()) <= MAX_URL_LENGTH)
-    created = updated = 0
+    created = updated = revision = 0
     for start in range(0, len(storable), batch_size):
         # `now` marks this statement's writes: a row that comes back with first_seen_at == now
         # was inserted by it, one with updated_at == now was changed by it.
@@ -116,15 +141,19 @@ async def store_projects(
             for url in storable[start : start + batch_size]
         ]
 
-        async def upsert(conn: AsyncConnection, rows: list[dict[str, Any]] = rows) -> list[Any]:
-            result = await conn.execute(_upsert_statement(engine.dialect.name), rows)
-            return list(result.all())
+        async def upsert(
+            conn: AsyncConnection, rows: list[dict[str, Any]] = rows, now: dt.datetime = now
+        ) -> tuple[list[Any], int]:
+            returned = list(await conn.execute(_upsert_statement(engine.dialect.name), rows))
+            changed = [row.id for row in returned if row.updated_at == now]
+            return returned, (await _stamp_revision(conn, changed) if changed else 0)
 
-        returned = await _with_retries(engine, upsert)
-        batch_created = sum(1 for first_seen, _ in returned if first_seen == now)
+        returned, batch_revision = await _with_retries(engine, upsert, transaction=True)
+        revision = batch_revision or revision
+        batch_created = sum(1 for row in returned if row.first_seen_at == now)
         created += batch_created
-        updated += sum(1 for _, changed_at in returned if changed_at == now) - batch_created
-    return StoreCounts(created, updated, unstorable=len(latest) - len(storable))
+        updated += sum(1 for row in returned if row.updated_at == now) - batch_created
+    return StoreCounts(created, updated, len(latest) - len(storable), revision)
 
 
 async def record_start(engine: AsyncEngine, task_id: str, now: dt.datetime | None = None) -> int:

@@ -15,6 +15,7 @@ from celery import Celery, Task, signals
 from google.protobuf import json_format
 
 from core.celery_config import HARVEST_TASK_NAME
+from core.events import ProjectsChanged
 from core.gc_tuning import collector_paused
 from projects.v1 import task_pb2
 from worker import failpoints
@@ -46,6 +47,8 @@ async def _fetch_parse_store(runtime: WorkerRuntime, page: int) -> tuple[ParsedP
     with collector_paused():
         parsed = parse_listing(fetched.body, fetched.url, settings.source_profile, fetched.encoding)
     counts = await store_projects(runtime.engine, parsed.items, settings.upsert_batch_size)
+    if counts.revision:
+        await runtime.events.publish(ProjectsChanged(counts.revision))
     return parsed, counts
 
 

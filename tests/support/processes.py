@@ -27,7 +27,7 @@ import httpx
 
 from core.embedded_redis import server_executable
 from core.settings import Settings
-from projects.v1 import queue_service_pb2_grpc
+from projects.v1 import project_service_pb2_grpc, queue_service_pb2_grpc
 
 BIN = Path(sys.executable).parent
 PYTHON = str(BIN / "python")
@@ -192,10 +192,12 @@ class Gateway:
     token: str
     channel: grpc.Channel = field(init=False)
     stub: queue_service_pb2_grpc.QueueServiceStub = field(init=False)
+    projects: project_service_pb2_grpc.ProjectServiceStub = field(init=False)
 
     def __post_init__(self) -> None:
         self.channel = grpc.insecure_channel(self.address)
         self.stub = queue_service_pb2_grpc.QueueServiceStub(self.channel)
+        self.projects = project_service_pb2_grpc.ProjectServiceStub(self.channel)
 
     def close(self) -> int:
         self.channel.close()

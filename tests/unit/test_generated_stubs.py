@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from google.type import date_pb2
+
 ROOT = Path(__file__).resolve().parents[2]
 PROTOS = ROOT / "protos"
 GENERATED = PROTOS / "projects" / "v1"
+# Where googleapis-common-protos keeps google/type/date.proto, which the contract imports.
+GOOGLEAPIS = Path(date_pb2.__file__).parents[2]
 
 
 def test_committed_stubs_are_fresh(tmp_path: Path) -> None:
@@ -22,6 +26,7 @@ def test_committed_stubs_are_fresh(tmp_path: Path) -> None:
             "-m",
             "grpc_tools.protoc",
             f"-I{PROTOS}",
+            f"-I{GOOGLEAPIS}",
             f"--python_out={tmp_path}",
             f"--grpc_python_out={tmp_path}",
             f"--mypy_out={tmp_path}",
@@ -50,6 +55,7 @@ def test_committed_descriptor_set_is_fresh(tmp_path: Path) -> None:
             "-m",
             "grpc_tools.protoc",
             f"-I{PROTOS}",
+            f"-I{GOOGLEAPIS}",
             "--include_source_info",
             "--include_imports",
             f"--descriptor_set_out={fresh}",

@@ -254,11 +254,22 @@ async def test_run_forever_passes_on_an_unavailable_store_and_keeps_going() -> N
     assert records.marked == [{lost.id: LOST_BY_BROKER.format(enqueued=ENQUEUED)}]
 
 
-async def test_run_forever_stops_on_anything_but_unavailable() -> None:
-    # Only Unavailable is passed over; anything else ends the loop (and the task running it).
-    records, queue = FakeRecords(task(1)), FakeQueue()
+async def test_run_forever_logs_a_failed_pass_and_keeps_going(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A bug in one pass is logged; reconciling goes on for the life of the process.
+    lost = task(1)
+    records, queue = FakeRecords(lost), FakeQueue()
     records.failures = [RuntimeError("a bug")]
-
-    with pytest.raises(RuntimeError, match="a bug"):
+    judge = asyncio.ensure_future(reconciler(records, queue, interval=0).run_forever())
+    try:
         async with asyncio.timeout(10):
-            await reconciler(records, queue, interval=0).run_forever()
+            await records.some_marked.wait()
+    finally:
+        judge.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await judge
+
+    assert "reconciler pass failed" in caplog.text
+    assert "a bug" in caplog.text
+    assert records.marked == [{lost.id: LOST_BY_BROKER.format(enqueued=ENQUEUED)}]

@@ -29,7 +29,8 @@ def test_tasks_share_worker_db_connections_and_wait_a_bounded_time_for_one(
         worker_concurrency=16,
         worker_db_connections=2,
     )
-    runtime = WorkerRuntime(settings)
+    # No event is published here: nothing connects to this Redis.
+    runtime = WorkerRuntime(settings, "redis://127.0.0.1:9/0")
     try:
         runtime.run(upgrade_to_head(runtime.engine))
 

@@ -1,4 +1,4 @@
-"""gateway.service.timestamp against protobuf's own Timestamp.FromDatetime."""
+"""gateway.messages.timestamp against protobuf's own Timestamp.FromDatetime."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from google.protobuf import timestamp_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.service import timestamp
+from gateway.messages import timestamp
 
 ZONES = st.sampled_from(
     [

@@ -1,0 +1,119 @@
+"""One feed of events from workers to gateways: Redis pub/sub, on one channel.
+
+A worker says what it made true after the commit that made it true (`EventPublisher`); each
+gateway process listens with one subscriber (`listen`) and wakes the watch streams it serves.
+Events wake watchers and are never the truth: a woken watcher reads the database, and a
+watcher also reads it on a slow timer, so a lost event (Redis down, a gateway that was
+restarting) costs latency, never data.
+
+The channel lives on the broker's Redis, or the result backend's when the broker is AMQP,
+prefixed by REDIS_KEY_PREFIX like every key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "harvester.events"
+# An event is a hint: a publish that cannot be made at once is dropped, not waited for.
+PUBLISH_TIMEOUT_SECONDS = 1.0
+LISTEN_RETRY_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectsChanged:
+    """Projects were created or changed, up to feed revision `revision`, and committed."""
+
+    revision: int
+
+
+Event = ProjectsChanged
+
+
+def events_url(broker_url: str, backend_url: str) -> str:
+    """The redis-py URL of the Redis that carries events (kombu's URL forms translated)."""
+    url = broker_url if broker_url.startswith(("redis", "rediss")) else backend_url
+    parts = urlsplit(url)
+    if parts.scheme == "redis+socket":
+        return urlunsplit(("unix", "", parts.path, parts.query, ""))
+    if not parts.scheme.startswith("redis"):
+        raise ValueError(f"events need a Redis broker or result backend, not {parts.scheme}://")
+    return url
+
+
+def _encode(event: Event) -> str:
+    return json.dumps({"kind": "projects", "revision": event.revision})
+
+
+def _decode(data: bytes | str) -> Event | None:
+    try:
+        message = json.loads(data)
+        if message.get("kind") == "projects":
+            return ProjectsChanged(int(message["revision"]))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass
+    log.warning("ignored an event that is not ours: %.80r", data)
+    return None
+
+
+class EventPublisher:
+    """The worker's side: publish events on the process's event loop."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self._client = aioredis.Redis.from_url(
+            url, socket_timeout=PUBLISH_TIMEOUT_SECONDS, socket_connect_timeout=1.0
+        )
+        self._channel = prefix + CHANNEL
+        self._failing = False
+
+    async def publish(self, event: Event) -> None:
+        """Publish `event`; a failure is logged (once per outage) and otherwise ignored."""
+        try:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+                await self._client.publish(self._channel, _encode(event))
+        except (RedisError, OSError, TimeoutError) as exc:
+            if not self._failing:
+                log.warning("could not publish events (watchers catch up by timer): %s", exc)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("publishing events again")
+        self._failing = False
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+async def listen(url: str, prefix: str) -> AsyncIterator[Event]:
+    """Every event published from now on, for ever; reconnects (and says so) after a failure."""
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=2.0)
+    failing = False
+    try:
+        while True:
+            try:
+                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(prefix + CHANNEL)
+                    if failing:
+                        log.info("listening to events again")
+                    failing = False
+                    async for message in pubsub.listen():
+                        event = _decode(message["data"])
+                        if event is not None:
+                            yield event
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("event feed lost (watchers catch up by timer): %s", exc)
+                failing = True
+                await asyncio.sleep(LISTEN_RETRY_SECONDS)
+    finally:
+        await client.aclose()

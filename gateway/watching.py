@@ -1,0 +1,134 @@
+"""Fan the feed of project changes out to every WatchProjects stream of this gateway process.
+
+One `ProjectFeed` per process reads the database once per wake-up (an event from a worker, see
+`core.events`, or its slow timer when events are lost) for the rows committed after its head,
+and offers them to every subscribed stream. A stream catches up from the database at its own
+pace first, then takes what the feed offers; one that falls more than WATCH_BUFFER_CHANGES
+behind is dropped from the feed and goes back to reading the database from its own cursor, so
+a slow reader never grows the gateway's memory. So 1,000 idle watchers cost one query per
+wake-up, not 1,000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+
+from gateway.errors import Unavailable
+from gateway.project_store import Position, ProjectStore, StoredProject
+
+log = logging.getLogger(__name__)
+
+# Rows read in one query, by the feed and by a stream catching up.
+READ_BATCH = 500
+RETRY_SECONDS = 1.0
+
+
+class Overflowed(Exception):
+    """The stream fell too far behind the feed: read on from the database."""
+
+
+class Subscription:
+    """What the feed has offered one stream and the stream has not taken yet (bounded)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._rows: list[StoredProject] = []
+        self._ready = asyncio.Event()
+        self.overflowed = False
+
+    def offer(self, rows: list[StoredProject]) -> bool:
+        """Queue `rows`; False (and overflowed from now on) when they do not fit."""
+        if len(self._rows) + len(rows) > self._capacity:
+            self.overflowed = True
+            self._rows.clear()
+        else:
+            self._rows.extend(rows)
+        self._ready.set()
+        return not self.overflowed
+
+    async def take(self) -> list[StoredProject]:
+        """Everything offered since the last take, once there is something; raises Overflowed."""
+        await self._ready.wait()
+        if self.overflowed:
+            raise Overflowed
+        rows, self._rows = self._rows, []
+        self._ready.clear()
+        return rows
+
+
+class ProjectFeed:
+    def __init__(
+        self,
+        store: ProjectStore,
+        wakeups: Callable[[], AsyncIterator[object]],
+        poll_interval: float,
+        buffer: int,
+    ) -> None:
+        self._store = store
+        self._wakeups = wakeups
+        self._poll_interval = poll_interval
+        self._buffer = buffer
+        self._subscribers: set[Subscription] = set()
+        self._wake = asyncio.Event()
+        self._head: Position | None = None
+
+    async def prime(self) -> None:
+        """Take the database's head as the feed's, before any stream subscribes.
+
+        From then on every row committed after it is offered to every subscriber; a stream
+        that subscribes and then reads the database therefore misses nothing in between.
+        """
+        self._head = await self._store.head()
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[Subscription]:
+        subscription = Subscription(self._buffer)
+        self._subscribers.add(subscription)
+        try:
+            yield subscription
+        finally:
+            self._subscribers.discard(subscription)
+
+    @property
+    def watchers(self) -> int:
+        return len(self._subscribers)
+
+    async def _listen(self) -> None:
+        async for _event in self._wakeups():
+            self._wake.set()
+
+    async def _read_new(self) -> None:
+        if self._head is None:
+            raise RuntimeError("ProjectFeed.run before prime")
+        while True:
+            rows = await self._store.changes_after(self._head, None, READ_BATCH)
+            if not rows:
+                return
+            self._head = rows[-1].position
+            for subscription in list(self._subscribers):
+                if not subscription.offer(rows):
+                    self._subscribers.discard(subscription)
+            if len(rows) < READ_BATCH:
+                return
+
+    async def run(self) -> None:
+        """Read and offer new changes until cancelled."""
+        listener = asyncio.create_task(self._listen(), name="project-events")
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._poll_interval):
+                        await self._wake.wait()
+                self._wake.clear()
+                try:
+                    await self._read_new()
+                except Unavailable as exc:
+                    log.warning("project feed: %s", exc)
+                    await asyncio.sleep(RETRY_SECONDS)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
