@@ -14,9 +14,11 @@ gateway (systemd, compose, Kubernetes) restarts it whole instead of it serving a
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from types import FrameType
@@ -25,6 +27,46 @@ from core.settings import Settings, generate_token
 from gateway.server import banner
 
 log = logging.getLogger(__name__)
+
+IN_USE = "in use"
+
+
+def listen_problem(address: str, reuse_port: bool = False) -> str | None:
+    """Why nothing could listen on host:port now (`IN_USE`, or the system's reason); else None.
+
+    Probes the way the servers bind (SO_REUSEADDR, and SO_REUSEPORT when they share the port),
+    so a port left in TIME_WAIT by a server just stopped is free, one listened on is not.
+    """
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return None  # the server picks a port, or rejects the address itself
+    try:
+        found = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        return error.strerror
+    reasons = []
+    for family, kind, proto, _, sockaddr in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    return IN_USE
+                reasons.append(error.strerror or str(error))
+    # A name may resolve to addresses this host lacks (::1 without IPv6): one that works is enough.
+    return reasons[0] if reasons and len(reasons) == len(found) else None
+
+
+def cannot_listen_message(address: str, reason: str, hint: str) -> str:
+    """The one line a process that cannot listen on `address` ends with."""
+    if reason == IN_USE:
+        return f"{address} is in use: {hint}"
+    return f"cannot listen on {address}: {reason}"
 
 
 def child_environment(token: str | None) -> dict[str, str]:
