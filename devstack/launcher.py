@@ -3,6 +3,10 @@
 Each child is a real process started as its user would start it, in a session of its own (so
 Ctrl-C reaches only this launcher, which then stops them in order) and tied to the launcher's
 life by PR_SET_PDEATHSIG, so none is left behind even if the launcher is killed.
+
+The ports are checked before anything starts (a second `make run` says its port is in use and
+stops), and the banner is printed only once each child said it is ready (the site and the
+gateway bound, the worker consuming) and the gateway's health check passes.
 """
 
 from __future__ import annotations
@@ -10,13 +14,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -25,12 +30,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core import embedded_redis
 from core.settings import Settings, generate_token
+from gateway.processes import IN_USE, cannot_listen_message, listen_problem
 
 log = logging.getLogger("devstack")
 
 BIN = Path(sys.executable).parent
 STOP_TIMEOUT_SECONDS = 20.0
 START_TIMEOUT_SECONDS = 60.0
+WORKER_NODE_NAME = "devstack-worker@%h"
+IN_USE_HINT = "is another make run up?"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -43,12 +51,18 @@ def _die_with_parent() -> None:
 class Child:
     name: str
     popen: subprocess.Popen[str]
+    ready_line: re.Pattern[str]  # what the child prints once it is ready
+    ready: threading.Event = field(default_factory=threading.Event)
+    ready_match: re.Match[str] | None = None
 
     def pump(self) -> None:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
             sys.stdout.write(f"[{self.name}] {line}")
             sys.stdout.flush()
+            if not self.ready.is_set() and (match := self.ready_line.search(line)):
+                self.ready_match = match
+                self.ready.set()
 
     def stop(self) -> int:
         if self.popen.poll() is None:
@@ -61,7 +75,7 @@ class Child:
             return self.popen.wait()
 
 
-def start_child(name: str, args: list[str], env: Mapping[str, str]) -> Child:
+def start_child(name: str, args: list[str], env: Mapping[str, str], ready_line: str) -> Child:
     popen = subprocess.Popen(
         args,
         env=dict(env),
@@ -72,14 +86,13 @@ def start_child(name: str, args: list[str], env: Mapping[str, str]) -> Child:
         start_new_session=True,
         preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, before exec
     )
-    child = Child(name, popen)
+    child = Child(name, popen, re.compile(ready_line))
     threading.Thread(target=child.pump, name=f"pump-{name}", daemon=True).start()
     return child
 
 
-def banner(settings: Settings, token: str | None, site_started: bool) -> str:
+def banner(settings: Settings, address: str, token: str | None, site_started: bool) -> str:
     grpcurl = os.path.relpath(BIN / "grpcurl")
-    address = settings.gateway_address
     transport = "-cacert <CA file>" if settings.gateway_tls_cert_file else "-plaintext"
     auth = f"-H 'authorization: Bearer {token}'" if token else "-H 'authorization: Bearer <token>'"
     lines = [
@@ -106,30 +119,96 @@ def banner(settings: Settings, token: str | None, site_started: bool) -> str:
     return "\n".join(lines)
 
 
-def wait_until_serving(address: str, children: list[Child], stopping: threading.Event) -> bool:
-    """Wait for the gateway's health check to pass; False if a child died or we were stopped."""
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+def ports_in_use(settings: Settings) -> list[str]:
+    """What keeps this run from listening where it needs to, a line per cause; [] if nothing."""
+    wanted = [(settings.gateway_address, settings.gateway_reuse_port)]
+    if settings.source_is_sample_site:
+        wanted.append((settings.sample_site_address, False))
+    problems = [(address, listen_problem(address, reuse_port)) for address, reuse_port in wanted]
+    in_use = [address for address, reason in problems if reason == IN_USE]
+    lines = [
+        cannot_listen_message(address, reason, IN_USE_HINT)
+        for address, reason in problems
+        if reason is not None and reason != IN_USE
+    ]
+    if len(in_use) == 1:
+        lines.insert(0, cannot_listen_message(in_use[0], IN_USE, IN_USE_HINT))
+    elif in_use:  # the usual case of a second make run: one line for both
+        lines.insert(0, f"{' and '.join(in_use)} are in use: {IN_USE_HINT}")
+    return lines
+
+
+class NotReady(Exception):
+    """A child exited, or did not get ready in time, before the banner."""
+
+
+def wait_until_ready(children: list[Child], stopping: threading.Event, deadline: float) -> bool:
+    """Wait until every child printed its ready line; False when we were stopped meanwhile."""
+    while not stopping.is_set():
+        for child in children:
+            if child.popen.poll() is not None and not child.ready.is_set():
+                raise NotReady(
+                    f"{child.name} exited with {child.popen.returncode} before it was ready"
+                )
+        if all(child.ready.is_set() for child in children):
+            return True
+        if time.monotonic() > deadline:
+            late = ", ".join(c.name for c in children if not c.ready.is_set())
+            raise NotReady(f"not ready after {START_TIMEOUT_SECONDS:.0f} s: {late}")
+        stopping.wait(0.1)
+    return False
+
+
+def wait_until_serving(
+    address: str, children: list[Child], stopping: threading.Event, deadline: float
+) -> bool:
+    """Wait for our gateway's health check to pass; False when we were stopped meanwhile."""
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        while not stopping.is_set() and time.monotonic() < deadline:
-            if any(child.popen.poll() is not None for child in children):
-                return False
+        while not stopping.is_set():
+            if exited := [c for c in children if c.popen.poll() is not None]:
+                raise NotReady(f"{exited[0].name} exited with {exited[0].popen.returncode}")
             try:
                 answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
                     return True
             except grpc.RpcError:
                 pass
+            if time.monotonic() > deadline:
+                raise NotReady(
+                    f"the gateway's health check did not pass in {START_TIMEOUT_SECONDS:.0f} s"
+                )
             stopping.wait(0.2)
     return False
 
 
+def wait_for_start(
+    settings: Settings, gateway: Child, children: list[Child], stopping: threading.Event
+) -> str | None:
+    """The gateway's bound address once every child is ready; None when stopped meanwhile."""
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    if not wait_until_ready(children, stopping, deadline):
+        return None
+    assert gateway.ready_match is not None
+    address = gateway.ready_match.group(1)  # as bound: a port 0 became a real one
+    # Health is the broker and the database; a TLS gateway's is left to the user's client.
+    if settings.gateway_tls_cert_file is None and not wait_until_serving(
+        address, children, stopping, deadline
+    ):
+        return None
+    return address
+
+
 def run(settings: Settings, environ: Mapping[str, str]) -> int:
+    # Before anything starts: a second make run would otherwise meet the first one's gateway.
+    if busy := ports_in_use(settings):
+        for line in busy:
+            print(line, file=sys.stderr, flush=True)
+        return 1
     env = dict(environ)
     env["PYTHONUNBUFFERED"] = "1"
-    started_redis = False
     if settings.celery_broker_url is None:
-        started_redis = not embedded_redis.is_running(settings.data_dir)
+        # This launcher is the embedded Redis's user for its children (they are given the URL).
         env["CELERY_BROKER_URL"] = embedded_redis.ensure_running(settings.data_dir)
         log.info("embedded Redis broker at %s", env["CELERY_BROKER_URL"])
     token = None
@@ -150,18 +229,27 @@ def run(settings: Settings, environ: Mapping[str, str]) -> int:
     code = 0
     try:
         site_started = settings.source_is_sample_site
+        python = str(BIN / "python")
         if site_started:
-            children.append(start_child("site", [str(BIN / "python"), "-m", "sample_site"], env))
-        children.append(start_child("gateway", [str(BIN / "python"), "-m", "gateway"], env))
-        children.append(
-            start_child(
-                "worker",
-                [str(BIN / "celery"), "-A", "worker.app", "worker", "--loglevel", "INFO"],
-                env,
+            children.append(
+                start_child("site", [python, "-m", "sample_site"], env, r"sample site listening on")
             )
+        gateway = start_child(
+            "gateway", [python, "-m", "gateway"], env, r"gateway listening on (\S+)"
         )
-        if wait_until_serving(settings.gateway_address, children, stopping):
-            print(banner(settings, token, site_started), flush=True)
+        children.append(gateway)
+        worker_args = [str(BIN / "celery"), "-A", "worker.app", "worker", "--loglevel", "INFO"]
+        children.append(
+            start_child("worker", [*worker_args, "-n", WORKER_NODE_NAME], env, r"\S@\S+ ready\.")
+        )
+        try:
+            address = wait_for_start(settings, gateway, children, stopping)
+        except NotReady as error:
+            log.error("%s; stopping the rest", error)
+            return 1
+        if address is None:
+            return 0  # stopped while starting
+        print(banner(settings, address, token, site_started), flush=True)
         while not stopping.wait(0.5):
             exited = [c for c in children if c.popen.poll() is not None]
             if exited:
@@ -174,7 +262,7 @@ def run(settings: Settings, environ: Mapping[str, str]) -> int:
     finally:
         for child in reversed(children):
             child.stop()
-        if started_redis:
-            embedded_redis.stop(settings.data_dir)
+        # Stopped unless another process (a gateway or worker started on its own) still uses it.
+        embedded_redis.leave(settings.data_dir)
         log.info("all stopped")
     return code
