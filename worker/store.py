@@ -77,7 +77,7 @@ async def _with_retries(
 
 
 @functools.cache
-def _upsert_statement(dialect: str) -> Any:
+def upsert_statement(dialect: str) -> Any:
     # Executed with a list of rows, so SQLAlchemy compiles it once and sends each batch as one
     # multi-row INSERT ("insertmanyvalues"); a `.values(rows)` statement would be compiled anew
     # for every batch (several times slower on SQLite; bench/README.md has the figure).
@@ -108,7 +108,7 @@ _NEXT_REVISION = (
 )
 
 
-async def _stamp_revision(conn: AsyncConnection, project_ids: list[int]) -> int:
+async def stamp_revision(conn: AsyncConnection, project_ids: list[int]) -> int:
     """Give these rows, changed in `conn`'s open transaction, the feed's next revision."""
     revision = int((await conn.execute(_NEXT_REVISION)).scalar_one())
     await conn.execute(update(Project).where(Project.id.in_(project_ids)).values(revision=revision))
@@ -144,9 +144,9 @@ async def store_projects(
         async def upsert(
             conn: AsyncConnection, rows: list[dict[str, Any]] = rows, now: dt.datetime = now
         ) -> tuple[list[Any], int]:
-            returned = list(await conn.execute(_upsert_statement(engine.dialect.name), rows))
+            returned = list(await conn.execute(upsert_statement(engine.dialect.name), rows))
             changed = [row.id for row in returned if row.updated_at == now]
-            return returned, (await _stamp_revision(conn, changed) if changed else 0)
+            return returned, (await stamp_revision(conn, changed) if changed else 0)
 
         returned, batch_revision = await _with_retries(engine, upsert, transaction=True)
         revision = batch_revision or revision
