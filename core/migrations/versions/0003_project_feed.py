@@ -17,8 +17,13 @@ down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# ListProjects' "start_date desc" puts projects without a date last: it orders by this.
-START_SORT = "coalesce(start_date, '0001-01-01')"
+# ListProjects' "start_date desc" puts projects without a date last: it orders by this. The
+# stand-in day is one each driver reads back as datetime.date.min and writes from it again:
+# asyncpg maps date.min to PostgreSQL's -infinity (so 0001-01-01 would not round-trip there).
+START_SORT = {
+    "postgresql": "coalesce(start_date, '-infinity'::date)",
+    "sqlite": "coalesce(start_date, '0001-01-01')",
+}
 TRIGRAM_INDEXES = {
     "ix_projects_title_trgm": "title",
     "ix_projects_description_trgm": "description",
@@ -37,7 +42,7 @@ def upgrade() -> None:
             "start_sort",
             sa.Date(),
             # SQLite adds only virtual generated columns to a table that exists.
-            sa.Computed(START_SORT if not postgres else START_SORT + "::date", persisted=postgres),
+            sa.Computed(START_SORT["postgresql" if postgres else "sqlite"], persisted=postgres),
         ),
     )
     op.create_index("ix_projects_revision", "projects", ["revision", "id"])
