@@ -8,6 +8,7 @@ watcher is cut and resumes, and across a gateway restart; and the status codes a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import random
 import signal
@@ -25,6 +26,7 @@ from sqlalchemy import bindparam, text
 
 from core.db import UtcDateTime, create_engine
 from core.migrate import upgrade_to_head
+from gateway.tokens import TokenSigner
 from projects.v1 import project_pb2, project_service_pb2
 from sample_site.pages import render_listing, sample_page
 from tests.conftest import own_redis_server, stacks_in
@@ -345,3 +347,196 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 60) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
+
+
+# --- status codes, and what a stream does when it lags or the gateway stops ---------------
+
+
+@pytest.fixture
+def sqlite_stack(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Stack]]:
+    site = start_site(tmp_path)
+    try:
+        with (
+            own_redis_server(tmp_path / "redis") as redis_server,
+            stacks_in(tmp_path, site, lambda: request.session.testsfailed > 0) as make,
+        ):
+            yield lambda **extra: make(broker_url=redis_server.url, **extra)
+    finally:
+        site.process.stop()
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def first_of(stream: Any) -> Any:
+    return next(iter(stream))
+
+
+def test_every_status_code_of_project_service(sqlite_stack: Callable[..., Stack]) -> None:
+    stack = sqlite_stack()
+    gateway = stack.start_gateway(WATCH_MAX_STREAMS_PER_CLIENT="2")
+    stack.start_worker()
+    wait_for_task(gateway, upload(gateway, 1).id)
+    listed = gateway.projects.ListProjects(
+        project_service_pb2.ListProjectsRequest(order_by="url"), metadata=METADATA
+    ).projects
+    assert len(listed) == PER_PAGE
+    rpcs = gateway.projects
+
+    def code(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+        error = rpc_error(call)
+        return error.code(), error.details() or ""
+
+    got = rpcs.GetProject(
+        project_service_pb2.GetProjectRequest(url=listed[0].url), metadata=METADATA
+    )
+    assert got.project == listed[0]
+    got = rpcs.GetProject(project_service_pb2.GetProjectRequest(id=listed[1].id), metadata=METADATA)
+    assert got.project == listed[1]
+    assert (
+        code(
+            lambda: rpcs.GetProject(
+                project_service_pb2.GetProjectRequest(id=10**9), metadata=METADATA
+            )
+        )[0]
+        == grpc.StatusCode.NOT_FOUND
+    )
+    status, message = code(
+        lambda: rpcs.GetProject(project_service_pb2.GetProjectRequest(), metadata=METADATA)
+    )
+    assert status == grpc.StatusCode.INVALID_ARGUMENT and "id or by its url" in message
+    status, message = code(
+        lambda: rpcs.ListProjects(
+            project_service_pb2.ListProjectsRequest(page_size=-1), metadata=METADATA
+        )
+    )
+    assert status == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in message
+    status, message = code(
+        lambda: rpcs.ListProjects(
+            project_service_pb2.ListProjectsRequest(order_by="title"), metadata=METADATA
+        )
+    )
+    assert status == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'update_time desc', 'create_time desc', 'start_date desc', 'url'" in message
+    assert (
+        code(lambda: rpcs.ListProjects(project_service_pb2.ListProjectsRequest()))[0]
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert (
+        code(
+            lambda: first_of(
+                rpcs.WatchProjects(project_service_pb2.WatchProjectsRequest(), timeout=5)
+            )
+        )[0]
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
+
+    def watch(**request: Any) -> Any:
+        return rpcs.WatchProjects(
+            project_service_pb2.WatchProjectsRequest(**request), metadata=METADATA, timeout=10
+        )
+
+    status, message = code(lambda: first_of(watch(cursor="not-a-cursor")))
+    assert (
+        status == grpc.StatusCode.INVALID_ARGUMENT and "cursor" in message and "garbled" in message
+    )
+    foreign = TokenSigner(b"k" * 32, "00000000-0000-4000-8000-000000000000").seal(
+        "cursor", {"revision": 1, "id": 1}
+    )
+    status, message = code(lambda: first_of(watch(cursor=foreign)))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT and "another deployment" in message
+    page_token_as_cursor = rpcs.ListProjects(
+        project_service_pb2.ListProjectsRequest(page_size=2), metadata=METADATA
+    ).next_page_token
+    status, message = code(lambda: first_of(watch(cursor=page_token_as_cursor)))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT and "is not a cursor" in message
+    real = first_of(watch(from_beginning=True)).cursor
+    status, message = code(lambda: first_of(watch(cursor=real, from_beginning=True)))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT and "not both" in message
+
+    # Two open streams per client here; the third is refused, another client's is not.
+    open_streams = [watch(from_beginning=True) for _ in range(2)]
+    for stream in open_streams:
+        first_of(stream)
+    status, message = code(lambda: first_of(watch(from_beginning=True)))
+    assert (
+        status == grpc.StatusCode.RESOURCE_EXHAUSTED and "WATCH_MAX_STREAMS_PER_CLIENT" in message
+    )
+    for stream in open_streams:
+        stream.cancel()
+    _wait_for(lambda: _opens(watch))
+
+
+def _opens(watch: Callable[..., Any]) -> bool:
+    """Whether a new stream opens now (False while the cap still counts closed ones)."""
+    try:
+        first_of(watch(from_beginning=True))
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        return False
+    return True
+
+
+def test_changes_updates_and_a_watcher_that_lags_behind_the_feed(
+    sqlite_stack: Callable[..., Stack],
+) -> None:
+    # A buffer of 5 changes: a stream that does not read is dropped from the feed and served
+    # from the database at its own pace, missing nothing.
+    stack = sqlite_stack()
+    gateway = stack.start_gateway(WATCH_BUFFER_CHANGES="5")
+    stack.start_worker()
+    lagging = gateway.projects.WatchProjects(
+        project_service_pb2.WatchProjectsRequest(from_beginning=True), metadata=METADATA, timeout=60
+    )
+    changes = iter(lagging)
+    for page in (1, 2, 3):
+        wait_for_task(gateway, upload(gateway, page).id)
+    seen = [next(changes) for _ in range(3 * PER_PAGE)]
+    assert len({change.project.url for change in seen}) == 3 * PER_PAGE
+    # A page's 10 changes overflow a buffer of 5: the stream went back to the database.
+    assert "a watch stream fell behind" in gateway.process.output()
+    # Page 1 again, unchanged: no change. Page 1 changed (one title): one UPDATED.
+    wait_for_task(gateway, upload(gateway, 1).id)
+    projects = sample_page(1)
+    projects[0] = dataclasses.replace(projects[0], title="A new title")
+    stack.site.set_page(1, render_listing(projects), "text/html; charset=utf-8")
+    wait_for_task(gateway, upload(gateway, 1).id)
+    update = next(changes)
+    assert update.change_type == ChangeType.CHANGE_TYPE_UPDATED
+    assert update.project.title == "A new title"
+    lagging.cancel()  # type: ignore[no-untyped-call]
+
+
+def test_sigterm_ends_open_streams_unavailable_with_the_way_to_resume(
+    sqlite_stack: Callable[..., Stack],
+) -> None:
+    stack = sqlite_stack()
+    gateway = stack.start_gateway()
+    stream = gateway.projects.WatchProjects(
+        project_service_pb2.WatchProjectsRequest(), metadata=METADATA, timeout=60
+    )
+    errors: list[grpc.RpcError] = []
+
+    def read() -> None:
+        try:
+            for _ in stream:
+                pass
+        except grpc.RpcError as error:
+            errors.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    _wait_for(lambda: "WatchProjects" in gateway.process.output() or stream.is_active())
+    time.sleep(0.2)  # the stream is open and idle at the gateway
+    started = time.monotonic()
+    gateway.process.send(signal.SIGTERM)
+    reader.join(30)
+    assert errors, "the stream did not end"
+    assert errors[0].code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down; resume from your cursor" in (errors[0].details() or "")
+    assert time.monotonic() - started < 5.0  # within GATEWAY_GRACE_SECONDS
+    assert gateway.process.popen.wait(30) == 0
