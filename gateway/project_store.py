@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Executable, and_, literal, or_, select, tuple_
+from sqlalchemy import ColumnElement, Executable, Select, and_, literal, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import Feed, Project, UtcDateTime, single_statement
@@ -147,15 +147,22 @@ class ProjectStore:
             rows = await conn.execute(statement)
             return [StoredProject(*row) for row in rows]
 
-    async def page(
-        self, order: Order, filters: Filters, after: Sequence[Any] | None, limit: int
-    ) -> list[StoredProject]:
-        """Up to `limit` projects in `order` that pass `filters`, after the key `after`."""
+    @staticmethod
+    def page_statement(
+        order: Order, filters: Filters, after: Sequence[Any] | None, limit: int
+    ) -> Select[*tuple[Any, ...]]:
+        """The SELECT `page` runs (tests EXPLAIN it to see that an index serves each order)."""
         conditions = filters.conditions()
         if after is not None:
             conditions.append(order.after(after))
         statement = select(*COLUMNS).where(and_(True, *conditions))
-        return await self._all(statement.order_by(*order.sort()).limit(limit))
+        return statement.order_by(*order.sort()).limit(limit)
+
+    async def page(
+        self, order: Order, filters: Filters, after: Sequence[Any] | None, limit: int
+    ) -> list[StoredProject]:
+        """Up to `limit` projects in `order` that pass `filters`, after the key `after`."""
+        return await self._all(self.page_statement(order, filters, after, limit))
 
     async def by_id(self, project_id: int) -> StoredProject | None:
         found = await self._all(select(*COLUMNS).where(Project.id == project_id))
