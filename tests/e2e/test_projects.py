@@ -516,27 +516,25 @@ def test_sigterm_ends_open_streams_unavailable_with_the_way_to_resume(
 ) -> None:
     stack = sqlite_stack()
     gateway = stack.start_gateway()
-    stream = gateway.projects.WatchProjects(
-        project_service_pb2.WatchProjectsRequest(), metadata=METADATA, timeout=60
-    )
-    errors: list[grpc.RpcError] = []
 
-    def read() -> None:
+    async def one_project() -> None:
+        engine = create_engine(stack.database_url)
         try:
-            for _ in stream:
-                pass
-        except grpc.RpcError as error:
-            errors.append(error)
+            await store_projects(engine, [project_item(1)], 10)
+        finally:
+            await engine.dispose()
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    _wait_for(lambda: "WatchProjects" in gateway.process.output() or stream.is_active())
-    time.sleep(0.2)  # the stream is open and idle at the gateway
+    run(one_project())
+    stream = gateway.projects.WatchProjects(
+        project_service_pb2.WatchProjectsRequest(from_beginning=True), metadata=METADATA, timeout=60
+    )
+    changes = iter(stream)
+    next(changes)  # the stream is open at the gateway, and now idle
     started = time.monotonic()
     gateway.process.send(signal.SIGTERM)
-    reader.join(30)
-    assert errors, "the stream did not end"
-    assert errors[0].code() == grpc.StatusCode.UNAVAILABLE
-    assert "shutting down; resume from your cursor" in (errors[0].details() or "")
+    with pytest.raises(grpc.RpcError) as caught:
+        next(changes)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down; resume from your cursor" in (caught.value.details() or "")
     assert time.monotonic() - started < 5.0  # within GATEWAY_GRACE_SECONDS
     assert gateway.process.popen.wait(30) == 0
