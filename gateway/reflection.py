@@ -39,11 +39,25 @@ class _FileWithComments:
             proto.CopyFrom(original)
 
 
+def _without_json_names(file: descriptor_pb2.FileDescriptorProto) -> Any:
+    """`file` as the generated modules describe it, but for the comments: protoc's set also
+    spells each field's json_name, which would turn grpcurl's output from the field names
+    (what it printed before, and what scripts read) to lowerCamelCase."""
+    file = descriptor_pb2.FileDescriptorProto.FromString(file.SerializeToString())
+    messages = list(file.message_type)
+    while messages:
+        message = messages.pop()
+        for field in message.field:
+            field.ClearField("json_name")
+        messages.extend(message.nested_type)
+    return file
+
+
 class _CommentedPool:
     """The lookups the reflection service makes, with files wrapped as `_FileWithComments`."""
 
     def __init__(self, files: descriptor_pb2.FileDescriptorSet) -> None:
-        self.protos = {file.name: file for file in files.file}
+        self.protos = {file.name: _without_json_names(file) for file in files.file}
         self._default = descriptor_pool.Default()
 
     def file(self, descriptor: Any) -> _FileWithComments:
