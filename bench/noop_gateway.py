@@ -47,7 +47,9 @@ class _NoOpQueueService(queue_service_pb2_grpc.QueueServiceServicer):
 async def _serve(address: str) -> None:
     # Several of these processes share one port, as the gateway's own serving processes do.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    queue_service_pb2_grpc.add_QueueServiceServicer_to_server(_NoOpQueueService(), server)
+    # The RPCs it leaves out answer UNIMPLEMENTED, from the generated base class.
+    servicer = _NoOpQueueService()  # type: ignore[abstract]
+    queue_service_pb2_grpc.add_QueueServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port(address)
     await server.start()
     print(f"no-op gateway listening on {address.rpartition(':')[0]}:{port}", flush=True)

@@ -136,6 +136,55 @@ class TaskRecord(Base):
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
     # Set by the reconciler when the broker lost the task: the task is then FAILURE with this.
     lost_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The batch the task is a page of (UploadPages); NULL for a lone Upload.
+    batch_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # PENDING, then STARTED and RETRY as the worker says, then SUCCESS, FAILURE or REVOKED,
+    # written once, with finished_at, by `core.ledger` (which counts it for its batch).
+    status: Mapped[str] = mapped_column(String(16), default="PENDING", server_default="PENDING")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    found: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    skipped: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Set by CancelTask or CancelBatch: the worker checks it at start and before it stores.
+    cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class BatchRecord(Base):
+    """A range of pages asked for as one (UploadPages), and its pages' counts.
+
+    The counts move only when one of its tasks reaches its final state for the first time, in
+    that same transaction (`core.ledger`): each page counts once, however often it ran.
+    """
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        UniqueConstraint("client", "request_id", name="uq_batches_client_request_id"),
+        Index("ix_batches_enqueued_at", "enqueued_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    client: Mapped[str] = mapped_column(String(MAX_CLIENT_LENGTH))
+    request_id: Mapped[str | None] = mapped_column(String(MAX_REQUEST_ID_LENGTH), nullable=True)
+    first_page: Mapped[int] = mapped_column(Integer)
+    last_page: Mapped[int] = mapped_column(Integer)
+    until_known: Mapped[bool] = mapped_column(Boolean)
+    stop_page: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    next_page: Mapped[int] = mapped_column(Integer)
+    pages_total: Mapped[int] = mapped_column(Integer)
+    pages_succeeded: Mapped[int] = mapped_column(Integer, default=0)
+    pages_failed: Mapped[int] = mapped_column(Integer, default=0)
+    pages_cancelled: Mapped[int] = mapped_column(Integer, default=0)
+    found: Mapped[int] = mapped_column(BigInteger, default=0)
+    created: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated: Mapped[int] = mapped_column(BigInteger, default=0)
+    skipped: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    enqueued_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 # SQLSTATE classes of a database that cannot serve now but may in a moment: connection

@@ -37,7 +37,15 @@ class ProjectsChanged:
     revision: int
 
 
-Event = ProjectsChanged
+@dataclass(frozen=True, slots=True)
+class TaskChanged:
+    """A task's record changed (started, retried, finished), and so maybe its batch's."""
+
+    task_id: str
+    batch_id: str | None = None
+
+
+Event = ProjectsChanged | TaskChanged
 
 
 def events_url(broker_url: str, backend_url: str) -> str:
@@ -52,6 +60,8 @@ def events_url(broker_url: str, backend_url: str) -> str:
 
 
 def _encode(event: Event) -> str:
+    if isinstance(event, TaskChanged):
+        return json.dumps({"kind": "task", "task": event.task_id, "batch": event.batch_id})
     return json.dumps({"kind": "projects", "revision": event.revision})
 
 
@@ -60,6 +70,9 @@ def _decode(data: bytes | str) -> Event | None:
         message = json.loads(data)
         if message.get("kind") == "projects":
             return ProjectsChanged(int(message["revision"]))
+        if message.get("kind") == "task":
+            batch = message.get("batch")
+            return TaskChanged(str(message["task"]), None if batch is None else str(batch))
     except (ValueError, KeyError, TypeError, AttributeError):
         pass
     log.warning("ignored an event that is not ours: %.80r", data)

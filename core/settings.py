@@ -115,6 +115,15 @@ class Settings(BaseSettings):
         "makes up one token for client `default` and prints it once.",
     )
     max_page: int = Field(default=10_000, ge=1, description="Highest page number Upload accepts.")
+    max_batch_pages: int = Field(
+        default=1000, ge=1, description="Most pages one UploadPages batch may ask for."
+    )
+    until_known_window: int = Field(
+        default=4,
+        ge=1,
+        description="How many pages an until_known batch runs ahead of its lowest unfinished "
+        "page: more is faster on a slow site, and fetches more pages past the stopping one.",
+    )
     gateway_max_message_bytes: int = Field(
         default=16 * 1024,
         ge=1024,

@@ -256,6 +256,19 @@ class CeleryQueue:
         result: set[str] | None = await self._call(self._queued_ids, queue)
         return result
 
+    def _revoke(self, task_ids: list[str]) -> None:
+        self._app.control.revoke(task_ids)
+
+    async def revoke(self, task_ids: list[str]) -> None:
+        """Tell the workers to drop these tasks if they hold them queued: a hint only (the
+        records' cancel is what holds), so a broker that does not answer is only logged."""
+        if not task_ids:
+            return
+        try:
+            await self._call(self._revoke, task_ids)
+        except QueueUnavailable as exc:
+            log.warning("could not send revoke for %d task(s): %s", len(task_ids), exc)
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._publish_executor.shutdown(wait=False, cancel_futures=True)

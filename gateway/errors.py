@@ -5,6 +5,7 @@
      ├── InvalidArgument        INVALID_ARGUMENT    + google.rpc.BadRequest field violation
      ├── NotFound               NOT_FOUND           never issued to this client, or expired
      ├── AlreadyExists          ALREADY_EXISTS      request_id reused for another page
+     ├── FailedPrecondition     FAILED_PRECONDITION cancel of a task or batch that has ended
      ├── ResourceExhausted      RESOURCE_EXHAUSTED  + google.rpc.RetryInfo
      └── Unavailable            UNAVAILABLE         + google.rpc.RetryInfo
           ├── StoreUnavailable                      the database did not answer
@@ -71,6 +72,10 @@ class NotFound(ServiceError):
 
 class AlreadyExists(ServiceError):
     code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:

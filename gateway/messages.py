@@ -7,8 +7,17 @@ import datetime as dt
 from google.protobuf import timestamp_pb2
 from google.type import date_pb2
 
+from gateway.batches import StoredBatch
 from gateway.project_store import StoredProject
-from projects.v1 import project_pb2
+from projects.v1 import project_pb2, task_pb2
+
+BATCH_STATUS = {
+    "PENDING": task_pb2.TASK_STATUS_PENDING,
+    "STARTED": task_pb2.TASK_STATUS_STARTED,
+    "SUCCESS": task_pb2.TASK_STATUS_SUCCESS,
+    "FAILURE": task_pb2.TASK_STATUS_FAILURE,
+    "REVOKED": task_pb2.TASK_STATUS_REVOKED,
+}
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MICROSECOND = dt.timedelta(microseconds=1)
@@ -43,4 +52,27 @@ def project_message(project: StoredProject) -> project_pb2.Project:
         create_time=timestamp(project.first_seen_at),
         update_time=timestamp(project.updated_at),
         last_seen_time=timestamp(project.last_seen_at),
+    )
+
+
+def batch_message(batch: StoredBatch) -> task_pb2.Batch:
+    status = batch.status
+    return task_pb2.Batch(
+        id=batch.id,
+        status=BATCH_STATUS[status],
+        first_page=batch.first_page,
+        last_page=batch.last_page,
+        until_known=batch.until_known,
+        stop_page=batch.stop_page or 0,
+        pages_total=batch.pages_total,
+        pages_succeeded=batch.pages_succeeded,
+        pages_failed=batch.pages_failed,
+        pages_cancelled=batch.pages_cancelled,
+        totals=task_pb2.BatchTotals(
+            found=batch.found, created=batch.created, updated=batch.updated, skipped=batch.skipped
+        ),
+        error=(batch.error or "") if status == "FAILURE" else "",
+        enqueue_time=timestamp(batch.enqueued_at),
+        start_time=optional_timestamp(batch.started_at),
+        finish_time=optional_timestamp(batch.finished_at),
     )

@@ -13,10 +13,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, delete, insert, select, update
+from sqlalchemy import Row, delete, func, insert, literal, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.db import TaskRecord, dialect_insert, single_statement, utcnow
+from core.db import BatchRecord, TaskRecord, UtcDateTime, dialect_insert, single_statement, utcnow
+from core.ledger import Outcome, finish
 from gateway.database import store_errors
 from gateway.errors import StoreUnavailable
 from gateway.health import OnUnavailable, nobody
@@ -32,6 +33,16 @@ class IssuedTask:
     published_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     lost_reason: str | None = None
+    batch_id: str | None = None
+    # What the worker (or the gateway's own verdict) recorded; final once finished_at is set.
+    status: str = "PENDING"
+    error: str | None = None
+    finished_at: dt.datetime | None = None
+    found: int | None = None
+    created: int | None = None
+    updated: int | None = None
+    skipped: int | None = None
+    cancel_requested_at: dt.datetime | None = None
 
     @classmethod
     def new(cls, client: str, request_id: str | None, page: int) -> IssuedTask:
@@ -52,6 +63,7 @@ class IssuedTask:
             "enqueued_at": self.enqueued_at,
             "published_at": self.published_at,
             "deliveries": 0,
+            "batch_id": self.batch_id,
         }
 
     @classmethod
@@ -65,6 +77,15 @@ class IssuedTask:
             published_at=row.published_at,
             started_at=row.started_at,
             lost_reason=row.lost_reason,
+            batch_id=row.batch_id,
+            status=row.status,
+            error=row.error,
+            finished_at=row.finished_at,
+            found=row.found,
+            created=row.created,
+            updated=row.updated,
+            skipped=row.skipped,
+            cancel_requested_at=row.cancel_requested_at,
         )
 
 
@@ -148,9 +169,11 @@ class TaskRecords:
             await conn.execute(delete(TaskRecord).where(TaskRecord.id.in_(task_ids)))
 
     async def purge_expired(self) -> int:
+        """Drop the task and batch records older than their lifetime; how many tasks went."""
         cutoff = utcnow() - self._lifetime
         async with store_errors(self._on_unavailable), self._engine.begin() as conn:
             result = await conn.execute(delete(TaskRecord).where(TaskRecord.enqueued_at < cutoff))
+            await conn.execute(delete(BatchRecord).where(BatchRecord.enqueued_at < cutoff))
         return int(result.rowcount or 0)
 
     async def unstarted_before(self, cutoff: dt.datetime) -> list[IssuedTask]:
@@ -160,20 +183,74 @@ class TaskRecords:
                 select(TaskRecord).where(
                     TaskRecord.enqueued_at < cutoff,
                     TaskRecord.started_at.is_(None),
-                    TaskRecord.lost_reason.is_(None),
+                    TaskRecord.finished_at.is_(None),
                 )
             )
             return [IssuedTask.from_row(row) for row in rows]
 
     async def mark_lost(self, reasons: dict[str, str]) -> None:
-        """Record why each of these never-started tasks will not run."""
+        """End these never-started tasks FAILURE, saying why they will not run."""
         async with store_errors(self._on_unavailable), self._engine.begin() as conn:
             for task_id, reason in reasons.items():
-                await conn.execute(
+                ended = await conn.execute(
                     update(TaskRecord)
                     .where(TaskRecord.id == task_id, TaskRecord.started_at.is_(None))
                     .values(lost_reason=reason)
                 )
+                if ended.rowcount:
+                    # No further page of an "until known" batch is enqueued from here.
+                    await finish(conn, task_id, Outcome("FAILURE", error=reason), window=0)
+
+    async def cancel(self, client: str, task_id: str) -> IssuedTask | None:
+        """Ask for `task_id` to be cancelled; end it REVOKED at once if it has not started.
+
+        The task as it is then, or None when it was never issued to `client` (or expired). A
+        task that has ended is returned as it ended: the caller tells a second cancel from a
+        cancel of a finished task.
+        """
+        now = utcnow()
+        async with store_errors(self._on_unavailable), self._engine.begin() as conn:
+            asked = (
+                await conn.execute(
+                    update(TaskRecord)
+                    .where(
+                        TaskRecord.id == task_id,
+                        TaskRecord.client == client,
+                        TaskRecord.finished_at.is_(None),
+                    )
+                    .values(cancel_requested_at=func.coalesce(TaskRecord.cancel_requested_at, now))
+                    .returning(TaskRecord.started_at)
+                )
+            ).first()
+            if asked is not None and asked.started_at is None:
+                await finish(conn, task_id, Outcome("REVOKED", error="cancelled"), window=0)
+        return await self.get(client, task_id)
+
+    async def page(
+        self,
+        client: str,
+        status: str | None,
+        batch_id: str | None,
+        after: tuple[dt.datetime, str] | None,
+        limit: int,
+    ) -> list[IssuedTask]:
+        """Up to `limit` of the client's live tasks, newest first, after the key `after`."""
+        statement = select(TaskRecord).where(
+            TaskRecord.client == client,
+            TaskRecord.enqueued_at >= literal(utcnow() - self._lifetime, UtcDateTime()),
+        )
+        if status is not None:
+            statement = statement.where(TaskRecord.status == status)
+        if batch_id is not None:
+            statement = statement.where(TaskRecord.batch_id == batch_id)
+        if after is not None:
+            key = tuple_(literal(after[0], UtcDateTime()), literal(after[1], TaskRecord.id.type))
+            statement = statement.where(tuple_(TaskRecord.enqueued_at, TaskRecord.id) < key)
+        statement = statement.order_by(TaskRecord.enqueued_at.desc(), TaskRecord.id.desc()).limit(
+            limit
+        )
+        async with store_errors(self._on_unavailable), single_statement(self._engine) as conn:
+            return [IssuedTask.from_row(row) for row in await conn.execute(statement)]
 
     async def ping(self) -> bool:
         try:

@@ -20,11 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.celery_config import make_celery
 from core.db import create_engine
-from core.events import events_url, listen
+from core.events import EventPublisher, events_url, listen
 from core.gc_tuning import freeze_long_lived_objects
 from core.migrate import upgrade_to_head
 from core.settings import ApiToken, Settings, generate_token
 from gateway.auth import BearerAuthInterceptor, TokenTable
+from gateway.batches import BatchRecords
 from gateway.celery_queue import CeleryQueue, PublishingCelery
 from gateway.contract import HEALTH_SERVICE_NAME, PROJECT_SERVICE_NAME, QUEUE_SERVICE_NAME
 from gateway.errors import StoreUnavailable
@@ -36,9 +37,9 @@ from gateway.ratelimit import RateLimiter
 from gateway.reconciler import Reconciler
 from gateway.records import TaskRecords
 from gateway.reflection import enable_reflection
-from gateway.service import QueueService
+from gateway.service import BatchLimits, QueueService
 from gateway.tokens import TokenSigner
-from gateway.watching import ProjectFeed
+from gateway.watching import EventHub, ProjectFeed
 from projects.v1 import project_service_pb2_grpc, queue_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Gateway:
     service: QueueService
     projects: ProjectService
     feed: ProjectFeed
+    hub: EventHub
     engine: AsyncEngine
     purge_interval: float
     reconciler: Reconciler | None
@@ -69,6 +71,7 @@ class Gateway:
         await self.feed.prime()
         await self.server.start()
         self.health.start()
+        self._background.append(asyncio.create_task(self.hub.run(), name="events"))
         self._background.append(asyncio.create_task(self.feed.run(), name="project-feed"))
         self._background.append(asyncio.create_task(self._purge_loop(), name="purge-records"))
         if self.reconciler is not None:
@@ -88,6 +91,7 @@ class Gateway:
         await self.health.shutdown()
         # Streams never end by themselves: each is told to end, with the way to resume.
         self.projects.stop_streams()
+        self.service.stop_streams()
         await self.server.stop(grace)
         await self.service.drain()
         for task in self._background:
@@ -129,9 +133,10 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
     deployment, stored_key = await store.deployment()
     signer = TokenSigner((settings.token_signing_key or stored_key).encode(), deployment)
     events = events_url(app.conf.broker_url, app.conf.result_backend)
+    hub = EventHub(lambda: listen(events, settings.redis_key_prefix))
     feed = ProjectFeed(
         store,
-        lambda: listen(events, settings.redis_key_prefix),
+        hub.project_wakeups,
         settings.watch_poll_interval_seconds,
         settings.watch_buffer_changes,
     )
@@ -169,6 +174,12 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
         max_page=settings.max_page,
         lifetime_seconds=settings.result_expires_seconds,
         publish_timeout=settings.publish_timeout_seconds,
+        batches=BatchRecords(engine, lifetime, on_unavailable=dependencies.mark_down),
+        batch_limits=BatchLimits(settings.max_batch_pages, settings.until_known_window),
+        hub=hub,
+        events=EventPublisher(events, settings.redis_key_prefix),
+        signer=signer,
+        poll_interval=settings.watch_poll_interval_seconds,
     )
     queue_service_pb2_grpc.add_QueueServiceServicer_to_server(service, server)
     project_service_pb2_grpc.add_ProjectServiceServicer_to_server(projects, server)
@@ -188,6 +199,7 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
         service=service,
         projects=projects,
         feed=feed,
+        hub=hub,
         engine=engine,
         purge_interval=min(PURGE_INTERVAL_SECONDS, settings.result_expires_seconds),
         reconciler=Reconciler(
@@ -219,6 +231,11 @@ async def serve(settings: Settings) -> None:
     if not tokens:
         generated = generate_token()
         tokens = [ApiToken(name="default", token=generated)]
+    # Before the port opens: a SIGTERM right after "listening" must drain, not kill.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
     gateway = await build_gateway(settings, tokens)
     await gateway.start()
     freeze_long_lived_objects()
@@ -233,10 +250,6 @@ async def serve(settings: Settings) -> None:
         # Printed once on stdout for the person who started it; never logged.
         tls = settings.gateway_tls_cert_file is not None
         print(banner(address, generated, tls), flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
     log.info("stopping: draining in-flight calls for up to %.1f s", settings.gateway_grace_seconds)
     await gateway.stop(settings.gateway_grace_seconds)

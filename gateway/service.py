@@ -16,23 +16,34 @@ import datetime as dt
 import logging
 import re
 import time
+from asyncio import FIRST_COMPLETED
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
 from core.db import MAX_REQUEST_ID_LENGTH, utcnow
+from core.events import EventPublisher, TaskChanged
 from gateway.auth import current_client
+from gateway.batches import BatchRecords, StoredBatch
 from gateway.celery_queue import CeleryQueue, CeleryState
 from gateway.errors import (
+    BROKER_DOWN,
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
     answers_errors,
+    answers_stream_errors,
 )
 from gateway.issuing import Issuer
-from gateway.messages import optional_timestamp, timestamp
+from gateway.messages import batch_message, optional_timestamp, timestamp
 from gateway.records import IssuedTask, TaskRecords
+from gateway.tokens import TokenError, TokenSigner
+from gateway.watching import EventHub
 from projects.v1 import queue_service_pb2, queue_service_pb2_grpc, task_pb2
 
 log = logging.getLogger(__name__)
@@ -55,24 +66,60 @@ _TASK_ID = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
 PUBLICATION_POLL_SECONDS = 0.05
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+TASKS_TOKEN_KIND = "tasks"  # noqa: S105 - a kind of token, not a secret
+CELERY_STATE_BY_STATUS = {
+    TaskStatus.TASK_STATUS_PENDING: "PENDING",
+    TaskStatus.TASK_STATUS_STARTED: "STARTED",
+    TaskStatus.TASK_STATUS_RETRY: "RETRY",
+    TaskStatus.TASK_STATUS_SUCCESS: "SUCCESS",
+    TaskStatus.TASK_STATUS_FAILURE: "FAILURE",
+    TaskStatus.TASK_STATUS_REVOKED: "REVOKED",
+}
+FINAL_STATUSES = frozenset(
+    {TaskStatus.TASK_STATUS_SUCCESS, TaskStatus.TASK_STATUS_FAILURE, TaskStatus.TASK_STATUS_REVOKED}
+)
 DEADLINE_MARGIN_SECONDS = 0.1
 
 
 def describe(task: IssuedTask, state: CeleryState | None) -> task_pb2.Task:
-    """The Task message for a record and the backend's state of it (None: not asked yet)."""
+    """The Task message for a record and the backend's state of it (None: not asked).
+
+    A final state in the record (the worker's, or the gateway's cancel or lost verdict) wins;
+    before it, the backend's state says STARTED or RETRY, else the record's own status.
+    """
     message = task_pb2.Task(
         id=task.id,
         page=task.page,
         status=TaskStatus.TASK_STATUS_PENDING,
         enqueue_time=optional_timestamp(task.enqueued_at),
         start_time=optional_timestamp(task.started_at),
+        batch_id=task.batch_id or "",
     )
-    if task.lost_reason is not None and (state is None or state.status == "PENDING"):
-        message.status = TaskStatus.TASK_STATUS_FAILURE
-        message.error = task.lost_reason
+    if task.finished_at is not None:
+        message.status = STATUS_BY_CELERY_STATE[task.status]
+        message.finish_time.CopyFrom(timestamp(task.finished_at))
+        if task.status == "SUCCESS":
+            message.result.CopyFrom(
+                task_pb2.UploadResult(
+                    page=task.page,
+                    found=task.found or 0,
+                    created=task.created or 0,
+                    updated=task.updated or 0,
+                    skipped=task.skipped or 0,
+                )
+            )
+        else:
+            message.error = task.error or task.status.lower()
         return message
-    if state is None:
+    if state is None or state.status == "PENDING":
+        # What the worker recorded of its start or its retries (the backend may lag behind).
+        message.status = STATUS_BY_CELERY_STATE.get(task.status, TaskStatus.TASK_STATUS_PENDING)
+        if task.status == "RETRY" and task.error:
+            message.error = task.error
         return message
+    # An ending the record does not have (a task that failed outside the worker's own code).
     message.status = STATUS_BY_CELERY_STATE.get(state.status, TaskStatus.TASK_STATUS_STARTED)
     if state.finished_at is not None and state.status in ("SUCCESS", "FAILURE", "REVOKED"):
         message.finish_time.CopyFrom(timestamp(state.finished_at))
@@ -108,6 +155,12 @@ def _check_task_id(task_id: str) -> str:
     return task_id.lower()
 
 
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    max_pages: int  # MAX_BATCH_PAGES
+    window: int  # UNTIL_KNOWN_WINDOW
+
+
 class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
     def __init__(
         self,
@@ -118,6 +171,12 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         max_page: int,
         lifetime_seconds: int,
         publish_timeout: float,
+        batches: BatchRecords,
+        batch_limits: BatchLimits,
+        hub: EventHub,
+        events: EventPublisher,
+        signer: TokenSigner,
+        poll_interval: float,
     ) -> None:
         self._records = records
         self._queue = queue
@@ -125,10 +184,22 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         self._max_page = max_page
         self._lifetime_seconds = lifetime_seconds
         self._publish_timeout = publish_timeout
+        self._batches = batches
+        self._batch_limits = batch_limits
+        self._hub = hub
+        self._events = events
+        self._signer = signer
+        self._poll_interval = poll_interval
+        self._stopping = asyncio.Event()
+
+    def stop_streams(self) -> None:
+        """End every open watch stream with UNAVAILABLE."""
+        self._stopping.set()
 
     async def drain(self) -> None:
-        """Wait for publishes whose callers have gone away."""
+        """Wait for publishes whose callers have gone away; then close the event publisher."""
         await self._issuer.drain()
+        await self._events.close()
 
     @answers_errors
     async def Upload(
@@ -218,3 +289,261 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             )
         state = await self._queue.state(task.id)
         return queue_service_pb2.GetStatusResponse(task=describe(task, state))
+
+    # --- batches ------------------------------------------------------------------------------
+
+    @answers_errors
+    async def UploadPages(
+        self,
+        request: queue_service_pb2.UploadPagesRequest,
+        context: grpc.aio.ServicerContext[
+            queue_service_pb2.UploadPagesRequest, queue_service_pb2.UploadPagesResponse
+        ],
+    ) -> queue_service_pb2.UploadPagesResponse:
+        first, last = request.first_page, request.last_page
+        _check_page_field("first_page", first, self._max_page)
+        _check_page_field("last_page", last, self._max_page)
+        if last < first:
+            raise InvalidArgument(
+                "last_page", f"must not be below first_page ({first}); got {last}"
+            )
+        most = self._batch_limits.max_pages
+        if last - first + 1 > most:
+            raise InvalidArgument(
+                "last_page",
+                f"a batch is at most {most} pages (MAX_BATCH_PAGES): from {first}, at most "
+                f"{first + most - 1}; got {last}",
+            )
+        request_id = _check_request_id(request.request_id)
+        client = current_client.get()
+        claimed = await self._batches.create(
+            client,
+            request_id,
+            first,
+            last,
+            until_known=request.until_known,
+            window=self._batch_limits.window,
+        )
+        batch = claimed.batch
+        if not claimed.created:
+            asked = (first, last, request.until_known)
+            if (batch.first_page, batch.last_page, batch.until_known) != asked:
+                raise AlreadyExists(
+                    f"request_id {request_id!r} was already used for batch {batch.id} (pages "
+                    f"{batch.first_page}-{batch.last_page}, until_known {batch.until_known}); "
+                    "use a new request_id for other pages"
+                )
+            return queue_service_pb2.UploadPagesResponse(batch=batch_message(batch))
+        give_up = self._give_up(context.time_remaining())
+        pages = [
+            IssuedTask(page.id, client, None, page.page, batch.enqueued_at, batch_id=batch.id)
+            for page in claimed.pages
+        ]
+        outcomes = await asyncio.gather(
+            *(self._issuer.issue(page, give_up, claimed=True) for page in pages),
+            return_exceptions=True,
+        )
+        failed = [
+            (page, error) for page, error in zip(pages, outcomes, strict=True) if error is not None
+        ]
+        for _, error in failed:
+            if not isinstance(error, Exception):
+                raise error  # cancelled: the loop is closing
+        if failed and len(failed) == len(pages):
+            await self._batches.drop(batch.id)
+            error = failed[0][1]
+            raise error if isinstance(error, Unavailable) else Unavailable(BROKER_DOWN)
+        if failed:
+            await self._batches.fail_unpublished(
+                batch.id, [page.page for page, _ in failed], str(failed[0][1])
+            )
+        current = await self._batches.get(client, batch.id)
+        return queue_service_pb2.UploadPagesResponse(batch=batch_message(current or batch))
+
+    async def _batch(self, batch_id: str) -> StoredBatch:
+        batch = await self._batches.get(current_client.get(), _check_task_id(batch_id))
+        if batch is None:
+            raise NotFound(
+                f"no batch {batch_id} was made for you, or its record expired "
+                f"(records are kept {self._lifetime_seconds} s)"
+            )
+        return batch
+
+    @answers_errors
+    async def GetBatch(
+        self,
+        request: queue_service_pb2.GetBatchRequest,
+        context: grpc.aio.ServicerContext[
+            queue_service_pb2.GetBatchRequest, queue_service_pb2.GetBatchResponse
+        ],
+    ) -> queue_service_pb2.GetBatchResponse:
+        return queue_service_pb2.GetBatchResponse(
+            batch=batch_message(await self._batch(request.id))
+        )
+
+    # --- cancelling ---------------------------------------------------------------------------
+
+    @answers_errors
+    async def CancelTask(
+        self,
+        request: queue_service_pb2.CancelTaskRequest,
+        context: grpc.aio.ServicerContext[
+            queue_service_pb2.CancelTaskRequest, queue_service_pb2.CancelTaskResponse
+        ],
+    ) -> queue_service_pb2.CancelTaskResponse:
+        task_id = _check_task_id(request.id)
+        task = await self._records.cancel(current_client.get(), task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id} was issued to you, or its record expired")
+        if task.finished_at is not None and task.status != "REVOKED":
+            raise FailedPrecondition(f"task {task_id} has finished: {task.status}")
+        if task.finished_at is None:
+            await self._queue.revoke([task_id])
+        await self._events.publish(TaskChanged(task_id, task.batch_id))
+        state = None if task.finished_at is not None else await self._queue.state(task_id)
+        return queue_service_pb2.CancelTaskResponse(task=describe(task, state))
+
+    @answers_errors
+    async def CancelBatch(
+        self,
+        request: queue_service_pb2.CancelBatchRequest,
+        context: grpc.aio.ServicerContext[
+            queue_service_pb2.CancelBatchRequest, queue_service_pb2.CancelBatchResponse
+        ],
+    ) -> queue_service_pb2.CancelBatchResponse:
+        batch_id = _check_task_id(request.id)
+        batch, pages = await self._batches.cancel(current_client.get(), batch_id)
+        if batch is None:
+            raise NotFound(f"no batch {batch_id} was made for you, or its record expired")
+        if batch.status != "REVOKED":
+            raise FailedPrecondition(f"batch {batch_id} has finished: {batch.status}")
+        await self._queue.revoke(pages)
+        for page in pages:
+            await self._events.publish(TaskChanged(page, batch_id))
+        if not pages:
+            await self._events.publish(TaskChanged("", batch_id))
+        return queue_service_pb2.CancelBatchResponse(batch=batch_message(batch))
+
+    # --- listing ------------------------------------------------------------------------------
+
+    @answers_errors
+    async def ListTasks(
+        self,
+        request: queue_service_pb2.ListTasksRequest,
+        context: grpc.aio.ServicerContext[
+            queue_service_pb2.ListTasksRequest, queue_service_pb2.ListTasksResponse
+        ],
+    ) -> queue_service_pb2.ListTasksResponse:
+        if request.page_size < 0:
+            raise InvalidArgument("page_size", f"must not be negative; got {request.page_size}")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        status = None
+        if request.HasField("status"):
+            status = CELERY_STATE_BY_STATUS.get(request.status)
+            if status is None:
+                raise InvalidArgument("status", f"is not a task status: {request.status}")
+        batch_id = _check_task_id(request.batch_id) if request.batch_id else None
+        described = {"status": status, "batch_id": batch_id}
+        after = None
+        if request.page_token:
+            after = self._open_tasks_token(request.page_token, described)
+        client = current_client.get()
+        tasks = await self._records.page(client, status, batch_id, after, size + 1)
+        token = ""
+        if len(tasks) > size:
+            tasks = tasks[:size]
+            key = [tasks[-1].enqueued_at.isoformat(), tasks[-1].id]
+            token = self._signer.seal(TASKS_TOKEN_KIND, {"request": described, "key": key})
+        return queue_service_pb2.ListTasksResponse(
+            tasks=[describe(task, None) for task in tasks], next_page_token=token
+        )
+
+    def _open_tasks_token(self, token: str, described: dict[str, Any]) -> tuple[dt.datetime, str]:
+        try:
+            payload = self._signer.open(TASKS_TOKEN_KIND, token)
+            made_for, (when, task_id) = payload["request"], payload["key"]
+            after = (dt.datetime.fromisoformat(when), str(task_id))
+        except TokenError as exc:
+            raise InvalidArgument("page_token", str(exc)) from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgument("page_token", "is garbled: pass it back as given") from exc
+        for field, value in described.items():
+            if made_for.get(field) != value:
+                raise InvalidArgument(
+                    "page_token",
+                    f"was made for {field} {made_for.get(field)!r}, not {value!r}: send the "
+                    "same filters as the first page, or no token",
+                )
+        return after
+
+    # --- watching -----------------------------------------------------------------------------
+
+    async def _woken(self, woken: asyncio.Event) -> None:
+        """Until an event wakes the stream or its slow timer fires; UNAVAILABLE on shutdown."""
+        waiting = asyncio.ensure_future(woken.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait(
+                (waiting, stopping), timeout=self._poll_interval, return_when=FIRST_COMPLETED
+            )
+        finally:
+            waiting.cancel()
+            stopping.cancel()
+        if self._stopping.is_set():
+            raise Unavailable("the gateway is shutting down; watch again to resume")
+
+    @answers_stream_errors
+    async def WatchStatus(
+        self,
+        request: queue_service_pb2.WatchStatusRequest,
+        context: grpc.aio.ServicerContext[
+            queue_service_pb2.WatchStatusRequest, queue_service_pb2.WatchStatusResponse
+        ],
+    ) -> AsyncIterator[queue_service_pb2.WatchStatusResponse]:
+        task_id = _check_task_id(request.id)
+        client = current_client.get()
+        last: task_pb2.Task | None = None
+        with self._hub.watch(task_id) as woken:
+            while True:
+                woken.clear()
+                task = await self._records.get(client, task_id)
+                if task is None:
+                    if last is None:
+                        raise NotFound(f"no task {task_id} was issued to you, or it expired")
+                    return
+                state = None if task.finished_at is not None else await self._queue.state(task_id)
+                message = describe(task, state)
+                if message != last:
+                    yield queue_service_pb2.WatchStatusResponse(task=message)
+                    last = message
+                if message.status in FINAL_STATUSES:
+                    return
+                await self._woken(woken)
+
+    @answers_stream_errors
+    async def WatchBatch(
+        self,
+        request: queue_service_pb2.WatchBatchRequest,
+        context: grpc.aio.ServicerContext[
+            queue_service_pb2.WatchBatchRequest, queue_service_pb2.WatchBatchResponse
+        ],
+    ) -> AsyncIterator[queue_service_pb2.WatchBatchResponse]:
+        batch_id = _check_task_id(request.id)
+        last: task_pb2.Batch | None = None
+        with self._hub.watch(batch_id) as woken:
+            while True:
+                woken.clear()
+                message = batch_message(await self._batch(batch_id))
+                if message != last:
+                    yield queue_service_pb2.WatchBatchResponse(batch=message)
+                    last = message
+                if message.HasField("finish_time"):
+                    return
+                await self._woken(woken)
+
+
+def _check_page_field(field: str, page: int, max_page: int) -> None:
+    if page == 0:
+        raise InvalidArgument(field, f"is required: a listing page from 1 to {max_page}")
+    if not 1 <= page <= max_page:
+        raise InvalidArgument(field, f"must be from 1 to {max_page}; got {page}")

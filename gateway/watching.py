@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 
+from core.events import Event, ProjectsChanged, TaskChanged
 from gateway.errors import Unavailable
 from gateway.project_store import Position, ProjectStore, StoredProject
 
@@ -132,3 +133,50 @@ class ProjectFeed:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+
+
+class EventHub:
+    """The one subscriber of a gateway process to the workers' events (`core.events`).
+
+    It wakes the project feed on ProjectsChanged, and the WatchStatus and WatchBatch streams
+    of a task or its batch on TaskChanged. An event only wakes: a woken stream reads the
+    records again, and also does so on a slow timer, in case an event was lost.
+    """
+
+    def __init__(self, listen: Callable[[], AsyncIterator[Event]]) -> None:
+        self._listen = listen
+        self._projects = asyncio.Event()
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+
+    async def project_wakeups(self) -> AsyncIterator[None]:
+        """A wake-up each time projects changed (several at once may come as one)."""
+        while True:
+            await self._projects.wait()
+            self._projects.clear()
+            yield None
+
+    @contextlib.contextmanager
+    def watch(self, key: str) -> Iterator[asyncio.Event]:
+        """An event set whenever the task or batch `key` may have changed."""
+        woken = asyncio.Event()
+        self._waiters.setdefault(key, set()).add(woken)
+        try:
+            yield woken
+        finally:
+            waiters = self._waiters[key]
+            waiters.discard(woken)
+            if not waiters:
+                del self._waiters[key]
+
+    def _wake(self, key: str | None) -> None:
+        for woken in self._waiters.get(key or "", ()):
+            woken.set()
+
+    async def run(self) -> None:
+        """Dispatch events until cancelled."""
+        async for event in self._listen():
+            if isinstance(event, ProjectsChanged):
+                self._projects.set()
+            elif isinstance(event, TaskChanged):
+                self._wake(event.task_id)
+                self._wake(event.batch_id)

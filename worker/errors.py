@@ -3,8 +3,9 @@
 HarvestError
  ├── RetryableError   5xx, 429, timeouts, connection loss, a locked or deadlocked database:
  │                    Celery tries the task again later (retry_after, when the source said)
- └── PermanentError   other 4xx, an oversized or non-HTML page, a refused redirect, a task
-                      that killed its worker too often: the task fails at once, saying why
+ ├── PermanentError   other 4xx, an oversized or non-HTML page, a refused redirect, a task
+ │                    that killed its worker too often: the task fails at once, saying why
+ └── Cancelled        CancelTask or CancelBatch asked for it: the task ends REVOKED
 """
 
 from __future__ import annotations
@@ -21,4 +22,8 @@ class RetryableError(HarvestError):
 
 
 class PermanentError(HarvestError):
+    pass
+
+
+class Cancelled(HarvestError):
     pass

@@ -17,13 +17,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import case, func, literal, or_, update
+from sqlalchemy import case, func, literal, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from core.db import (
     MAX_URL_LENGTH,
+    BatchRecord,
     Feed,
     Project,
     TaskRecord,
@@ -33,6 +34,7 @@ from core.db import (
     single_statement,
     utcnow,
 )
+from core.ledger import Finished, Outcome, finish
 from worker.errors import RetryableError
 from worker.parse import ProjectItem
 
@@ -156,20 +158,114 @@ async def store_projects(
     return StoreCounts(created, updated, len(latest) - len(storable), revision)
 
 
-async def record_start(engine: AsyncEngine, task_id: str, now: dt.datetime | None = None) -> int:
-    """Count one more start of `task_id`; the new count (0 when the gateway has no record)."""
+@dataclass(frozen=True, slots=True)
+class TaskStart:
+    """What the record of a task said as a worker started it."""
+
+    deliveries: int  # starts counted so far, this one included (0: the gateway has no record)
+    cancelled: bool = False  # a cancel was asked for
+    finished: bool = False  # it has its final state already (a cancel before it started)
+    batch_id: str | None = None
+
+
+async def start_task(
+    engine: AsyncEngine, task_id: str, now: dt.datetime | None = None
+) -> TaskStart:
+    """Count one more start of `task_id` and mark it STARTED (unless it has ended)."""
     started = now or utcnow()
 
-    async def mark(conn: AsyncConnection) -> int:
-        result = await conn.execute(
-            update(TaskRecord)
-            .where(TaskRecord.id == task_id)
-            .values(
-                deliveries=TaskRecord.deliveries + 1,
-                started_at=func.coalesce(TaskRecord.started_at, literal(started, UtcDateTime())),
+    async def mark(conn: AsyncConnection) -> TaskStart:
+        row = (
+            await conn.execute(
+                update(TaskRecord)
+                .where(TaskRecord.id == task_id)
+                .values(
+                    deliveries=TaskRecord.deliveries + 1,
+                    started_at=func.coalesce(
+                        TaskRecord.started_at, literal(started, UtcDateTime())
+                    ),
+                    status=case(
+                        (TaskRecord.finished_at.is_(None), "STARTED"), else_=TaskRecord.status
+                    ),
+                )
+                .returning(
+                    TaskRecord.deliveries,
+                    TaskRecord.cancel_requested_at,
+                    TaskRecord.finished_at,
+                    TaskRecord.batch_id,
+                )
             )
-            .returning(TaskRecord.deliveries)
+        ).first()
+        if row is None:
+            return TaskStart(0)
+        if row.batch_id is not None:
+            await conn.execute(
+                update(BatchRecord)
+                .where(BatchRecord.id == row.batch_id, BatchRecord.started_at.is_(None))
+                .values(started_at=started)
+            )
+        return TaskStart(
+            int(row.deliveries),
+            row.cancel_requested_at is not None,
+            row.finished_at is not None,
+            row.batch_id,
         )
-        return int(result.scalar_one_or_none() or 0)
+
+    # Each statement commits by itself: the batch's start time is set once, whoever sets it.
+    return await _with_retries(engine, mark)
+
+
+async def record_start(engine: AsyncEngine, task_id: str, now: dt.datetime | None = None) -> int:
+    """Count one more start of `task_id`; the new count (0 when the gateway has no record)."""
+    return (await start_task(engine, task_id, now)).deliveries
+
+
+async def cancel_requested(engine: AsyncEngine, task_id: str) -> bool:
+    """Whether a cancel of `task_id` has been asked for (the check before a task stores)."""
+
+    async def read(conn: AsyncConnection) -> bool:
+        row = (
+            await conn.execute(
+                select(TaskRecord.cancel_requested_at).where(TaskRecord.id == task_id)
+            )
+        ).first()
+        return row is not None and row.cancel_requested_at is not None
+
+    return await _with_retries(engine, read)
+
+
+async def record_retry(engine: AsyncEngine, task_id: str, error: str) -> str | None:
+    """Mark `task_id` RETRY with why (unless it has ended); its batch id."""
+
+    async def mark(conn: AsyncConnection) -> str | None:
+        row = (
+            await conn.execute(
+                update(TaskRecord)
+                .where(TaskRecord.id == task_id, TaskRecord.finished_at.is_(None))
+                .values(status="RETRY", error=error)
+                .returning(TaskRecord.batch_id)
+            )
+        ).first()
+        return None if row is None else row.batch_id
 
     return await _with_retries(engine, mark)
+
+
+async def finish_task(engine: AsyncEngine, task_id: str, outcome: Outcome, window: int) -> Finished:
+    """`core.ledger.finish` in a transaction of its own, retried like every store."""
+
+    async def end(conn: AsyncConnection) -> Finished:
+        return await finish(conn, task_id, outcome, window=window)
+
+    return await _with_retries(engine, end, transaction=True)
+
+
+async def mark_published(engine: AsyncEngine, task_ids: list[str]) -> None:
+    """Say that the broker has these tasks (pages an "until known" batch enqueued)."""
+
+    async def mark(conn: AsyncConnection) -> None:
+        await conn.execute(
+            update(TaskRecord).where(TaskRecord.id.in_(task_ids)).values(published_at=utcnow())
+        )
+
+    await _with_retries(engine, mark)

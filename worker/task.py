@@ -15,16 +15,26 @@ from celery import Celery, Task, signals
 from google.protobuf import json_format
 
 from core.celery_config import HARVEST_TASK_NAME
-from core.events import ProjectsChanged
+from core.events import ProjectsChanged, TaskChanged
 from core.gc_tuning import collector_paused
+from core.ledger import Outcome
 from projects.v1 import task_pb2
 from worker import failpoints
-from worker.errors import PermanentError, RetryableError
+from worker.errors import Cancelled, PermanentError, RetryableError
 from worker.fetch import fetch_page
 from worker.parse import ParsedPage, parse_listing
 from worker.retry import RetryPolicy
 from worker.runtime import WorkerRuntime
-from worker.store import StoreCounts, record_start, store_projects
+from worker.store import (
+    StoreCounts,
+    TaskStart,
+    cancel_requested,
+    finish_task,
+    mark_published,
+    record_retry,
+    start_task,
+    store_projects,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +44,9 @@ log = logging.getLogger(__name__)
 MAX_WORKER_DEATHS = 3
 
 
-async def _fetch_parse_store(runtime: WorkerRuntime, page: int) -> tuple[ParsedPage, StoreCounts]:
+async def _fetch_parse_store(
+    runtime: WorkerRuntime, page: int, task_id: str
+) -> tuple[ParsedPage, StoreCounts]:
     """The page's work, all of it on the process's event loop.
 
     The parse runs on the loop too, between the awaits: only one thread of a process runs
@@ -46,13 +58,18 @@ async def _fetch_parse_store(runtime: WorkerRuntime, page: int) -> tuple[ParsedP
     fetched = await fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits)
     with collector_paused():
         parsed = parse_listing(fetched.body, fetched.url, settings.source_profile, fetched.encoding)
+    # The checkpoint of a cancel: after the slow part, before anything is stored.
+    if await cancel_requested(runtime.engine, task_id):
+        raise Cancelled(f"page {page} was cancelled before it stored")
     counts = await store_projects(runtime.engine, parsed.items, settings.upsert_batch_size)
     if counts.revision:
         await runtime.events.publish(ProjectsChanged(counts.revision))
     return parsed, counts
 
 
-def harvest(runtime: WorkerRuntime, page: int, deadline: float) -> task_pb2.UploadResult:
+def harvest(
+    runtime: WorkerRuntime, page: int, deadline: float, task_id: str
+) -> task_pb2.UploadResult:
     settings = runtime.settings
 
     def remaining() -> float:
@@ -66,7 +83,7 @@ def harvest(runtime: WorkerRuntime, page: int, deadline: float) -> task_pb2.Uplo
 
     failpoints.hit(settings.failpoints, "before_fetch", page, settings.data_dir)
     try:
-        parsed, counts = runtime.run(_fetch_parse_store(runtime, page), remaining())
+        parsed, counts = runtime.run(_fetch_parse_store(runtime, page, task_id), remaining())
     except concurrent.futures.TimeoutError:
         remaining()  # raises the soft-limit error
         raise
@@ -117,34 +134,79 @@ class HarvestTask(Task):  # type: ignore[type-arg]
         return runtime
 
 
+def _ended(task: HarvestTask, outcome: Outcome) -> None:
+    """Record the task's final state (counted once for its batch) and say so; publish the pages
+    an "until known" batch enqueued as it did."""
+    runtime = task.runtime
+    task_id = str(task.request.id)
+    finished = runtime.run(
+        finish_task(runtime.engine, task_id, outcome, runtime.settings.until_known_window)
+    )
+    for new in finished.new_tasks:
+        task.app.send_task(HARVEST_TASK_NAME, args=[new.page], task_id=new.id)
+    if finished.new_tasks:
+        runtime.run(mark_published(runtime.engine, [new.id for new in finished.new_tasks]))
+    runtime.run(runtime.events.publish(TaskChanged(task_id, finished.batch_id)))
+
+
+def _result(result: task_pb2.UploadResult) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
 def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
     started = time.monotonic()
     runtime = task.runtime
     settings = runtime.settings
     policy = RetryPolicy.from_settings(settings)
     tries_done = task.request.retries
+    task_id = str(task.request.id)
     try:
-        deliveries = getattr(task.request, "deliveries", None)
-        if deliveries is None:  # the prerun hook could not reach the database: try again here
-            deliveries = runtime.run(record_start(runtime.engine, str(task.request.id)))
-        deaths = deliveries - (tries_done + 1)
+        start: TaskStart | None = getattr(task.request, "start", None)
+        if start is None:  # the prerun hook could not reach the database: try again here
+            start = runtime.run(start_task(runtime.engine, task_id))
+        if start.finished:
+            log.info("page %d: task %s has ended already (cancelled); not run", page, task_id)
+            return _result(task_pb2.UploadResult(page=page))
+        if start.cancelled:
+            raise Cancelled(f"page {page} was cancelled before it started")
+        deaths = start.deliveries - (tries_done + 1)
         if deaths >= MAX_WORKER_DEATHS:
             raise PermanentError(
                 f"gave up on page {page}: the worker process running it died {deaths} times"
             )
-        result = harvest(runtime, page, started + settings.task_soft_time_limit_seconds)
-    except PermanentError:
+        result = harvest(runtime, page, started + settings.task_soft_time_limit_seconds, task_id)
+        _ended(
+            task,
+            Outcome(
+                "SUCCESS",
+                found=result.found,
+                created=result.created,
+                updated=result.updated,
+                skipped=result.skipped,
+            ),
+        )
+    except Cancelled as exc:
+        log.info("%s", exc)
+        _ended(task, Outcome("REVOKED", error="cancelled"))
+        return _result(task_pb2.UploadResult(page=page))
+    except PermanentError as exc:
         if (done := succeeded_meanwhile(task, page)) is not None:
             return done
+        _ended(task, Outcome("FAILURE", error=str(exc)))
         raise
     except RetryableError as exc:
         if (done := succeeded_meanwhile(task, page)) is not None:
             return done
         tries = tries_done + 1
         if not policy.can_retry(tries):
-            raise PermanentError(f"gave up on page {page} after {tries} tries: {exc}") from exc
+            error = PermanentError(f"gave up on page {page} after {tries} tries: {exc}")
+            _ended(task, Outcome("FAILURE", error=str(error)))
+            raise error from exc
         delay = policy.delay(tries, exc.retry_after)
         log.warning("page %d, try %d failed (%s); retrying in %.1f s", page, tries, exc, delay)
+        _retrying(task, str(exc))
         raise task.retry(exc=exc, countdown=delay, max_retries=None) from exc
     log.info(
         "page %d: found %d, created %d, updated %d, skipped %d",
@@ -154,9 +216,17 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
         result.updated,
         result.skipped,
     )
-    return json_format.MessageToDict(
-        result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    return _result(result)
+
+
+def _retrying(task: HarvestTask, error: str) -> None:
+    runtime = task.runtime
+    task_id = str(task.request.id)
+    try:
+        batch_id = runtime.run(record_retry(runtime.engine, task_id, error))
+    except RetryableError:
+        return  # the retry goes ahead; its status shows in Celery's result backend meanwhile
+    runtime.run(runtime.events.publish(TaskChanged(task_id, batch_id)))
 
 
 def register(app: Celery) -> HarvestTask:
@@ -169,7 +239,9 @@ def register(app: Celery) -> HarvestTask:
     def record_delivery(task: HarvestTask, task_id: str, **_: Any) -> None:
         # Runs before Celery stores STARTED, so a task seen STARTED always has its start time.
         runtime = task.runtime
+        start = runtime.run(start_task(runtime.engine, task_id))
         # Celery's request Context takes any attribute; the task body reads this one back.
-        task.request.deliveries = runtime.run(record_start(runtime.engine, task_id))  # type: ignore[attr-defined]
+        task.request.start = start  # type: ignore[attr-defined]
+        runtime.run(runtime.events.publish(TaskChanged(task_id, start.batch_id)))
 
     return harvest_page

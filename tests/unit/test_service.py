@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 
 import pytest
+from google.protobuf import json_format
 from google.rpc import error_details_pb2
 
 from core.db import MAX_REQUEST_ID_LENGTH
@@ -30,7 +32,7 @@ RESULT = {"page": 3, "found": 10, "created": 7, "updated": 2, "skipped": 1}
 
 
 def issued(*, started_at: dt.datetime | None = None, lost_reason: str | None = None) -> IssuedTask:
-    return IssuedTask(
+    task = IssuedTask(
         id="0b6e8a36-6f0e-4f57-9a0c-5f4c2a1d9e10",
         client="alice",
         request_id=None,
@@ -40,6 +42,10 @@ def issued(*, started_at: dt.datetime | None = None, lost_reason: str | None = N
         started_at=started_at,
         lost_reason=lost_reason,
     )
+    if lost_reason is None:
+        return task
+    # The reconciler's verdict is a final state of the record (core.ledger).
+    return dataclasses.replace(task, status="FAILURE", error=lost_reason, finished_at=FINISHED)
 
 
 def state(
@@ -155,36 +161,55 @@ def test_a_finish_time_is_only_given_for_a_finished_task_s_states(celery_state: 
     assert message.HasField("finish_time") is (celery_state == "SUCCESS")
 
 
-@pytest.mark.parametrize("known", [None, state("PENDING")])
-def test_a_lost_task_the_backend_knows_nothing_of_is_a_failure_saying_why(
+@pytest.mark.parametrize(
+    "known", [None, state("PENDING"), state("STARTED"), state("SUCCESS", dict(RESULT), FINISHED)]
+)
+def test_a_lost_task_is_a_failure_saying_why_whatever_the_backend_says(
     known: CeleryState | None,
 ) -> None:
+    # The verdict is the record's final state: a message that turns up later does not run it.
     message = describe(issued(lost_reason=LOST), known)
 
     assert message.status == TaskStatus.TASK_STATUS_FAILURE
     assert message.error == LOST
-    assert not message.HasField("finish_time")
+    assert message.finish_time.ToDatetime(dt.UTC) == FINISHED
+
+
+def test_a_final_record_gives_its_counts_and_its_batch() -> None:
+    record = dataclasses.replace(
+        issued(started_at=STARTED),
+        status="SUCCESS",
+        finished_at=FINISHED,
+        found=10,
+        created=7,
+        updated=2,
+        skipped=1,
+        batch_id="7d1c5a4e-0000-4000-8000-000000000001",
+    )
+    message = describe(record, state("STARTED"))
+
+    assert message.status == TaskStatus.TASK_STATUS_SUCCESS
+    assert json_format.MessageToDict(message.result, preserving_proto_field_name=True) == RESULT
+    assert message.batch_id == record.batch_id
+    assert message.finish_time.ToDatetime(dt.UTC) == FINISHED
 
 
 @pytest.mark.parametrize(
-    ("celery_state", "status"),
-    [
-        ("STARTED", TaskStatus.TASK_STATUS_STARTED),
-        ("RETRY", TaskStatus.TASK_STATUS_RETRY),
-        ("SUCCESS", TaskStatus.TASK_STATUS_SUCCESS),
-    ],
+    ("recorded", "status"),
+    [("RETRY", TaskStatus.TASK_STATUS_RETRY), ("REVOKED", TaskStatus.TASK_STATUS_REVOKED)],
 )
-def test_a_task_judged_lost_that_ran_after_all_reads_as_the_backend_says(
-    celery_state: str, status: task_pb2.TaskStatus.ValueType
+def test_the_record_s_status_stands_when_the_backend_knows_nothing(
+    recorded: str, status: task_pb2.TaskStatus.ValueType
 ) -> None:
-    # The judgement was wrong (the message turned up): the backend's state stands.
-    result = dict(RESULT) if celery_state == "SUCCESS" else None
-    message = describe(issued(lost_reason=LOST), state(celery_state, result, FINISHED))
+    final = FINISHED if recorded == "REVOKED" else None
+    record = dataclasses.replace(
+        issued(started_at=STARTED), status=recorded, error="why", finished_at=final
+    )
+
+    message = describe(record, state("PENDING"))
 
     assert message.status == status
-    assert message.error == ""
-    if celery_state == "SUCCESS":
-        assert message.result == task_pb2.UploadResult(**RESULT)
+    assert message.error == "why"
 
 
 # --- request checks -----------------------------------------------------------------------------

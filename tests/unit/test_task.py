@@ -14,12 +14,14 @@ from typing import Any, cast
 
 import pytest
 
+from core.ledger import Finished, Outcome
 from core.settings import Settings
 from projects.v1 import task_pb2
 from tests.unit.helpers import clear_settings_environment
 from worker import task as task_module
 from worker.errors import PermanentError, RetryableError
 from worker.runtime import WorkerRuntime
+from worker.store import TaskStart
 from worker.task import MAX_WORKER_DEATHS, HarvestTask, run_harvest
 
 TASK_ID = "5f0c7a52-2d0e-4b7a-9a4e-0d9b6c1e8f31"
@@ -43,26 +45,46 @@ class FakeBackend:
         return self.meta
 
 
+class FakeEvents:
+    def publish(self, event: Any) -> tuple[str, Any]:
+        return ("publish", event)
+
+
 class FakeRuntime:
-    """What run_harvest uses of a WorkerRuntime: settings, engine, and run() for record_start."""
+    """What run_harvest uses of a WorkerRuntime: settings, engine, events, and run() for the
+    record's writes (start_task, finish_task, record_retry, faked as tuples naming them)."""
 
     def __init__(self, settings: Settings, deliveries: int = 1) -> None:
         self.settings = settings
         self.engine = object()
+        self.events = FakeEvents()
         self.deliveries = deliveries
         self.ran: list[Any] = []
 
     def run(self, work: Any, timeout: float | None = None) -> Any:
         self.ran.append(work)
-        assert work[0] == "record_start"  # the only thing run_harvest runs itself
-        return self.deliveries
+        if work[0] == "start_task":
+            return TaskStart(self.deliveries, cancelled=self.cancelled, finished=self.finished)
+        if work[0] == "finish_task":
+            return Finished(counted=True)
+        assert work[0] in ("record_retry", "publish", "mark_published"), work
+        return None
+
+    cancelled = False
+    finished = False
+
+    def did(self, name: str) -> list[Any]:
+        return [work for work in self.ran if work[0] == name]
+
+    def outcomes(self) -> list[Outcome]:
+        return [work[1] for work in self.did("finish_task")]
 
 
 class FakeTask:
     def __init__(self, runtime: FakeRuntime, *, retries: int = 0, deliveries: int | None = 1):
         self.request = SimpleNamespace(id=TASK_ID, retries=retries)
         if deliveries is not None:  # as the prerun hook sets it
-            self.request.deliveries = deliveries
+            self.request.start = TaskStart(deliveries)
         self.backend = FakeBackend()
         self.runtime = runtime
         self.retry_calls: list[dict[str, Any]] = []
@@ -85,7 +107,9 @@ class FakeHarvest:
     )
     calls: list[tuple[Any, int, float]] = field(default_factory=list)
 
-    def __call__(self, runtime: Any, page: int, deadline: float) -> task_pb2.UploadResult:
+    def __call__(
+        self, runtime: Any, page: int, deadline: float, task_id: str
+    ) -> task_pb2.UploadResult:
         self.calls.append((runtime, page, deadline))
         if self.error is not None:
             raise self.error
@@ -117,7 +141,15 @@ def runtime(settings: Settings) -> FakeRuntime:
 def harvest(monkeypatch: pytest.MonkeyPatch) -> FakeHarvest:
     fake = FakeHarvest()
     monkeypatch.setattr(task_module, "harvest", fake)
-    monkeypatch.setattr(task_module, "record_start", lambda engine, task_id: ("record_start",))
+    monkeypatch.setattr(task_module, "start_task", lambda engine, task_id: ("start_task",))
+    monkeypatch.setattr(
+        task_module,
+        "finish_task",
+        lambda engine, task_id, outcome, window: ("finish_task", outcome),
+    )
+    monkeypatch.setattr(
+        task_module, "record_retry", lambda engine, task_id, error: ("record_retry",)
+    )
     return fake
 
 
@@ -206,7 +238,7 @@ def test_deliveries_the_prerun_hook_could_not_record_are_counted_here(
     with pytest.raises(PermanentError, match=f"died {MAX_WORKER_DEATHS} times"):
         run(task)
 
-    assert runtime.ran == [("record_start",)]
+    assert runtime.did("start_task") == [("start_task",)]
 
 
 def test_deliveries_recorded_by_the_prerun_hook_are_not_recorded_again(
@@ -214,7 +246,7 @@ def test_deliveries_recorded_by_the_prerun_hook_are_not_recorded_again(
 ) -> None:
     run(FakeTask(runtime, deliveries=1))
 
-    assert runtime.ran == []
+    assert runtime.did("start_task") == []
 
 
 # --- a try that fails ---------------------------------------------------------------------------
@@ -353,3 +385,58 @@ def test_an_attached_runtime_is_the_task_s_until_detached(runtime: FakeRuntime) 
     assert task.detach() is None
     with pytest.raises(RuntimeError):
         _ = task.runtime
+
+
+# --- what the record is told ------------------------------------------------------------------
+
+
+def test_a_success_is_recorded_once_with_its_counts(
+    runtime: FakeRuntime, harvest: FakeHarvest
+) -> None:
+    run(FakeTask(runtime))
+
+    assert runtime.outcomes() == [Outcome("SUCCESS", found=10, created=7, updated=2, skipped=0)]
+    assert [work[1].task_id for work in runtime.did("publish")] == [TASK_ID]
+
+
+def test_a_permanent_failure_is_recorded_saying_why(
+    runtime: FakeRuntime, harvest: FakeHarvest
+) -> None:
+    harvest.error = PermanentError("source answered 404")
+
+    with pytest.raises(PermanentError):
+        run(FakeTask(runtime))
+
+    assert runtime.outcomes() == [Outcome("FAILURE", error="source answered 404")]
+
+
+def test_a_retry_is_recorded_and_nothing_ends(runtime: FakeRuntime, harvest: FakeHarvest) -> None:
+    harvest.error = RetryableError("503")
+
+    with pytest.raises(Retried):
+        run(FakeTask(runtime))
+
+    assert runtime.did("record_retry") == [("record_retry",)]
+    assert runtime.outcomes() == []
+
+
+def test_a_task_cancelled_before_it_started_is_revoked_and_not_harvested(
+    runtime: FakeRuntime, harvest: FakeHarvest
+) -> None:
+    runtime.cancelled = True
+
+    run(FakeTask(runtime, deliveries=None))
+
+    assert harvest.calls == []
+    assert runtime.outcomes() == [Outcome("REVOKED", error="cancelled")]
+
+
+def test_a_task_that_ended_already_is_not_run_again(
+    runtime: FakeRuntime, harvest: FakeHarvest
+) -> None:
+    runtime.finished = True
+
+    run(FakeTask(runtime, deliveries=None))
+
+    assert harvest.calls == []
+    assert runtime.outcomes() == []

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from projects.v1 import task_pb2 as projects_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprojects/v1/queue_service.proto\x12\x0bprojects.v1\x1a\x16projects/v1/task.proto\"1\n\rUploadRequest\x12\x0c\n\x04page\x18\x01 \x01(\x05\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"1\n\x0eUploadResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.projects.v1.Task\"\x1e\n\x10GetStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11GetStatusResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.projects.v1.Task2\x9d\x01\n\x0cQueueService\x12\x41\n\x06Upload\x12\x1a.projects.v1.UploadRequest\x1a\x1b.projects.v1.UploadResponse\x12J\n\tGetStatus\x12\x1d.projects.v1.GetStatusRequest\x1a\x1e.projects.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprojects/v1/queue_service.proto\x12\x0bprojects.v1\x1a\x16projects/v1/task.proto\"1\n\rUploadRequest\x12\x0c\n\x04page\x18\x01 \x01(\x05\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"1\n\x0eUploadResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.projects.v1.Task\"\x1e\n\x10GetStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x11GetStatusResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.projects.v1.Task\"d\n\x12UploadPagesRequest\x12\x12\n\nfirst_page\x18\x01 \x01(\x05\x12\x11\n\tlast_page\x18\x02 \x01(\x05\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x13\n\x0buntil_known\x18\x04 \x01(\x08\"8\n\x13UploadPagesResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.projects.v1.Batch\"\x1d\n\x0fGetBatchRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x10GetBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.projects.v1.Batch\" \n\x12WatchStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\"6\n\x13WatchStatusResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.projects.v1.Task\"\x1f\n\x11WatchBatchRequest\x12\n\n\x02id\x18\x01 \x01(\t\"7\n\x12WatchBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.projects.v1.Batch\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.projects.v1.Task\" \n\x12\x43\x61ncelBatchRequest\x12\n\n\x02id\x18\x01 \x01(\t\"8\n\x13\x43\x61ncelBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.projects.v1.Batch\"\x84\x01\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x06status\x18\x03 \x01(\x0e\x32\x17.projects.v1.TaskStatusH\x00\x88\x01\x01\x12\x10\n\x08\x62\x61tch_id\x18\x04 \x01(\tB\t\n\x07_status\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.projects.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xca\x05\n\x0cQueueService\x12\x41\n\x06Upload\x12\x1a.projects.v1.UploadRequest\x1a\x1b.projects.v1.UploadResponse\x12J\n\tGetStatus\x12\x1d.projects.v1.GetStatusRequest\x1a\x1e.projects.v1.GetStatusResponse\x12P\n\x0bUploadPages\x12\x1f.projects.v1.UploadPagesRequest\x1a .projects.v1.UploadPagesResponse\x12G\n\x08GetBatch\x12\x1c.projects.v1.GetBatchRequest\x1a\x1d.projects.v1.GetBatchResponse\x12R\n\x0bWatchStatus\x12\x1f.projects.v1.WatchStatusRequest\x1a .projects.v1.WatchStatusResponse0\x01\x12O\n\nWatchBatch\x12\x1e.projects.v1.WatchBatchRequest\x1a\x1f.projects.v1.WatchBatchResponse0\x01\x12M\n\nCancelTask\x12\x1e.projects.v1.CancelTaskRequest\x1a\x1f.projects.v1.CancelTaskResponse\x12P\n\x0b\x43\x61ncelBatch\x12\x1f.projects.v1.CancelBatchRequest\x1a .projects.v1.CancelBatchResponse\x12J\n\tListTasks\x12\x1d.projects.v1.ListTasksRequest\x1a\x1e.projects.v1.ListTasksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_end=204
   _globals['_GETSTATUSRESPONSE']._serialized_start=206
   _globals['_GETSTATUSRESPONSE']._serialized_end=258
-  _globals['_QUEUESERVICE']._serialized_start=261
-  _globals['_QUEUESERVICE']._serialized_end=418
+  _globals['_UPLOADPAGESREQUEST']._serialized_start=260
+  _globals['_UPLOADPAGESREQUEST']._serialized_end=360
+  _globals['_UPLOADPAGESRESPONSE']._serialized_start=362
+  _globals['_UPLOADPAGESRESPONSE']._serialized_end=418
+  _globals['_GETBATCHREQUEST']._serialized_start=420
+  _globals['_GETBATCHREQUEST']._serialized_end=449
+  _globals['_GETBATCHRESPONSE']._serialized_start=451
+  _globals['_GETBATCHRESPONSE']._serialized_end=504
+  _globals['_WATCHSTATUSREQUEST']._serialized_start=506
+  _globals['_WATCHSTATUSREQUEST']._serialized_end=538
+  _globals['_WATCHSTATUSRESPONSE']._serialized_start=540
+  _globals['_WATCHSTATUSRESPONSE']._serialized_end=594
+  _globals['_WATCHBATCHREQUEST']._serialized_start=596
+  _globals['_WATCHBATCHREQUEST']._serialized_end=627
+  _globals['_WATCHBATCHRESPONSE']._serialized_start=629
+  _globals['_WATCHBATCHRESPONSE']._serialized_end=684
+  _globals['_CANCELTASKREQUEST']._serialized_start=686
+  _globals['_CANCELTASKREQUEST']._serialized_end=717
+  _globals['_CANCELTASKRESPONSE']._serialized_start=719
+  _globals['_CANCELTASKRESPONSE']._serialized_end=772
+  _globals['_CANCELBATCHREQUEST']._serialized_start=774
+  _globals['_CANCELBATCHREQUEST']._serialized_end=806
+  _globals['_CANCELBATCHRESPONSE']._serialized_start=808
+  _globals['_CANCELBATCHRESPONSE']._serialized_end=864
+  _globals['_LISTTASKSREQUEST']._serialized_start=867
+  _globals['_LISTTASKSREQUEST']._serialized_end=999
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1001
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1079
+  _globals['_QUEUESERVICE']._serialized_start=1082
+  _globals['_QUEUESERVICE']._serialized_end=1796
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,41 @@ class QueueServiceStub:
                 request_serializer=projects_dot_v1_dot_queue__service__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=projects_dot_v1_dot_queue__service__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.UploadPages = channel.unary_unary(
+                '/projects.v1.QueueService/UploadPages',
+                request_serializer=projects_dot_v1_dot_queue__service__pb2.UploadPagesRequest.SerializeToString,
+                response_deserializer=projects_dot_v1_dot_queue__service__pb2.UploadPagesResponse.FromString,
+                _registered_method=True)
+        self.GetBatch = channel.unary_unary(
+                '/projects.v1.QueueService/GetBatch',
+                request_serializer=projects_dot_v1_dot_queue__service__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=projects_dot_v1_dot_queue__service__pb2.GetBatchResponse.FromString,
+                _registered_method=True)
+        self.WatchStatus = channel.unary_stream(
+                '/projects.v1.QueueService/WatchStatus',
+                request_serializer=projects_dot_v1_dot_queue__service__pb2.WatchStatusRequest.SerializeToString,
+                response_deserializer=projects_dot_v1_dot_queue__service__pb2.WatchStatusResponse.FromString,
+                _registered_method=True)
+        self.WatchBatch = channel.unary_stream(
+                '/projects.v1.QueueService/WatchBatch',
+                request_serializer=projects_dot_v1_dot_queue__service__pb2.WatchBatchRequest.SerializeToString,
+                response_deserializer=projects_dot_v1_dot_queue__service__pb2.WatchBatchResponse.FromString,
+                _registered_method=True)
+        self.CancelTask = channel.unary_unary(
+                '/projects.v1.QueueService/CancelTask',
+                request_serializer=projects_dot_v1_dot_queue__service__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=projects_dot_v1_dot_queue__service__pb2.CancelTaskResponse.FromString,
+                _registered_method=True)
+        self.CancelBatch = channel.unary_unary(
+                '/projects.v1.QueueService/CancelBatch',
+                request_serializer=projects_dot_v1_dot_queue__service__pb2.CancelBatchRequest.SerializeToString,
+                response_deserializer=projects_dot_v1_dot_queue__service__pb2.CancelBatchResponse.FromString,
+                _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/projects.v1.QueueService/ListTasks',
+                request_serializer=projects_dot_v1_dot_queue__service__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=projects_dot_v1_dot_queue__service__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
 
 
 class QueueServiceServicer:
@@ -67,6 +102,55 @@ class QueueServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadPages(self, request, context):
+        """UploadPages enqueues the harvest of a range of pages as one batch and answers at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatch(self, request, context):
+        """GetBatch returns a batch the caller asked for, as it is now (one read, however large).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchStatus(self, request, context):
+        """WatchStatus streams a task: its state now, then each change, ending after the final one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchBatch(self, request, context):
+        """WatchBatch streams a batch: its state now, then each change, ending after the final one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTask(self, request, context):
+        """CancelTask stops a task: a queued one never runs, a running one stops before it stores.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBatch(self, request, context):
+        """CancelBatch cancels every unfinished page of a batch and enqueues no more.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTasks(self, request, context):
+        """ListTasks returns the caller's own tasks, newest first (Google AIP-132, AIP-158).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueueServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +163,41 @@ def add_QueueServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=projects_dot_v1_dot_queue__service__pb2.GetStatusRequest.FromString,
                     response_serializer=projects_dot_v1_dot_queue__service__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'UploadPages': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadPages,
+                    request_deserializer=projects_dot_v1_dot_queue__service__pb2.UploadPagesRequest.FromString,
+                    response_serializer=projects_dot_v1_dot_queue__service__pb2.UploadPagesResponse.SerializeToString,
+            ),
+            'GetBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatch,
+                    request_deserializer=projects_dot_v1_dot_queue__service__pb2.GetBatchRequest.FromString,
+                    response_serializer=projects_dot_v1_dot_queue__service__pb2.GetBatchResponse.SerializeToString,
+            ),
+            'WatchStatus': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchStatus,
+                    request_deserializer=projects_dot_v1_dot_queue__service__pb2.WatchStatusRequest.FromString,
+                    response_serializer=projects_dot_v1_dot_queue__service__pb2.WatchStatusResponse.SerializeToString,
+            ),
+            'WatchBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBatch,
+                    request_deserializer=projects_dot_v1_dot_queue__service__pb2.WatchBatchRequest.FromString,
+                    response_serializer=projects_dot_v1_dot_queue__service__pb2.WatchBatchResponse.SerializeToString,
+            ),
+            'CancelTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTask,
+                    request_deserializer=projects_dot_v1_dot_queue__service__pb2.CancelTaskRequest.FromString,
+                    response_serializer=projects_dot_v1_dot_queue__service__pb2.CancelTaskResponse.SerializeToString,
+            ),
+            'CancelBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBatch,
+                    request_deserializer=projects_dot_v1_dot_queue__service__pb2.CancelBatchRequest.FromString,
+                    response_serializer=projects_dot_v1_dot_queue__service__pb2.CancelBatchResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=projects_dot_v1_dot_queue__service__pb2.ListTasksRequest.FromString,
+                    response_serializer=projects_dot_v1_dot_queue__service__pb2.ListTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +256,195 @@ class QueueService:
             '/projects.v1.QueueService/GetStatus',
             projects_dot_v1_dot_queue__service__pb2.GetStatusRequest.SerializeToString,
             projects_dot_v1_dot_queue__service__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadPages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/projects.v1.QueueService/UploadPages',
+            projects_dot_v1_dot_queue__service__pb2.UploadPagesRequest.SerializeToString,
+            projects_dot_v1_dot_queue__service__pb2.UploadPagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/projects.v1.QueueService/GetBatch',
+            projects_dot_v1_dot_queue__service__pb2.GetBatchRequest.SerializeToString,
+            projects_dot_v1_dot_queue__service__pb2.GetBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/projects.v1.QueueService/WatchStatus',
+            projects_dot_v1_dot_queue__service__pb2.WatchStatusRequest.SerializeToString,
+            projects_dot_v1_dot_queue__service__pb2.WatchStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/projects.v1.QueueService/WatchBatch',
+            projects_dot_v1_dot_queue__service__pb2.WatchBatchRequest.SerializeToString,
+            projects_dot_v1_dot_queue__service__pb2.WatchBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/projects.v1.QueueService/CancelTask',
+            projects_dot_v1_dot_queue__service__pb2.CancelTaskRequest.SerializeToString,
+            projects_dot_v1_dot_queue__service__pb2.CancelTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/projects.v1.QueueService/CancelBatch',
+            projects_dot_v1_dot_queue__service__pb2.CancelBatchRequest.SerializeToString,
+            projects_dot_v1_dot_queue__service__pb2.CancelBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/projects.v1.QueueService/ListTasks',
+            projects_dot_v1_dot_queue__service__pb2.ListTasksRequest.SerializeToString,
+            projects_dot_v1_dot_queue__service__pb2.ListTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,20 @@ class QueueServiceStub:
     """Upload enqueues the harvest of one listing page and answers at once with the task."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_queue_service_pb2.GetStatusRequest, _queue_service_pb2.GetStatusResponse]
     """GetStatus returns a task the caller enqueued, as it is now."""
+    UploadPages: _grpc.UnaryUnaryMultiCallable[_queue_service_pb2.UploadPagesRequest, _queue_service_pb2.UploadPagesResponse]
+    """UploadPages enqueues the harvest of a range of pages as one batch and answers at once."""
+    GetBatch: _grpc.UnaryUnaryMultiCallable[_queue_service_pb2.GetBatchRequest, _queue_service_pb2.GetBatchResponse]
+    """GetBatch returns a batch the caller asked for, as it is now (one read, however large)."""
+    WatchStatus: _grpc.UnaryStreamMultiCallable[_queue_service_pb2.WatchStatusRequest, _queue_service_pb2.WatchStatusResponse]
+    """WatchStatus streams a task: its state now, then each change, ending after the final one."""
+    WatchBatch: _grpc.UnaryStreamMultiCallable[_queue_service_pb2.WatchBatchRequest, _queue_service_pb2.WatchBatchResponse]
+    """WatchBatch streams a batch: its state now, then each change, ending after the final one."""
+    CancelTask: _grpc.UnaryUnaryMultiCallable[_queue_service_pb2.CancelTaskRequest, _queue_service_pb2.CancelTaskResponse]
+    """CancelTask stops a task: a queued one never runs, a running one stops before it stores."""
+    CancelBatch: _grpc.UnaryUnaryMultiCallable[_queue_service_pb2.CancelBatchRequest, _queue_service_pb2.CancelBatchResponse]
+    """CancelBatch cancels every unfinished page of a batch and enqueues no more."""
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_queue_service_pb2.ListTasksRequest, _queue_service_pb2.ListTasksResponse]
+    """ListTasks returns the caller's own tasks, newest first (Google AIP-132, AIP-158)."""
 
 @_typing.type_check_only
 class QueueServiceAsyncStub(QueueServiceStub):
@@ -51,6 +65,20 @@ class QueueServiceAsyncStub(QueueServiceStub):
     """Upload enqueues the harvest of one listing page and answers at once with the task."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_queue_service_pb2.GetStatusRequest, _queue_service_pb2.GetStatusResponse]  # type: ignore[assignment]
     """GetStatus returns a task the caller enqueued, as it is now."""
+    UploadPages: _aio.UnaryUnaryMultiCallable[_queue_service_pb2.UploadPagesRequest, _queue_service_pb2.UploadPagesResponse]  # type: ignore[assignment]
+    """UploadPages enqueues the harvest of a range of pages as one batch and answers at once."""
+    GetBatch: _aio.UnaryUnaryMultiCallable[_queue_service_pb2.GetBatchRequest, _queue_service_pb2.GetBatchResponse]  # type: ignore[assignment]
+    """GetBatch returns a batch the caller asked for, as it is now (one read, however large)."""
+    WatchStatus: _aio.UnaryStreamMultiCallable[_queue_service_pb2.WatchStatusRequest, _queue_service_pb2.WatchStatusResponse]  # type: ignore[assignment]
+    """WatchStatus streams a task: its state now, then each change, ending after the final one."""
+    WatchBatch: _aio.UnaryStreamMultiCallable[_queue_service_pb2.WatchBatchRequest, _queue_service_pb2.WatchBatchResponse]  # type: ignore[assignment]
+    """WatchBatch streams a batch: its state now, then each change, ending after the final one."""
+    CancelTask: _aio.UnaryUnaryMultiCallable[_queue_service_pb2.CancelTaskRequest, _queue_service_pb2.CancelTaskResponse]  # type: ignore[assignment]
+    """CancelTask stops a task: a queued one never runs, a running one stops before it stores."""
+    CancelBatch: _aio.UnaryUnaryMultiCallable[_queue_service_pb2.CancelBatchRequest, _queue_service_pb2.CancelBatchResponse]  # type: ignore[assignment]
+    """CancelBatch cancels every unfinished page of a batch and enqueues no more."""
+    ListTasks: _aio.UnaryUnaryMultiCallable[_queue_service_pb2.ListTasksRequest, _queue_service_pb2.ListTasksResponse]  # type: ignore[assignment]
+    """ListTasks returns the caller's own tasks, newest first (Google AIP-132, AIP-158)."""
 
 class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
     """QueueService enqueues harvests of listing pages and reports how they are doing.
@@ -72,5 +100,61 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_queue_service_pb2.GetStatusResponse, _abc.Awaitable[_queue_service_pb2.GetStatusResponse]]:
         """GetStatus returns a task the caller enqueued, as it is now."""
+
+    @_abc_1.abstractmethod
+    def UploadPages(
+        self,
+        request: _queue_service_pb2.UploadPagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_service_pb2.UploadPagesResponse, _abc.Awaitable[_queue_service_pb2.UploadPagesResponse]]:
+        """UploadPages enqueues the harvest of a range of pages as one batch and answers at once."""
+
+    @_abc_1.abstractmethod
+    def GetBatch(
+        self,
+        request: _queue_service_pb2.GetBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_service_pb2.GetBatchResponse, _abc.Awaitable[_queue_service_pb2.GetBatchResponse]]:
+        """GetBatch returns a batch the caller asked for, as it is now (one read, however large)."""
+
+    @_abc_1.abstractmethod
+    def WatchStatus(
+        self,
+        request: _queue_service_pb2.WatchStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_queue_service_pb2.WatchStatusResponse], _abc.AsyncIterator[_queue_service_pb2.WatchStatusResponse]]:
+        """WatchStatus streams a task: its state now, then each change, ending after the final one."""
+
+    @_abc_1.abstractmethod
+    def WatchBatch(
+        self,
+        request: _queue_service_pb2.WatchBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_queue_service_pb2.WatchBatchResponse], _abc.AsyncIterator[_queue_service_pb2.WatchBatchResponse]]:
+        """WatchBatch streams a batch: its state now, then each change, ending after the final one."""
+
+    @_abc_1.abstractmethod
+    def CancelTask(
+        self,
+        request: _queue_service_pb2.CancelTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_service_pb2.CancelTaskResponse, _abc.Awaitable[_queue_service_pb2.CancelTaskResponse]]:
+        """CancelTask stops a task: a queued one never runs, a running one stops before it stores."""
+
+    @_abc_1.abstractmethod
+    def CancelBatch(
+        self,
+        request: _queue_service_pb2.CancelBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_service_pb2.CancelBatchResponse, _abc.Awaitable[_queue_service_pb2.CancelBatchResponse]]:
+        """CancelBatch cancels every unfinished page of a batch and enqueues no more."""
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _queue_service_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_service_pb2.ListTasksResponse, _abc.Awaitable[_queue_service_pb2.ListTasksResponse]]:
+        """ListTasks returns the caller's own tasks, newest first (Google AIP-132, AIP-158)."""
 
 def add_QueueServiceServicer_to_server(servicer: QueueServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

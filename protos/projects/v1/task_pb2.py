@@ -25,17 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16projects/v1/task.proto\x12\x0bprojects.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"^\n\x0cUploadResult\x12\x0c\n\x04page\x18\x01 \x01(\x05\x12\r\n\x05\x66ound\x18\x02 \x01(\x05\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x05\x12\x0f\n\x07updated\x18\x04 \x01(\x05\x12\x0f\n\x07skipped\x18\x05 \x01(\x05\"\x96\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.projects.v1.TaskStatus\x12)\n\x06result\x18\x03 \x01(\x0b\x32\x19.projects.v1.UploadResult\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x30\n\x0c\x65nqueue_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inish_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04page\x18\x08 \x01(\x05*\xbd\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x17\n\x13TASK_STATUS_STARTED\x10\x02\x12\x15\n\x11TASK_STATUS_RETRY\x10\x03\x12\x17\n\x13TASK_STATUS_SUCCESS\x10\x04\x12\x17\n\x13TASK_STATUS_FAILURE\x10\x05\x12\x17\n\x13TASK_STATUS_REVOKED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16projects/v1/task.proto\x12\x0bprojects.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"^\n\x0cUploadResult\x12\x0c\n\x04page\x18\x01 \x01(\x05\x12\r\n\x05\x66ound\x18\x02 \x01(\x05\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x05\x12\x0f\n\x07updated\x18\x04 \x01(\x05\x12\x0f\n\x07skipped\x18\x05 \x01(\x05\"\xa8\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.projects.v1.TaskStatus\x12)\n\x06result\x18\x03 \x01(\x0b\x32\x19.projects.v1.UploadResult\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x30\n\x0c\x65nqueue_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inish_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04page\x18\x08 \x01(\x05\x12\x10\n\x08\x62\x61tch_id\x18\t \x01(\t\"O\n\x0b\x42\x61tchTotals\x12\r\n\x05\x66ound\x18\x01 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x03\x12\x0f\n\x07updated\x18\x03 \x01(\x03\x12\x0f\n\x07skipped\x18\x04 \x01(\x03\"\xb4\x03\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.projects.v1.TaskStatus\x12\x12\n\nfirst_page\x18\x03 \x01(\x05\x12\x11\n\tlast_page\x18\x04 \x01(\x05\x12\x13\n\x0buntil_known\x18\x05 \x01(\x08\x12\x11\n\tstop_page\x18\x06 \x01(\x05\x12\x13\n\x0bpages_total\x18\x07 \x01(\x05\x12\x17\n\x0fpages_succeeded\x18\x08 \x01(\x05\x12\x14\n\x0cpages_failed\x18\t \x01(\x05\x12\x17\n\x0fpages_cancelled\x18\n \x01(\x05\x12(\n\x06totals\x18\x0b \x01(\x0b\x32\x18.projects.v1.BatchTotals\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x30\n\x0c\x65nqueue_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inish_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xbd\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STATUS_PENDING\x10\x01\x12\x17\n\x13TASK_STATUS_STARTED\x10\x02\x12\x15\n\x11TASK_STATUS_RETRY\x10\x03\x12\x17\n\x13TASK_STATUS_SUCCESS\x10\x04\x12\x17\n\x13TASK_STATUS_FAILURE\x10\x05\x12\x17\n\x13TASK_STATUS_REVOKED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'projects.v1.task_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATUS']._serialized_start=450
-  _globals['_TASKSTATUS']._serialized_end=639
+  _globals['_TASKSTATUS']._serialized_start=988
+  _globals['_TASKSTATUS']._serialized_end=1177
   _globals['_UPLOADRESULT']._serialized_start=72
   _globals['_UPLOADRESULT']._serialized_end=166
   _globals['_TASK']._serialized_start=169
-  _globals['_TASK']._serialized_end=447
+  _globals['_TASK']._serialized_end=465
+  _globals['_BATCHTOTALS']._serialized_start=467
+  _globals['_BATCHTOTALS']._serialized_end=546
+  _globals['_BATCH']._serialized_start=549
+  _globals['_BATCH']._serialized_end=985
 # @@protoc_insertion_point(module_scope)

@@ -110,6 +110,7 @@ class Task(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     FINISH_TIME_FIELD_NUMBER: _builtins.int
     PAGE_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The task's id, a UUID; pass it to GetStatus."""
     status: Global___TaskStatus.ValueType
@@ -118,6 +119,8 @@ class Task(_message.Message):
     """Why the task failed, in words; set when status is TASK_STATUS_FAILURE or TASK_STATUS_RETRY."""
     page: _builtins.int
     """The listing page the task harvests."""
+    batch_id: _builtins.str
+    """The batch the task is a page of (UploadPages); empty for a lone Upload."""
     @_builtins.property
     def result(self) -> Global___UploadResult:
         """What the task stored; set when status is TASK_STATUS_SUCCESS."""
@@ -145,11 +148,134 @@ class Task(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         finish_time: _timestamp_pb2.Timestamp | None = ...,
         page: _builtins.int = ...,
+        batch_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enqueue_time", b"enqueue_time", "finish_time", b"finish_time", "result", b"result", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enqueue_time", b"enqueue_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "page", b"page", "result", b"result", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "enqueue_time", b"enqueue_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "page", b"page", "result", b"result", "start_time", b"start_time", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
+
+@_typing.final
+class BatchTotals(_message.Message):
+    """BatchTotals sums what a batch's finished pages found and stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    UPDATED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    found: _builtins.int
+    """Valid items on the pages as listed."""
+    created: _builtins.int
+    """Projects stored for the first time."""
+    updated: _builtins.int
+    """Projects already stored whose fields changed."""
+    skipped: _builtins.int
+    """Items without a title or a link, which were not stored."""
+    def __init__(
+        self,
+        *,
+        found: _builtins.int = ...,
+        created: _builtins.int = ...,
+        updated: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "found", b"found", "skipped", b"skipped", "updated", b"updated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchTotals: _TypeAlias = BatchTotals  # noqa: Y015
+
+@_typing.final
+class Batch(_message.Message):
+    """Batch is a harvest of a range of listing pages (UploadPages), as it is now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    FIRST_PAGE_FIELD_NUMBER: _builtins.int
+    LAST_PAGE_FIELD_NUMBER: _builtins.int
+    UNTIL_KNOWN_FIELD_NUMBER: _builtins.int
+    STOP_PAGE_FIELD_NUMBER: _builtins.int
+    PAGES_TOTAL_FIELD_NUMBER: _builtins.int
+    PAGES_SUCCEEDED_FIELD_NUMBER: _builtins.int
+    PAGES_FAILED_FIELD_NUMBER: _builtins.int
+    PAGES_CANCELLED_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ENQUEUE_TIME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    FINISH_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The batch's id, a UUID; pass it to GetBatch, WatchBatch or CancelBatch."""
+    status: Global___TaskStatus.ValueType
+    """PENDING until a page starts; STARTED; SUCCESS when every page it ran succeeded; FAILURE
+    when all are done and one failed (error names the pages); REVOKED when cancelled.
+    """
+    first_page: _builtins.int
+    """The first page of the range."""
+    last_page: _builtins.int
+    """The last page of the range (inclusive)."""
+    until_known: _builtins.bool
+    """Whether the batch stops after the first page on which nothing was created."""
+    stop_page: _builtins.int
+    """Where an until_known batch stopped: the first page that created nothing; 0 until then."""
+    pages_total: _builtins.int
+    """Pages enqueued so far."""
+    pages_succeeded: _builtins.int
+    """Pages that ended SUCCESS."""
+    pages_failed: _builtins.int
+    """Pages that ended FAILURE."""
+    pages_cancelled: _builtins.int
+    """Pages that ended REVOKED (cancelled)."""
+    error: _builtins.str
+    """Why the batch failed: the failed pages and their errors; set when status is FAILURE."""
+    @_builtins.property
+    def totals(self) -> Global___BatchTotals:
+        """What the finished pages found and stored, summed."""
+
+    @_builtins.property
+    def enqueue_time(self) -> _timestamp_pb2.Timestamp:
+        """When the batch was asked for."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When its first page started; unset until then."""
+
+    @_builtins.property
+    def finish_time(self) -> _timestamp_pb2.Timestamp:
+        """When its last page finished (or it was cancelled); unset until then."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        status: Global___TaskStatus.ValueType = ...,
+        first_page: _builtins.int = ...,
+        last_page: _builtins.int = ...,
+        until_known: _builtins.bool = ...,
+        stop_page: _builtins.int = ...,
+        pages_total: _builtins.int = ...,
+        pages_succeeded: _builtins.int = ...,
+        pages_failed: _builtins.int = ...,
+        pages_cancelled: _builtins.int = ...,
+        totals: Global___BatchTotals | None = ...,
+        error: _builtins.str = ...,
+        enqueue_time: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        finish_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enqueue_time", b"enqueue_time", "finish_time", b"finish_time", "start_time", b"start_time", "totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enqueue_time", b"enqueue_time", "error", b"error", "finish_time", b"finish_time", "first_page", b"first_page", "id", b"id", "last_page", b"last_page", "pages_cancelled", b"pages_cancelled", "pages_failed", b"pages_failed", "pages_succeeded", b"pages_succeeded", "pages_total", b"pages_total", "start_time", b"start_time", "status", b"status", "stop_page", b"stop_page", "totals", b"totals", "until_known", b"until_known"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Batch: _TypeAlias = Batch  # noqa: Y015

@@ -1,0 +1,187 @@
+"""A task's final state, written once, and its batch's counts moved in the same transaction.
+
+Gateway and worker both end tasks: a worker when a page succeeds, fails for good or is found
+cancelled; the gateway when it cancels a task that has not started, or the reconciler finds
+one the broker lost. Each goes through `finish`, whose UPDATE only takes a task that has no
+final state yet: the first to finish a task counts it for its batch, in the same transaction,
+and every later try (a redelivery after a crash, a copy that outlived the visibility timeout)
+changes nothing. So a batch's counts are exact, and reading them is one row.
+
+An "until known" batch enqueues its next pages here too, as its pages finish: a page is added
+only while it is fewer than UNTIL_KNOWN_WINDOW pages past the lowest page not yet finished,
+and none after the first page that created nothing. The new tasks' records are written in the
+transaction; the caller publishes them after it commits (`NewTask`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.db import BatchRecord, TaskRecord, utcnow
+
+FINAL = ("SUCCESS", "FAILURE", "REVOKED")
+# A batch keeps the errors of this many failed pages in its own error.
+MAX_BATCH_ERRORS = 20
+_COUNTER = {"SUCCESS": "pages_succeeded", "FAILURE": "pages_failed", "REVOKED": "pages_cancelled"}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a task ended: one of FINAL, with what it stored or why not."""
+
+    status: str
+    found: int | None = None
+    created: int | None = None
+    updated: int | None = None
+    skipped: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A page an "until known" batch enqueued: recorded, to be published by the caller."""
+
+    id: str
+    page: int
+    batch_id: str
+    client: str
+
+
+@dataclass(slots=True)
+class Finished:
+    """What `finish` did: whether this call counted the task, and for which batch."""
+
+    counted: bool = False
+    batch_id: str | None = None
+    new_tasks: list[NewTask] = field(default_factory=list)
+
+
+async def finish(
+    conn: AsyncConnection,
+    task_id: str,
+    outcome: Outcome,
+    *,
+    window: int,
+    now: dt.datetime | None = None,
+) -> Finished:
+    """End `task_id` with `outcome` unless it has ended already; count it for its batch.
+
+    Call it inside a transaction (`engine.begin()`), which it leaves to the caller to commit.
+    """
+    if outcome.status not in FINAL:
+        raise ValueError(f"{outcome.status} is not a final state")
+    now = now or utcnow()
+    ended = (
+        await conn.execute(
+            update(TaskRecord)
+            .where(TaskRecord.id == task_id, TaskRecord.finished_at.is_(None))
+            .values(
+                status=outcome.status,
+                error=outcome.error,
+                finished_at=now,
+                found=outcome.found,
+                created=outcome.created,
+                updated=outcome.updated,
+                skipped=outcome.skipped,
+            )
+            .returning(TaskRecord.batch_id, TaskRecord.page)
+        )
+    ).first()
+    if ended is None:
+        return Finished()
+    if ended.batch_id is None:
+        return Finished(counted=True)
+    new_tasks = await _count(conn, ended.batch_id, ended.page, outcome, window=window, now=now)
+    return Finished(True, ended.batch_id, new_tasks)
+
+
+async def _count(
+    conn: AsyncConnection,
+    batch_id: str,
+    page: int,
+    outcome: Outcome,
+    *,
+    window: int,
+    now: dt.datetime,
+) -> list[NewTask]:
+    counter = getattr(BatchRecord, _COUNTER[outcome.status])
+    # The batch row is locked from here to the commit: its pages finish one at a time.
+    batch = (
+        await conn.execute(
+            update(BatchRecord)
+            .where(BatchRecord.id == batch_id)
+            .values(
+                {
+                    counter: counter + 1,
+                    BatchRecord.found: BatchRecord.found + (outcome.found or 0),
+                    BatchRecord.created: BatchRecord.created + (outcome.created or 0),
+                    BatchRecord.updated: BatchRecord.updated + (outcome.updated or 0),
+                    BatchRecord.skipped: BatchRecord.skipped + (outcome.skipped or 0),
+                }
+            )
+            .returning(*BatchRecord.__table__.columns)
+        )
+    ).one()
+    changes: dict[str, Any] = {}
+    if outcome.status == "FAILURE":
+        failures = batch.pages_failed
+        if failures <= MAX_BATCH_ERRORS:
+            line = f"page {page}: {outcome.error or 'failed'}"
+            changes["error"] = f"{batch.error}; {line}" if batch.error else line
+        elif failures == MAX_BATCH_ERRORS + 1:
+            changes["error"] = f"{batch.error}; and more (ListTasks with its batch_id)"
+    stop_page = batch.stop_page
+    if batch.until_known and outcome.status == "SUCCESS" and outcome.created == 0:
+        stop_page = page if stop_page is None else min(stop_page, page)
+        changes["stop_page"] = stop_page
+    new_tasks: list[NewTask] = []
+    if batch.until_known and stop_page is None and batch.cancel_requested_at is None:
+        new_tasks = await _enqueue_window(conn, batch, window, now)
+        if new_tasks:
+            changes["next_page"] = new_tasks[-1].page + 1
+            changes["pages_total"] = batch.pages_total + len(new_tasks)
+    done = batch.pages_succeeded + batch.pages_failed + batch.pages_cancelled
+    if not new_tasks and done == batch.pages_total:
+        changes["finished_at"] = now
+    if changes:
+        await conn.execute(update(BatchRecord).where(BatchRecord.id == batch_id).values(changes))
+    return new_tasks
+
+
+async def _enqueue_window(
+    conn: AsyncConnection, batch: Any, window: int, now: dt.datetime
+) -> list[NewTask]:
+    lowest_unfinished = (
+        await conn.execute(
+            select(func.min(TaskRecord.page)).where(
+                TaskRecord.batch_id == batch.id, TaskRecord.finished_at.is_(None)
+            )
+        )
+    ).scalar_one_or_none()
+    lowest = batch.next_page if lowest_unfinished is None else lowest_unfinished
+    last = min(batch.last_page, lowest + window - 1)
+    pages = range(batch.next_page, last + 1)
+    new_tasks = [NewTask(str(uuid.uuid4()), page, batch.id, batch.client) for page in pages]
+    if new_tasks:
+        await conn.execute(insert(TaskRecord), [task_row(task, now) for task in new_tasks])
+    return new_tasks
+
+
+def task_row(task: NewTask, now: dt.datetime) -> dict[str, Any]:
+    """The record of a batch's page, not yet confirmed by the broker."""
+    return {
+        "id": task.id,
+        "client": task.client,
+        "request_id": None,
+        "page": task.page,
+        "batch_id": task.batch_id,
+        "enqueued_at": now,
+        "published_at": None,
+        "deliveries": 0,
+    }

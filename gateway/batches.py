@@ -1,0 +1,207 @@
+"""The gateway's record of batches (UploadPages): made with their first pages, read, cancelled.
+
+A batch's row and the records of the pages it enqueues at once are written in one
+transaction, then the pages are issued like any Upload (`gateway.issuing`). Its counts move
+only in `core.ledger`, as its pages finish. Database outages leave as `StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Row, delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.db import BatchRecord, TaskRecord, dialect_insert, single_statement, utcnow
+from core.ledger import NewTask, Outcome, finish, task_row
+from gateway.database import store_errors
+from gateway.health import OnUnavailable, nobody
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    id: str
+    client: str
+    request_id: str | None
+    first_page: int
+    last_page: int
+    until_known: bool
+    stop_page: int | None
+    next_page: int
+    pages_total: int
+    pages_succeeded: int
+    pages_failed: int
+    pages_cancelled: int
+    found: int
+    created: int
+    updated: int
+    skipped: int
+    error: str | None
+    enqueued_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    cancel_requested_at: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> StoredBatch:
+        return cls(**{name: getattr(row, name) for name in cls.__dataclass_fields__})
+
+    @property
+    def status(self) -> str:
+        """PENDING, STARTED, SUCCESS, FAILURE or REVOKED, from the counts."""
+        if self.cancel_requested_at is not None:
+            return "REVOKED"
+        if self.finished_at is not None:
+            return "FAILURE" if self.pages_failed else "SUCCESS"
+        return "PENDING" if self.started_at is None else "STARTED"
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    batch: StoredBatch
+    created: bool  # False: the request_id's batch made by an earlier call
+    pages: list[NewTask]  # the pages to issue now (empty unless created)
+
+
+class BatchRecords:
+    def __init__(
+        self, engine: AsyncEngine, lifetime: dt.timedelta, on_unavailable: OnUnavailable = nobody
+    ) -> None:
+        self._engine = engine
+        self._lifetime = lifetime
+        self._on_unavailable = on_unavailable
+        self._insert = dialect_insert(engine.dialect.name)
+
+    async def create(
+        self,
+        client: str,
+        request_id: str | None,
+        first_page: int,
+        last_page: int,
+        *,
+        until_known: bool,
+        window: int,
+    ) -> Claimed:
+        """A new batch with the records of its first pages, or the request_id's batch."""
+        now = utcnow()
+        batch_id = str(uuid.uuid4())
+        last_now = min(last_page, first_page + window - 1) if until_known else last_page
+        pages = [
+            NewTask(str(uuid.uuid4()), page, batch_id, client)
+            for page in range(first_page, last_now + 1)
+        ]
+        row = {
+            "id": batch_id,
+            "client": client,
+            "request_id": request_id,
+            "first_page": first_page,
+            "last_page": last_page,
+            "until_known": until_known,
+            "next_page": last_now + 1,
+            "pages_total": len(pages),
+            "enqueued_at": now,
+        }
+        async with store_errors(self._on_unavailable), self._engine.begin() as conn:
+            if request_id is not None:
+                existing = (
+                    await conn.execute(
+                        select(BatchRecord).where(
+                            BatchRecord.client == client, BatchRecord.request_id == request_id
+                        )
+                    )
+                ).first()
+                if existing is not None:
+                    if existing.enqueued_at + self._lifetime >= now:
+                        return Claimed(StoredBatch.from_row(existing), False, [])
+                    await conn.execute(delete(BatchRecord).where(BatchRecord.id == existing.id))
+            inserted = await conn.execute(
+                self._insert(BatchRecord)
+                .values(row)
+                .on_conflict_do_nothing(index_elements=["client", "request_id"])
+                .returning(BatchRecord.id)
+            )
+            if inserted.first() is None:  # a concurrent call with the request_id won
+                winner = (
+                    await conn.execute(
+                        select(BatchRecord).where(
+                            BatchRecord.client == client, BatchRecord.request_id == request_id
+                        )
+                    )
+                ).one()
+                return Claimed(StoredBatch.from_row(winner), False, [])
+            await conn.execute(insert(TaskRecord), [task_row(page, now) for page in pages])
+            created = (
+                await conn.execute(select(BatchRecord).where(BatchRecord.id == batch_id))
+            ).one()
+        return Claimed(StoredBatch.from_row(created), True, pages)
+
+    async def get(self, client: str, batch_id: str) -> StoredBatch | None:
+        async with store_errors(self._on_unavailable), single_statement(self._engine) as conn:
+            row = (
+                await conn.execute(
+                    select(BatchRecord).where(
+                        BatchRecord.id == batch_id, BatchRecord.client == client
+                    )
+                )
+            ).first()
+        if row is None or row.enqueued_at + self._lifetime < utcnow():
+            return None
+        return StoredBatch.from_row(row)
+
+    async def drop(self, batch_id: str) -> None:
+        """Forget a batch none of whose pages reached the broker (their records are gone)."""
+        async with store_errors(self._on_unavailable), self._engine.begin() as conn:
+            await conn.execute(delete(TaskRecord).where(TaskRecord.batch_id == batch_id))
+            await conn.execute(delete(BatchRecord).where(BatchRecord.id == batch_id))
+
+    async def fail_unpublished(self, batch_id: str, pages: list[int], reason: str) -> None:
+        """Count pages that never reached the broker (their records dropped) as failed."""
+        listed = ", ".join(map(str, pages))
+        async with store_errors(self._on_unavailable), self._engine.begin() as conn:
+            batch = (
+                await conn.execute(
+                    update(BatchRecord)
+                    .where(BatchRecord.id == batch_id)
+                    .values(pages_failed=BatchRecord.pages_failed + len(pages))
+                    .returning(BatchRecord.error)
+                )
+            ).one()
+            line = f"pages {listed}: never reached the broker ({reason})"
+            await conn.execute(
+                update(BatchRecord)
+                .where(BatchRecord.id == batch_id)
+                .values(error=f"{batch.error}; {line}" if batch.error else line)
+            )
+
+    async def cancel(self, client: str, batch_id: str) -> tuple[StoredBatch | None, list[str]]:
+        """Cancel the batch: its unstarted pages end REVOKED now, its running ones stop at their
+        next checkpoint, and no more are enqueued. The batch, and the ids of pages to revoke."""
+        now = utcnow()
+        async with store_errors(self._on_unavailable), self._engine.begin() as conn:
+            asked = await conn.execute(
+                update(BatchRecord)
+                .where(
+                    BatchRecord.id == batch_id,
+                    BatchRecord.client == client,
+                    BatchRecord.finished_at.is_(None),
+                )
+                .values(cancel_requested_at=func.coalesce(BatchRecord.cancel_requested_at, now))
+            )
+            running: list[str] = []
+            if asked.rowcount:
+                pages = (
+                    await conn.execute(
+                        update(TaskRecord)
+                        .where(TaskRecord.batch_id == batch_id, TaskRecord.finished_at.is_(None))
+                        .values(cancel_requested_at=now)
+                        .returning(TaskRecord.id, TaskRecord.started_at)
+                    )
+                ).all()
+                for page in pages:
+                    if page.started_at is None:
+                        await finish(conn, page.id, Outcome("REVOKED", error="cancelled"), window=0)
+                running = [page.id for page in pages]
+        return await self.get(client, batch_id), running
