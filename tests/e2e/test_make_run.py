@@ -6,7 +6,9 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
+from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
@@ -68,3 +70,67 @@ def test_devstack_runs_a_harvest_and_stops_everything(tmp_path: Path) -> None:
     assert not psutil.pid_exists(redis_pid), "the embedded Redis was left running"
     assert re.search(r"\[worker\].*succeeded", launcher.output())
     assert os.path.exists(tmp_path / "data" / "projects.db")
+
+    # The banner (and its token) comes once the gateway is bound and the worker is consuming.
+    lines = launcher.lines
+
+    def first(pattern: str) -> int:
+        return next(i for i, line in enumerate(lines) if re.search(pattern, line))
+
+    shown = first(r"^The harvester is running")
+    assert first(r"^\[gateway\] .*gateway listening on") < shown
+    assert first(r"^\[worker\] .*devstack-worker@\S+ ready\.") < shown
+
+
+def _devstack(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "devstack", *args],
+        env=clean_environment({"DATA_DIR": str(tmp_path / "data"), **env}),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_second_make_run_says_its_ports_are_in_use_and_starts_nothing(tmp_path: Path) -> None:
+    with ExitStack() as held:  # the first make run's gateway and sample site
+        ports = []
+        for _ in range(2):
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            ports.append(sock.getsockname()[1])
+        gateway, site = (f"127.0.0.1:{port}" for port in ports)
+        result = _devstack(tmp_path, GATEWAY_ADDRESS=gateway, SAMPLE_SITE_ADDRESS=site)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"{gateway} and {site} are in use: is another make run up?"
+    ]
+    assert result.stdout == ""  # no banner, no token
+    assert not (tmp_path / "data").exists(), "it started the embedded Redis"
+
+
+def test_make_run_help_says_what_it_does_and_touches_nothing(tmp_path: Path) -> None:
+    result = _devstack(tmp_path, "--help", API_TOKENS="not-a-pair")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m devstack")
+    for needed in (".env", "settings table", "python -m core.settings_doc", "Ctrl-C"):
+        assert needed in result.stdout
+    assert list(tmp_path.iterdir()) == [], "--help created files"
+    unknown = _devstack(tmp_path, "--gateway", "1")
+    assert unknown.returncode == 2
+    assert "unrecognized arguments: --gateway 1" in unknown.stderr
+
+
+def test_make_run_bad_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = _devstack(tmp_path, API_TOKENS="alice", MAX_PAGE="lots")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "API_TOKENS: entry #1 must look like name:token",
+        "MAX_PAGE: should be a valid integer, unable to parse string as an integer",
+    ]
+    assert "alice" not in result.stdout + result.stderr
+    assert not (tmp_path / "data").exists()
