@@ -216,10 +216,10 @@ def stop(data_dir: Path, pid: int | None = None) -> bool:
 
 
 if __name__ == "__main__":
-    from core.settings import get_settings
+    from core.settings import settings_or_exit
 
     logging.basicConfig(level=logging.INFO)
-    data = get_settings().data_dir
+    data = settings_or_exit().data_dir
     command = sys.argv[1] if len(sys.argv) > 1 else "start"
     if command == "stop":
         print("stopped" if stop(data) else "not running")
