@@ -191,6 +191,8 @@ class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
         try:
             payload = self._signer.open(PAGE_TOKEN_KIND, token)
             made_for, key = payload["request"], payload["key"]
+            if not isinstance(made_for, dict) or not isinstance(key, list):
+                raise TypeError(payload)
         except TokenError as exc:
             raise InvalidArgument("page_token", str(exc)) from exc
         except (KeyError, TypeError) as exc:

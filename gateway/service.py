@@ -462,6 +462,8 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         try:
             payload = self._signer.open(TASKS_TOKEN_KIND, token)
             made_for, (when, task_id) = payload["request"], payload["key"]
+            if not isinstance(made_for, dict):
+                raise TypeError(made_for)
             after = (dt.datetime.fromisoformat(when), str(task_id))
         except TokenError as exc:
             raise InvalidArgument("page_token", str(exc)) from exc
