@@ -149,6 +149,16 @@ def _ended(task: HarvestTask, outcome: Outcome) -> None:
     runtime.run(runtime.events.publish(TaskChanged(task_id, finished.batch_id)))
 
 
+def _ended_or_retry(task: HarvestTask, outcome: Outcome) -> None:
+    """`_ended`, and when the record cannot be written now, a try later (which ends the same
+    way, and writes it then): a final state must reach the record, or its batch never ends."""
+    try:
+        _ended(task, outcome)
+    except RetryableError as exc:
+        log.warning("could not record task %s's end (%s); trying again", task.request.id, exc)
+        raise task.retry(exc=exc, countdown=1.0, max_retries=None) from exc
+
+
 def _result(result: task_pb2.UploadResult) -> dict[str, Any]:
     return json_format.MessageToDict(
         result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
@@ -189,12 +199,12 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
         )
     except Cancelled as exc:
         log.info("%s", exc)
-        _ended(task, Outcome("REVOKED", error="cancelled"))
+        _ended_or_retry(task, Outcome("REVOKED", error="cancelled"))
         return _result(task_pb2.UploadResult(page=page))
     except PermanentError as exc:
         if (done := succeeded_meanwhile(task, page)) is not None:
             return done
-        _ended(task, Outcome("FAILURE", error=str(exc)))
+        _ended_or_retry(task, Outcome("FAILURE", error=str(exc)))
         raise
     except RetryableError as exc:
         if (done := succeeded_meanwhile(task, page)) is not None:
@@ -202,7 +212,7 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
         tries = tries_done + 1
         if not policy.can_retry(tries):
             error = PermanentError(f"gave up on page {page} after {tries} tries: {exc}")
-            _ended(task, Outcome("FAILURE", error=str(error)))
+            _ended_or_retry(task, Outcome("FAILURE", error=str(error)))
             raise error from exc
         delay = policy.delay(tries, exc.retry_after)
         log.warning("page %d, try %d failed (%s); retrying in %.1f s", page, tries, exc, delay)
