@@ -148,7 +148,14 @@ async def _count(
             changes["pages_total"] = batch.pages_total + len(new_tasks)
     done = batch.pages_succeeded + batch.pages_failed + batch.pages_cancelled
     if not new_tasks and done == batch.pages_total:
-        changes["finished_at"] = now
+        # When its last page ended: `now` was taken before this finish waited for the batch's
+        # row, so a page another finish (a cancel) ended meanwhile may have ended after it.
+        latest = (
+            await conn.execute(
+                select(func.max(TaskRecord.finished_at)).where(TaskRecord.batch_id == batch_id)
+            )
+        ).scalar_one_or_none()
+        changes["finished_at"] = now if latest is None else max(now, latest)
     if changes:
         await conn.execute(update(BatchRecord).where(BatchRecord.id == batch_id).values(changes))
     return new_tasks
