@@ -13,12 +13,15 @@ prefixed by REDIS_KEY_PREFIX like every key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -28,6 +31,9 @@ CHANNEL = "harvester.events"
 # An event is a hint: a publish that cannot be made at once is dropped, not waited for.
 PUBLISH_TIMEOUT_SECONDS = 1.0
 LISTEN_RETRY_SECONDS = 1.0
+# How soon the listening thread notices that it should stop.
+LISTEN_POLL_SECONDS = 0.5
+MAX_QUEUED_EVENTS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,25 +114,63 @@ class EventPublisher:
 
 
 async def listen(url: str, prefix: str) -> AsyncIterator[Event]:
-    """Every event published from now on, for ever; reconnects (and says so) after a failure."""
-    client = aioredis.Redis.from_url(url, socket_connect_timeout=2.0)
-    failing = False
+    """Every event published from now on, until the caller stops; reconnects after a failure.
+
+    The subscriber runs on a thread of its own with the blocking client: redis-py's asyncio
+    pub/sub can swallow a cancel that lands while it connects, which left a stopping gateway
+    waiting on it for ever. The thread hands events to the loop and stops soon after this
+    generator is closed (it checks every LISTEN_POLL_SECONDS).
+    """
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue(MAX_QUEUED_EVENTS)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=_subscribe, args=(url, prefix + CHANNEL, loop, events, stop), daemon=True
+    )
+    thread.name = "event-listener"
+    thread.start()
     try:
         while True:
-            try:
-                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(prefix + CHANNEL)
-                    if failing:
-                        log.info("listening to events again")
-                    failing = False
-                    async for message in pubsub.listen():
-                        event = _decode(message["data"])
-                        if event is not None:
-                            yield event
-            except (RedisError, OSError) as exc:
-                if not failing:
-                    log.warning("event feed lost (watchers catch up by timer): %s", exc)
-                failing = True
-                await asyncio.sleep(LISTEN_RETRY_SECONDS)
+            yield await events.get()
     finally:
-        await client.aclose()
+        stop.set()
+
+
+def _subscribe(
+    url: str,
+    channel: str,
+    loop: asyncio.AbstractEventLoop,
+    events: asyncio.Queue[Event],
+    stop: threading.Event,
+) -> None:
+    failing = False
+    while not stop.is_set():
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=2.0, socket_timeout=LISTEN_POLL_SECONDS + 5
+        )
+        try:
+            with client.pubsub(ignore_subscribe_messages=True) as pubsub:  # type: ignore[no-untyped-call]
+                pubsub.subscribe(channel)
+                if failing:
+                    log.info("listening to events again")
+                failing = False
+                while not stop.is_set():
+                    message = pubsub.get_message(timeout=LISTEN_POLL_SECONDS)
+                    event = None if message is None else _decode(message["data"])
+                    if event is not None:
+                        loop.call_soon_threadsafe(_offer, events, event)
+        except (RedisError, OSError) as exc:
+            if not failing:
+                log.warning("event feed lost (watchers catch up by timer): %s", exc)
+            failing = True
+            stop.wait(LISTEN_RETRY_SECONDS)
+        except RuntimeError:
+            return  # the loop closed under us: nobody listens any more
+        finally:
+            client.close()
+
+
+def _offer(events: asyncio.Queue[Event], event: Event) -> None:
+    # A hint: when the listener is this far behind, one more wake-up changes nothing.
+    with contextlib.suppress(asyncio.QueueFull):
+        events.put_nowait(event)

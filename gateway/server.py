@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 PURGE_INTERVAL_SECONDS = 600.0
 KEEPALIVE_TIMEOUT_MS = 10_000
+BACKGROUND_STOP_SECONDS = 2.0
 MIN_CLIENT_PING_INTERVAL_MS = 10_000
 
 
@@ -96,8 +97,11 @@ class Gateway:
         await self.service.drain()
         for task in self._background:
             task.cancel()
-        # Ended before the clients they use are closed under them.
-        await asyncio.gather(*self._background, return_exceptions=True)
+        # Ended before the clients they use are closed under them, but not waited for without
+        # end: a Redis client cut off while it connects may not notice its cancel at once.
+        _, stuck = await asyncio.wait(self._background, timeout=BACKGROUND_STOP_SECONDS)
+        if stuck:
+            log.warning("stopping without waiting for: %s", ", ".join(t.get_name() for t in stuck))
         self.queue.close()
         await self.engine.dispose()
 
