@@ -81,13 +81,16 @@ FINAL_STATUSES = frozenset(
     {TaskStatus.TASK_STATUS_SUCCESS, TaskStatus.TASK_STATUS_FAILURE, TaskStatus.TASK_STATUS_REVOKED}
 )
 DEADLINE_MARGIN_SECONDS = 0.1
+# Backend states a task's record says better once the worker has recorded a start or a retry.
+_IN_FLIGHT = frozenset({"RECEIVED", "STARTED", "RETRY"})
 
 
 def describe(task: IssuedTask, state: CeleryState | None) -> task_pb2.Task:
     """The Task message for a record and the backend's state of it (None: not asked).
 
     A final state in the record (the worker's, or the gateway's cancel or lost verdict) wins;
-    before it, the backend's state says STARTED or RETRY, else the record's own status.
+    before it, the worker's record of its start or retry (written before the backend's, and
+    the one a TaskChanged event follows), else the backend's state.
     """
     message = task_pb2.Task(
         id=task.id,
@@ -113,7 +116,8 @@ def describe(task: IssuedTask, state: CeleryState | None) -> task_pb2.Task:
         else:
             message.error = task.error or task.status.lower()
         return message
-    if state is None or state.status == "PENDING":
+    recorded = task.status in ("STARTED", "RETRY")
+    if state is None or state.status == "PENDING" or (recorded and state.status in _IN_FLIGHT):
         # What the worker recorded of its start or its retries (the backend may lag behind).
         message.status = STATUS_BY_CELERY_STATE.get(task.status, TaskStatus.TASK_STATUS_PENDING)
         if task.status == "RETRY" and task.error:
