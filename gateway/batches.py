@@ -158,22 +158,32 @@ class BatchRecords:
             await conn.execute(delete(BatchRecord).where(BatchRecord.id == batch_id))
 
     async def fail_unpublished(self, batch_id: str, pages: list[int], reason: str) -> None:
-        """Count pages that never reached the broker (their records dropped) as failed."""
+        """Count pages that never reached the broker (their records dropped) as failed; end the
+        batch if its other pages have all finished meanwhile."""
         listed = ", ".join(map(str, pages))
+        line = f"pages {listed}: never reached the broker ({reason})"
         async with store_errors(self._on_unavailable), self._engine.begin() as conn:
             batch = (
                 await conn.execute(
                     update(BatchRecord)
                     .where(BatchRecord.id == batch_id)
                     .values(pages_failed=BatchRecord.pages_failed + len(pages))
-                    .returning(BatchRecord.error)
+                    .returning(*BatchRecord.__table__.columns)
                 )
             ).one()
-            line = f"pages {listed}: never reached the broker ({reason})"
+            changes: dict[str, Any] = {"error": f"{batch.error}; {line}" if batch.error else line}
+            done = batch.pages_succeeded + batch.pages_failed + batch.pages_cancelled
+            unfinished = (
+                await conn.execute(
+                    select(func.count()).where(
+                        TaskRecord.batch_id == batch_id, TaskRecord.finished_at.is_(None)
+                    )
+                )
+            ).scalar_one()
+            if done == batch.pages_total and not unfinished:
+                changes["finished_at"] = utcnow()
             await conn.execute(
-                update(BatchRecord)
-                .where(BatchRecord.id == batch_id)
-                .values(error=f"{batch.error}; {line}" if batch.error else line)
+                update(BatchRecord).where(BatchRecord.id == batch_id).values(changes)
             )
 
     async def cancel(self, client: str, batch_id: str) -> tuple[StoredBatch | None, list[str]]:
@@ -204,4 +214,10 @@ class BatchRecords:
                     if page.started_at is None:
                         await finish(conn, page.id, Outcome("REVOKED", error="cancelled"), window=0)
                 running = [page.id for page in pages]
+                if not pages:  # nothing left to finish it (an "until known" batch between pages)
+                    await conn.execute(
+                        update(BatchRecord)
+                        .where(BatchRecord.id == batch_id, BatchRecord.finished_at.is_(None))
+                        .values(finished_at=now)
+                    )
         return await self.get(client, batch_id), running
