@@ -159,6 +159,15 @@ def _check_task_id(task_id: str) -> str:
     return task_id.lower()
 
 
+def _check_batch_id(batch_id: str, field: str = "id") -> str:
+    """`_check_task_id` for a batch id in the request's `field`."""
+    if not _TASK_ID.fullmatch(batch_id):
+        raise InvalidArgument(
+            field, f"must be a batch id as UploadPages returns it, like {_EXAMPLE_ID}"
+        )
+    return batch_id.lower()
+
+
 @dataclass(frozen=True, slots=True)
 class BatchLimits:
     max_pages: int  # MAX_BATCH_PAGES
@@ -365,7 +374,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         return queue_service_pb2.UploadPagesResponse(batch=batch_message(current or batch))
 
     async def _batch(self, batch_id: str) -> StoredBatch:
-        batch = await self._batches.get(current_client.get(), _check_task_id(batch_id))
+        batch = await self._batches.get(current_client.get(), _check_batch_id(batch_id))
         if batch is None:
             raise NotFound(
                 f"no batch {batch_id} was made for you, or its record expired "
@@ -415,7 +424,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             queue_service_pb2.CancelBatchRequest, queue_service_pb2.CancelBatchResponse
         ],
     ) -> queue_service_pb2.CancelBatchResponse:
-        batch_id = _check_task_id(request.id)
+        batch_id = _check_batch_id(request.id)
         batch, pages = await self._batches.cancel(current_client.get(), batch_id)
         if batch is None:
             raise NotFound(f"no batch {batch_id} was made for you, or its record expired")
@@ -446,7 +455,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             status = CELERY_STATE_BY_STATUS.get(request.status)
             if status is None:
                 raise InvalidArgument("status", f"is not a task status: {request.status}")
-        batch_id = _check_task_id(request.batch_id) if request.batch_id else None
+        batch_id = _check_batch_id(request.batch_id, "batch_id") if request.batch_id else None
         described = {"status": status, "batch_id": batch_id}
         after = None
         if request.page_token:
@@ -534,7 +543,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             queue_service_pb2.WatchBatchRequest, queue_service_pb2.WatchBatchResponse
         ],
     ) -> AsyncIterator[queue_service_pb2.WatchBatchResponse]:
-        batch_id = _check_task_id(request.id)
+        batch_id = _check_batch_id(request.id)
         last: task_pb2.Batch | None = None
         with self._hub.watch(batch_id) as woken:
             while True:
