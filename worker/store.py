@@ -181,8 +181,13 @@ async def start_task(
                 .where(TaskRecord.id == task_id)
                 .values(
                     deliveries=TaskRecord.deliveries + 1,
-                    started_at=func.coalesce(
-                        TaskRecord.started_at, literal(started, UtcDateTime())
+                    # A task that ended before it started (cancelled) was never started.
+                    started_at=case(
+                        (
+                            TaskRecord.finished_at.is_(None),
+                            func.coalesce(TaskRecord.started_at, literal(started, UtcDateTime())),
+                        ),
+                        else_=TaskRecord.started_at,
                     ),
                     status=case(
                         (TaskRecord.finished_at.is_(None), "STARTED"), else_=TaskRecord.status
@@ -198,7 +203,7 @@ async def start_task(
         ).first()
         if row is None:
             return TaskStart(0)
-        if row.batch_id is not None:
+        if row.batch_id is not None and row.finished_at is None:
             await conn.execute(
                 update(BatchRecord)
                 .where(BatchRecord.id == row.batch_id, BatchRecord.started_at.is_(None))
