@@ -1,0 +1,428 @@
+"""core.ledger on a real database, SQLite (a file) and PostgreSQL: a task's final state written
+once, its batch's counts moved in the same transaction, and the "until known" window.
+
+Batches are made as the gateway makes them (`BatchRecords.create`), started as the worker
+starts them (`worker.store.start_task`) and finished through `core.ledger.finish`, each finish
+in a transaction of its own as the worker and the gateway run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.db import BatchRecord, TaskRecord, create_engine, utcnow
+from core.ledger import FINAL, Finished, Outcome, finish
+from core.migrate import upgrade_to_head
+from gateway.batches import BatchRecords, StoredBatch
+from gateway.records import IssuedTask, TaskRecords
+from tests.support.services import postgres_database
+from worker.store import start_task
+
+POSTGRES = pytest.param("postgresql", marks=pytest.mark.postgres)
+CLIENT = "alice"
+LIFETIME = dt.timedelta(hours=1)
+T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture(params=["sqlite", POSTGRES])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database of the parametrized kind (migrated by `engine`)."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'projects.db'}"
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    made = create_engine(database_url, pool_size=12)
+    try:
+        await upgrade_to_head(made)
+        yield made
+    finally:
+        await made.dispose()
+
+
+async def end(
+    engine: AsyncEngine, task_id: str, outcome: Outcome, *, window: int = 0, now: Any = None
+) -> Finished:
+    """One finish in a transaction of its own, as the worker's `finish_task` runs it."""
+    async with engine.begin() as conn:
+        return await finish(conn, task_id, outcome, window=window, now=now)
+
+
+def success(created: int = 10, found: int = 10, updated: int = 0, skipped: int = 0) -> Outcome:
+    return Outcome("SUCCESS", found=found, created=created, updated=updated, skipped=skipped)
+
+
+async def batch_row(engine: AsyncEngine, batch_id: str) -> Any:
+    async with engine.connect() as conn:
+        return (await conn.execute(select(BatchRecord).where(BatchRecord.id == batch_id))).one()
+
+
+async def task_rows(engine: AsyncEngine, batch_id: str) -> dict[int, Any]:
+    """The batch's task records by page (a page recorded twice would fail here)."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(TaskRecord).where(TaskRecord.batch_id == batch_id))).all()
+    by_page = {row.page: row for row in rows}
+    assert len(by_page) == len(rows), f"a page recorded twice: {sorted(r.page for r in rows)}"
+    return by_page
+
+
+async def make_batch(
+    engine: AsyncEngine, first: int, last: int, *, until_known: bool = False, window: int = 4
+) -> tuple[StoredBatch, dict[int, str]]:
+    """A batch as UploadPages makes it; its first pages' task ids by page."""
+    claimed = await BatchRecords(engine, LIFETIME).create(
+        CLIENT, None, first, last, until_known=until_known, window=window
+    )
+    assert claimed.created
+    return claimed.batch, {page.page: page.id for page in claimed.pages}
+
+
+# --- a task is counted once ---------------------------------------------------------------------
+
+
+async def test_finish_writes_a_task_once_and_counts_it_once(engine: AsyncEngine) -> None:
+    batch, pages = await make_batch(engine, 1, 2)
+    task_id = pages[1]
+    first = await end(engine, task_id, success(created=7, found=9, updated=1, skipped=1), now=T0)
+    assert first.counted and first.batch_id == batch.id and first.new_tasks == []
+    # Later finishes (a redelivery, a cancel arriving late, the reconciler) change nothing.
+    for later in (
+        success(created=10),
+        Outcome("FAILURE", error="too late"),
+        Outcome("REVOKED", error="cancelled"),
+    ):
+        again = await end(engine, task_id, later, now=T0 + dt.timedelta(seconds=5))
+        assert again == Finished(), later
+    row = (await task_rows(engine, batch.id))[1]
+    assert (row.status, row.found, row.created, row.updated, row.skipped, row.error) == (
+        "SUCCESS",
+        9,
+        7,
+        1,
+        1,
+        None,
+    )
+    assert row.finished_at == T0
+    counted = await batch_row(engine, batch.id)
+    assert (counted.pages_succeeded, counted.pages_failed, counted.pages_cancelled) == (1, 0, 0)
+    assert (counted.found, counted.created, counted.updated, counted.skipped) == (9, 7, 1, 1)
+    assert counted.finished_at is None  # page 2 is still to come
+
+
+async def test_ten_concurrent_finishes_of_one_task_count_it_once(engine: AsyncEngine) -> None:
+    batch, pages = await make_batch(engine, 1, 1)
+    task_id = pages[1]
+    # Each in its own transaction on its own connection, all at once, with different outcomes.
+    outcomes = [
+        success(created=n) if n % 3 == 0 else Outcome(FINAL[n % 3], error=f"finisher {n}")
+        for n in range(10)
+    ]
+    results = await asyncio.gather(*(end(engine, task_id, outcome) for outcome in outcomes))
+    winners = [n for n, result in enumerate(results) if result.counted]
+    assert len(winners) == 1, results
+    won = outcomes[winners[0]]
+    row = (await task_rows(engine, batch.id))[1]
+    assert (row.status, row.created, row.error) == (won.status, won.created, won.error)
+    counted = await batch_row(engine, batch.id)
+    counts = (counted.pages_succeeded, counted.pages_failed, counted.pages_cancelled)
+    assert sum(counts) == 1
+    assert counts[FINAL.index(won.status)] == 1
+    assert counted.created == (won.created or 0)
+    assert counted.finished_at is not None  # its only page ended
+
+
+async def test_concurrent_finishes_of_every_page_count_each_once(engine: AsyncEngine) -> None:
+    batch, pages = await make_batch(engine, 1, 10)
+    # Every page finished twice, concurrently, the copies in a shuffled order.
+    jobs = [(page, success(created=page, found=page + 1)) for page in pages] * 2
+    random.Random(7).shuffle(jobs)
+    results = await asyncio.gather(*(end(engine, pages[page], outcome) for page, outcome in jobs))
+    assert sum(result.counted for result in results) == 10
+    counted = await batch_row(engine, batch.id)
+    assert counted.pages_succeeded == 10
+    assert counted.created == sum(range(1, 11))
+    assert counted.found == sum(range(2, 12))
+    assert counted.finished_at is not None
+
+
+async def test_a_lone_task_is_counted_for_no_batch(engine: AsyncEngine) -> None:
+    task = IssuedTask.new(CLIENT, None, 3)
+    await TaskRecords(engine, LIFETIME).add_many([task])
+    assert await end(engine, task.id, success()) == Finished(counted=True)
+    assert await end(engine, task.id, success()) == Finished()
+    assert await end(engine, "00000000-0000-4000-8000-000000000000", success()) == Finished()
+    with pytest.raises(ValueError, match="RETRY is not a final state"):
+        await end(engine, task.id, Outcome("RETRY"))
+
+
+# --- a batch's counts are its tasks' outcomes ---------------------------------------------------
+
+
+async def test_a_batchs_counts_are_the_sum_of_its_tasks_outcomes(engine: AsyncEngine) -> None:
+    batch, pages = await make_batch(engine, 5, 16)
+    rng = random.Random(2026)
+    order = list(pages)
+    rng.shuffle(order)
+    for step, page in enumerate(order):
+        kind = rng.choice(FINAL)
+        if kind == "SUCCESS":
+            outcome = success(
+                created=rng.randint(0, 10),
+                found=rng.randint(0, 12),
+                updated=rng.randint(0, 3),
+                skipped=rng.randint(0, 2),
+            )
+        else:
+            outcome = Outcome(kind, error=f"page {page} {kind.lower()}")
+        now = T0 + dt.timedelta(seconds=step)
+        assert (await end(engine, pages[page], outcome, now=now)).counted
+        # Finished only once its last page has ended, at that finish's time.
+        expected_finish = now if step == len(order) - 1 else None
+        assert (await batch_row(engine, batch.id)).finished_at == expected_finish
+
+    tasks = (await task_rows(engine, batch.id)).values()
+    counted = await batch_row(engine, batch.id)
+    by_status = {status: [t for t in tasks if t.status == status] for status in FINAL}
+    assert counted.pages_succeeded == len(by_status["SUCCESS"])
+    assert counted.pages_failed == len(by_status["FAILURE"])
+    assert counted.pages_cancelled == len(by_status["REVOKED"])
+    assert counted.pages_total == 12
+    for column in ("found", "created", "updated", "skipped"):
+        assert getattr(counted, column) == sum(getattr(t, column) or 0 for t in tasks), column
+    # The batch's error names each failed page with its error, in the order they failed.
+    failed = sorted(by_status["FAILURE"], key=lambda t: t.finished_at)
+    assert failed, "the seed gives failures"
+    assert counted.error == "; ".join(f"page {t.page}: {t.error}" for t in failed)
+    assert StoredBatch.from_row(counted).status == "FAILURE"
+
+
+async def test_a_batch_all_of_whose_pages_succeed_is_success(engine: AsyncEngine) -> None:
+    batch, pages = await make_batch(engine, 1, 3)
+    for page, task_id in pages.items():
+        await end(engine, task_id, success(created=page))
+    counted = StoredBatch.from_row(await batch_row(engine, batch.id))
+    assert (counted.status, counted.created, counted.error) == ("SUCCESS", 6, None)
+
+
+# --- "until known": the window ------------------------------------------------------------------
+
+
+@dataclass
+class Model:
+    """The window's rule, spelled out: what the ledger must enqueue after each finish."""
+
+    first: int
+    last: int
+    window: int
+    enqueued: list[int] = field(default_factory=list)
+    finished: set[int] = field(default_factory=set)
+    stop_page: int | None = None
+
+    def __post_init__(self) -> None:
+        self.enqueued = list(range(self.first, min(self.last, self.first + self.window - 1) + 1))
+
+    @property
+    def next_page(self) -> int:
+        return self.enqueued[-1] + 1
+
+    def finish(self, page: int, created_nothing: bool) -> list[int]:
+        self.finished.add(page)
+        if created_nothing:
+            self.stop_page = page if self.stop_page is None else min(self.stop_page, page)
+        if self.stop_page is not None:
+            return []
+        unfinished = [p for p in self.enqueued if p not in self.finished]
+        lowest = min(unfinished) if unfinished else self.next_page
+        new = list(range(self.next_page, min(self.last, lowest + self.window - 1) + 1))
+        self.enqueued += new
+        return new
+
+
+async def test_until_known_enqueues_a_window_ahead_and_stops_at_the_first_known_page(
+    engine: AsyncEngine,
+) -> None:
+    batch, pages = await make_batch(engine, 1, 20, until_known=True, window=4)
+    assert sorted(pages) == [1, 2, 3, 4]
+    assert (batch.next_page, batch.pages_total) == (5, 4)
+
+    async def done(page: int, created: int) -> list[int]:
+        finished = await end(engine, pages[page], success(created=created), window=4)
+        for new in finished.new_tasks:
+            assert new.batch_id == batch.id and new.client == CLIENT
+            pages[new.page] = new.id
+        return [new.page for new in finished.new_tasks]
+
+    # Page 2 ends first: page 1 is still the lowest unfinished, so the window (1-4) is full.
+    assert await done(2, 10) == []
+    # Page 1 ends: the lowest unfinished is 3, so pages up to 3 + 4 - 1 = 6 may run.
+    assert await done(1, 10) == [5, 6]
+    assert await done(4, 10) == []  # the lowest unfinished is still 3
+    # Page 5 created nothing: it is where the batch stops; nothing more is enqueued.
+    assert await done(5, 0) == []
+    assert (await batch_row(engine, batch.id)).stop_page == 5
+    # Page 3, below it, created nothing too: the stop is the lowest such page.
+    assert await done(3, 0) == []
+    assert (await batch_row(engine, batch.id)).stop_page == 3
+    assert (await batch_row(engine, batch.id)).finished_at is None  # page 6 still runs
+    assert await done(6, 10) == []
+    counted = await batch_row(engine, batch.id)
+    assert (counted.stop_page, counted.pages_total, counted.next_page) == (3, 6, 7)
+    assert counted.pages_succeeded == 6 and counted.finished_at is not None
+    assert sorted(await task_rows(engine, batch.id)) == [1, 2, 3, 4, 5, 6]
+    assert StoredBatch.from_row(counted).status == "SUCCESS"
+
+
+async def test_until_known_runs_to_last_page_when_every_page_is_new(engine: AsyncEngine) -> None:
+    batch, pages = await make_batch(engine, 3, 9, until_known=True, window=2)
+    assert sorted(pages) == [3, 4]
+    while True:
+        open_pages = sorted(set(pages) - set(await finished_pages(engine, batch.id)))
+        if not open_pages:
+            break
+        result = await end(engine, pages[open_pages[0]], success(created=1), window=2)
+        pages.update({new.page: new.id for new in result.new_tasks})
+    counted = await batch_row(engine, batch.id)
+    assert sorted(pages) == list(range(3, 10))
+    assert (counted.stop_page, counted.pages_total, counted.pages_succeeded) == (None, 7, 7)
+    assert counted.finished_at is not None
+
+
+async def finished_pages(engine: AsyncEngine, batch_id: str) -> list[int]:
+    return [p for p, row in (await task_rows(engine, batch_id)).items() if row.finished_at]
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_until_known_follows_the_window_rule_in_any_order(
+    engine: AsyncEngine, seed: int
+) -> None:
+    rng = random.Random(seed)
+    window = rng.randint(1, 5)
+    first = rng.randint(1, 5)
+    last = first + rng.randint(0, 25)
+    batch, pages = await make_batch(engine, first, last, until_known=True, window=window)
+    model = Model(first, last, window)
+    assert sorted(pages) == model.enqueued
+    while open_pages := [p for p in model.enqueued if p not in model.finished]:
+        page = rng.choice(open_pages)
+        created = 0 if rng.random() < 0.15 else rng.randint(1, 10)
+        if rng.random() < 0.1:  # a failed page does not stop the batch
+            result = await end(engine, pages[page], Outcome("FAILURE", error="x"), window=window)
+            expected = model.finish(page, created_nothing=False)
+        else:
+            result = await end(engine, pages[page], success(created=created), window=window)
+            expected = model.finish(page, created_nothing=created == 0)
+        assert [new.page for new in result.new_tasks] == expected, (seed, page)
+        pages.update({new.page: new.id for new in result.new_tasks})
+    counted = await batch_row(engine, batch.id)
+    assert sorted(await task_rows(engine, batch.id)) == model.enqueued
+    assert counted.stop_page == model.stop_page
+    assert counted.pages_total == len(model.enqueued)
+    assert counted.finished_at is not None
+
+
+async def test_concurrent_finishes_never_enqueue_a_page_twice(engine: AsyncEngine) -> None:
+    batch, pages = await make_batch(engine, 1, 30, until_known=True, window=4)
+    results = await asyncio.gather(
+        *(end(engine, task_id, success(created=10), window=4) for task_id in pages.values())
+    )
+    new = [task.page for result in results for task in result.new_tasks]
+    # The last of the four to commit saw the other three finished: up to 5 + 4 - 1.
+    assert sorted(new) == [5, 6, 7, 8]
+    assert sorted(await task_rows(engine, batch.id)) == list(range(1, 9))
+    counted = await batch_row(engine, batch.id)
+    assert (counted.next_page, counted.pages_total, counted.finished_at) == (9, 8, None)
+
+
+async def test_nothing_is_enqueued_after_a_cancel(engine: AsyncEngine) -> None:
+    batch, pages = await make_batch(engine, 1, 20, until_known=True, window=3)
+    for page in (1, 2):  # running when the cancel comes
+        start = await start_task(engine, pages[page])
+        assert start.batch_id == batch.id and not start.cancelled
+    cancelled, running = await BatchRecords(engine, LIFETIME).cancel(CLIENT, batch.id)
+    assert cancelled is not None and cancelled.status == "REVOKED"
+    assert sorted(running) == sorted(pages.values())
+    # Page 3 had not started: REVOKED at once, without enqueuing anything.
+    rows = await task_rows(engine, batch.id)
+    assert (rows[3].status, rows[3].error) == ("REVOKED", "cancelled")
+    assert cancelled.pages_cancelled == 1 and cancelled.finished_at is None
+    # Page 1 stored before it saw the cancel: counted, but no page is added for it.
+    assert (await end(engine, pages[1], success(created=10), window=3)).new_tasks == []
+    assert (await batch_row(engine, batch.id)).finished_at is None
+    # Page 2 stopped at its checkpoint: the last page to end, so the batch has finished.
+    assert (await end(engine, pages[2], Outcome("REVOKED", error="cancelled"), window=3)).counted
+    counted = await batch_row(engine, batch.id)
+    assert (counted.pages_total, counted.pages_succeeded, counted.pages_cancelled) == (3, 1, 2)
+    assert counted.finished_at is not None and counted.created == 10
+    assert sorted(await task_rows(engine, batch.id)) == [1, 2, 3]
+    # A second cancel finds the batch finished: nothing to revoke, nothing changes.
+    again, running = await BatchRecords(engine, LIFETIME).cancel(CLIENT, batch.id)
+    assert running == [] and again is not None and again.finished_at == counted.finished_at
+
+
+async def test_cancelling_a_batch_none_of_whose_pages_started_finishes_it(
+    engine: AsyncEngine,
+) -> None:
+    batch, pages = await make_batch(engine, 1, 5)
+    cancelled, running = await BatchRecords(engine, LIFETIME).cancel(CLIENT, batch.id)
+    assert cancelled is not None
+    assert (cancelled.status, cancelled.pages_cancelled, cancelled.pages_total) == ("REVOKED", 5, 5)
+    assert cancelled.finished_at is not None
+    assert sorted(running) == sorted(pages.values())  # told to the workers, as a hint
+    # Another client cannot cancel it, nor see it.
+    assert await BatchRecords(engine, LIFETIME).cancel("mallory", batch.id) == (None, [])
+
+
+async def test_a_batch_finishes_no_earlier_than_its_last_page(engine: AsyncEngine) -> None:
+    """A finish takes its time before it waits for the batch's row: one that waited behind a
+    cancel must not date the batch's end before the pages that cancel ended."""
+    batch, pages = await make_batch(engine, 1, 3)
+    await start_task(engine, pages[1])  # running; pages 2 and 3 have not started
+    async with engine.connect() as canceller:
+        await canceller.begin()
+        # What BatchRecords.cancel does first: the batch's row, locked until the commit.
+        await canceller.execute(
+            update(BatchRecord)
+            .where(BatchRecord.id == batch.id)
+            .values(cancel_requested_at=utcnow())
+        )
+        # Page 1 ends meanwhile: it dates its end now, then waits for the batch's row.
+        worker = asyncio.create_task(end(engine, pages[1], success()))
+        await asyncio.sleep(0.3)
+        assert not worker.done()
+        for page in (2, 3):  # the cancel ends the unstarted pages, later
+            await finish(canceller, pages[page], Outcome("REVOKED", error="cancelled"), window=0)
+        await canceller.commit()
+    assert (await worker).counted
+    rows = (await task_rows(engine, batch.id)).values()
+    counted = await batch_row(engine, batch.id)
+    assert (counted.pages_succeeded, counted.pages_cancelled) == (1, 2)
+    assert counted.finished_at is not None
+    assert counted.finished_at >= max(row.finished_at for row in rows)
+
+
+async def test_a_worker_taking_a_cancelled_page_starts_neither_it_nor_its_batch(
+    engine: AsyncEngine,
+) -> None:
+    batch, pages = await make_batch(engine, 1, 2)
+    await BatchRecords(engine, LIFETIME).cancel(CLIENT, batch.id)
+    # A worker takes the message later and drops it: it never ran, so it never started.
+    start = await start_task(engine, pages[1])
+    assert (start.cancelled, start.finished, start.batch_id) == (True, True, batch.id)
+    row = (await task_rows(engine, batch.id))[1]
+    assert (row.status, row.started_at, row.deliveries) == ("REVOKED", None, 1)
+    counted = await batch_row(engine, batch.id)
+    assert counted.started_at is None and counted.finished_at is not None
