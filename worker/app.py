@@ -6,8 +6,8 @@ signal migrates the database and builds the runtime (event loop, HTTP client, en
 harvest task reads from its base class; the shutdown signal closes it.
 
 A worker started without `-n` is named `worker-<pid>@<host>`, not Celery's `celery@<host>`, so a
-second worker on one host is a node of its own. A worker that lost its broker stops with one
-line saying so, not with a traceback per consumer step.
+second worker on one host is a node of its own. The fixes to kombu and Celery that a worker
+needs (`worker.kombu_fixes`) are applied at its start.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ import os
 from typing import Any
 
 import click
-from celery import Celery, bootsteps, signals
+from celery import Celery, signals
 from celery.utils.nodenames import nodename, nodesplit
-from celery.worker import state as worker_state
-from kombu.utils.url import maybe_sanitize_url
 
 from core.celery_config import celery_config
 from core.events import events_url
@@ -54,49 +52,9 @@ def _unique_default_node_name(instance: Any, **_: Any) -> None:
     instance.hostname = nodename(f"worker-{os.getpid()}", nodesplit(instance.hostname)[1])
 
 
-def _close_without_connection(close: Any) -> Any:
-    """ConsumerStep._close for a broker connection that is gone (kombu #582's class).
-
-    Celery drops its connection when the broker goes; closing Gossip's consumers then called
-    `ignore_errors(None, ...)`, whose AttributeError filled the log at every reconnect and,
-    at shutdown, escaped as a traceback printed one logging line per write.
-    """
-
-    def _close(self: Any, c: Any, cancel_consumers: bool = True) -> None:
-        if c.connection is not None:
-            close(self, c, cancel_consumers)
-            return
-        self.consumers = None  # their channels went with the connection
-        stopping = worker_state.should_stop is not None or worker_state.should_terminate is not None
-        if stopping and not _said_broker_lost:
-            _say_broker_lost(c)
-
-    _close.patched = True  # type: ignore[attr-defined]
-    return _close
-
-
-_said_broker_lost = False
-
-
-def _say_broker_lost(consumer: Any) -> None:
-    global _said_broker_lost  # noqa: PLW0603 - once per process
-    _said_broker_lost = True
-    held = len(worker_state.reserved_requests)
-    log.warning(
-        "stopping without the broker (%s is unreachable): %s",
-        maybe_sanitize_url(consumer.app.conf.broker_url),
-        f"the {held} task(s) this worker held are delivered again after the visibility timeout"
-        if held
-        else "this worker held no task",
-    )
-
-
 @signals.worker_init.connect
 def _start_runtime(**_: Any) -> None:
     kombu_fixes.apply()
-    step: Any = bootsteps.ConsumerStep  # celery-types leaves out the private _close
-    if not getattr(step._close, "patched", False):
-        step._close = _close_without_connection(step._close)
     # One INFO line per fetched page costs more than it tells; failures are logged by the task.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = settings_or_exit()

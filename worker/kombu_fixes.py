@@ -1,4 +1,4 @@
-"""Two fixes to kombu's Redis transport, applied when the worker app is imported.
+"""Fixes to kombu's Redis transport and Celery's consumer, applied when a worker starts.
 
 - A broker blip must not kill the worker. When the broker connection drops while a task is
   held, kombu closes the channel and tries to hand the held messages back at once; the
@@ -13,6 +13,10 @@
   share of a harvest worker's CPU (bench/README.md). A client holds no connection of its own (it
   borrows one from the channel's pool per command) and is safe to share between threads, so
   one per pool is kept and reused; a pool replaced after a disconnect gets a client of its own.
+- A worker whose broker went away must stop in one line. Celery drops its connection when the
+  broker goes, and closing its consumers then fails with an AttributeError (the same class of
+  kombu #582), which at shutdown escaped as a traceback logged one line per write (~1,700
+  lines): the consumers are dropped with the connection, and the loss is said once.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from celery import bootsteps
+from celery.worker import state as worker_state
 from kombu.transport import redis as kombu_redis
+from kombu.utils.url import maybe_sanitize_url
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +67,47 @@ def _conn_or_acquire(channel: Any, client: Any = None) -> Iterator[Any]:
     yield cached[1]
 
 
+def _close_without_connection(close: Any) -> Any:
+    """ConsumerStep._close for a broker connection that is gone (kombu #582's class).
+
+    Celery drops its connection when the broker goes; closing Gossip's consumers then called
+    `ignore_errors(None, ...)`, whose AttributeError filled the log at every reconnect and,
+    at shutdown, escaped as a traceback printed one logging line per write.
+    """
+
+    def _close(self: Any, c: Any, cancel_consumers: bool = True) -> None:
+        if c.connection is not None:
+            close(self, c, cancel_consumers)
+            return
+        self.consumers = None  # their channels went with the connection
+        stopping = worker_state.should_stop is not None or worker_state.should_terminate is not None
+        if stopping and not _said_broker_lost:
+            _say_broker_lost(c)
+
+    _close.patched = True  # type: ignore[attr-defined]
+    return _close
+
+
+_said_broker_lost = False
+
+
+def _say_broker_lost(consumer: Any) -> None:
+    global _said_broker_lost  # noqa: PLW0603 - once per process
+    _said_broker_lost = True
+    held = len(worker_state.reserved_requests)
+    log.warning(
+        "stopping without the broker (%s is unreachable): %s",
+        maybe_sanitize_url(consumer.app.conf.broker_url),
+        f"the {held} task(s) this worker held are delivered again after the visibility timeout"
+        if held
+        else "this worker held no task",
+    )
+
+
 def apply() -> None:
+    step: Any = bootsteps.ConsumerStep  # celery-types leaves out the private _close
+    if not getattr(step._close, "patched", False):
+        step._close = _close_without_connection(step._close)
     qos = kombu_redis.QoS
     if not getattr(qos.restore_unacked, "patched", False):
         qos.restore_unacked = _tolerate_closed_connection(qos.restore_unacked)  # type: ignore[method-assign]
