@@ -4,7 +4,8 @@
     python -m bench --only parse,upsert   some sections only
     python -m bench --quick               smaller inputs, fewer runs: for development only
 
-Sections: parse, upsert, upload (throughput, latency and the gateway's RSS growth), harvest.
+Sections: parse, upsert, upload (throughput, latency and the gateway's RSS growth), harvest
+and batches (UploadPages against single Uploads, WatchStatus latency).
 The table goes to stdout, progress to stderr, the figures to bench/results.json and what the
 run was (machine, runs, sections) to bench/results.meta.json. A run of less than the full spec
 (--only, --quick or fewer than 5 runs) writes bench/results.partial.json instead, so it never
@@ -32,7 +33,7 @@ from bench.report import (
 )
 from bench.services import ServiceMissing
 
-SECTIONS = ("parse", "upsert", "upload", "harvest")
+SECTIONS = ("parse", "upsert", "upload", "harvest", "batches")
 
 
 def _section(name: str) -> Section:
