@@ -4,8 +4,9 @@
     python -m bench --only parse,upsert   some sections only
     python -m bench --quick               smaller inputs, fewer runs: for development only
 
-Sections: parse, upsert, upload (throughput, latency and the gateway's RSS growth), harvest
-and batches (UploadPages against single Uploads, WatchStatus latency).
+Sections: parse, upsert, upload (throughput, latency and the gateway's RSS growth), harvest,
+list_projects (paging ListProjects), watch_fanout (WatchProjects to 1,000 streams) and
+batches (UploadPages against single Uploads, WatchStatus latency).
 The table goes to stdout, progress to stderr, the figures to bench/results.json and what the
 run was (machine, runs, sections) to bench/results.meta.json. A run of less than the full spec
 (--only, --quick or fewer than 5 runs) writes bench/results.partial.json instead, so it never
@@ -33,7 +34,7 @@ from bench.report import (
 )
 from bench.services import ServiceMissing
 
-SECTIONS = ("parse", "upsert", "upload", "harvest", "batches")
+SECTIONS = ("parse", "upsert", "upload", "harvest", "list_projects", "watch_fanout", "batches")
 
 
 def _section(name: str) -> Section:
