@@ -26,6 +26,7 @@ from gateway.errors import (
     answers_stream_errors,
 )
 from gateway.messages import project_message
+from gateway.paging import GARBLED, open_page_token, page_size, seal_page_token
 from gateway.project_store import (
     BEGINNING,
     DEFAULT_ORDER,
@@ -42,8 +43,6 @@ from projects.v1 import project_pb2, project_service_pb2, project_service_pb2_gr
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 MAX_QUERY_LENGTH = 200
 # The kinds of token this service seals (gateway.tokens).
 PAGE_TOKEN_KIND = "page"  # noqa: S105 - a kind of token, not a secret
@@ -60,12 +59,6 @@ GetContext = grpc.aio.ServicerContext[
 WatchContext = grpc.aio.ServicerContext[
     project_service_pb2.WatchProjectsRequest, project_service_pb2.WatchProjectsResponse
 ]
-
-
-def _page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument("page_size", f"must not be negative; got {requested}")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 def _order(requested: str) -> tuple[str, Order]:
@@ -170,7 +163,7 @@ class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
     async def ListProjects(
         self, request: project_service_pb2.ListProjectsRequest, context: ListContext
     ) -> project_service_pb2.ListProjectsResponse:
-        size = _page_size(request.page_size)
+        size = page_size(request.page_size)
         order_name, order = _order(request.order_by)
         filters = _filters(request)
         described = _described_filters(order_name, filters)
@@ -182,28 +175,13 @@ class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
         if len(rows) > size:
             rows = rows[:size]
             key = [_key_text(value) for value in order.key(rows[-1])]
-            next_token = self._signer.seal(PAGE_TOKEN_KIND, {"request": described, "key": key})
+            next_token = seal_page_token(self._signer, PAGE_TOKEN_KIND, described, key)
         return project_service_pb2.ListProjectsResponse(
             projects=[project_message(row) for row in rows], next_page_token=next_token
         )
 
     def _open_page_token(self, token: str, order_name: str, described: dict[str, Any]) -> list[Any]:
-        try:
-            payload = self._signer.open(PAGE_TOKEN_KIND, token)
-            made_for, key = payload["request"], payload["key"]
-            if not isinstance(made_for, dict) or not isinstance(key, list):
-                raise TypeError(payload)
-        except TokenError as exc:
-            raise InvalidArgument("page_token", str(exc)) from exc
-        except (KeyError, TypeError) as exc:
-            raise InvalidArgument("page_token", "is garbled: pass it back as given") from exc
-        for field, value in described.items():
-            if made_for.get(field) != value:
-                raise InvalidArgument(
-                    "page_token",
-                    f"was made for {field} {made_for.get(field)!r}, not {value!r}: "
-                    "send the same filters and order_by as the first page, or no token",
-                )
+        key = open_page_token(self._signer, PAGE_TOKEN_KIND, token, described)
         try:
             order = ORDERS[order_name]
             mine = [order.column] if order.unique else [order.column, None]
@@ -214,7 +192,7 @@ class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
                 for value, column in zip(key, mine, strict=True)
             ]
         except (ValueError, TypeError) as exc:
-            raise InvalidArgument("page_token", "is garbled: pass it back as given") from exc
+            raise InvalidArgument("page_token", GARBLED) from exc
 
     @answers_errors
     async def GetProject(

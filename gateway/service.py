@@ -41,8 +41,9 @@ from gateway.errors import (
 )
 from gateway.issuing import Issuer
 from gateway.messages import batch_message, optional_timestamp, timestamp
+from gateway.paging import GARBLED, open_page_token, page_size, seal_page_token
 from gateway.records import IssuedTask, TaskRecords
-from gateway.tokens import TokenError, TokenSigner
+from gateway.tokens import TokenSigner
 from gateway.watching import EventHub
 from projects.v1 import queue_service_pb2, queue_service_pb2_grpc, task_pb2
 
@@ -66,8 +67,6 @@ _TASK_ID = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
 PUBLICATION_POLL_SECONDS = 0.05
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 TASKS_TOKEN_KIND = "tasks"  # noqa: S105 - a kind of token, not a secret
 CELERY_STATE_BY_STATUS = {
     TaskStatus.TASK_STATUS_PENDING: "PENDING",
@@ -447,9 +446,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             queue_service_pb2.ListTasksRequest, queue_service_pb2.ListTasksResponse
         ],
     ) -> queue_service_pb2.ListTasksResponse:
-        if request.page_size < 0:
-            raise InvalidArgument("page_size", f"must not be negative; got {request.page_size}")
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = page_size(request.page_size)
         status = None
         if request.HasField("status"):
             status = CELERY_STATE_BY_STATUS.get(request.status)
@@ -466,30 +463,18 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         if len(tasks) > size:
             tasks = tasks[:size]
             key = [tasks[-1].enqueued_at.isoformat(), tasks[-1].id]
-            token = self._signer.seal(TASKS_TOKEN_KIND, {"request": described, "key": key})
+            token = seal_page_token(self._signer, TASKS_TOKEN_KIND, described, key)
         return queue_service_pb2.ListTasksResponse(
             tasks=[describe(task, None) for task in tasks], next_page_token=token
         )
 
     def _open_tasks_token(self, token: str, described: dict[str, Any]) -> tuple[dt.datetime, str]:
+        key = open_page_token(self._signer, TASKS_TOKEN_KIND, token, described)
         try:
-            payload = self._signer.open(TASKS_TOKEN_KIND, token)
-            made_for, (when, task_id) = payload["request"], payload["key"]
-            if not isinstance(made_for, dict):
-                raise TypeError(made_for)
-            after = (dt.datetime.fromisoformat(when), str(task_id))
-        except TokenError as exc:
-            raise InvalidArgument("page_token", str(exc)) from exc
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidArgument("page_token", "is garbled: pass it back as given") from exc
-        for field, value in described.items():
-            if made_for.get(field) != value:
-                raise InvalidArgument(
-                    "page_token",
-                    f"was made for {field} {made_for.get(field)!r}, not {value!r}: send the "
-                    "same filters as the first page, or no token",
-                )
-        return after
+            when, task_id = key
+            return dt.datetime.fromisoformat(when), str(task_id)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument("page_token", GARBLED) from exc
 
     # --- watching -----------------------------------------------------------------------------
 

@@ -18,10 +18,10 @@ from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway.errors import InvalidArgument, ResourceExhausted
+from gateway.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from gateway.paging import page_size as _page_size
 from gateway.project_service import (
     CURSOR_KIND,
-    DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
     MAX_QUERY_LENGTH,
     PAGE_TOKEN_KIND,
     ProjectService,
@@ -29,7 +29,6 @@ from gateway.project_service import (
     _described_filters,
     _filters,
     _order,
-    _page_size,
 )
 from gateway.project_store import DEFAULT_ORDER, ORDERS, Filters, Order, StoredProject
 from gateway.tokens import TokenSigner
