@@ -19,7 +19,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -59,7 +59,10 @@ def events_url(broker_url: str, backend_url: str) -> str:
     url = broker_url if broker_url.startswith(("redis", "rediss")) else backend_url
     parts = urlsplit(url)
     if parts.scheme == "redis+socket":
-        return urlunsplit(("unix", "", parts.path, parts.query, ""))
+        # Spelled out: urlunsplit drops the "//" of an empty host, and redis-py reads only
+        # "unix://" URLs (the embedded broker's event listener died on "unix:/...").
+        query = f"?{parts.query}" if parts.query else ""
+        return f"unix://{parts.path}{query}"
     if not parts.scheme.startswith("redis"):
         raise ValueError(f"events need a Redis broker or result backend, not {parts.scheme}://")
     return url
