@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
@@ -287,7 +287,7 @@ class Client:
         *,
         from_beginning: bool = False,
         is_active: bool | None = None,
-    ) -> Iterator[WatchedChange]:
+    ) -> Generator[WatchedChange, None, None]:
         """Every project change after `cursor` (or from the beginning, or from now), in
         commit order, forever. After UNAVAILABLE or a gateway restart it reconnects from the
         last cursor it received, so no change is missed and none comes twice. No deadline: it
