@@ -14,7 +14,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -261,11 +261,15 @@ class Watcher:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.cursor = ""
-        self.changes: list[project_service_pb2.WatchProjectsResponse] = []
+        self.changes: list[project_service_pb2.ProjectChange] = []
         self.ended: list[grpc.StatusCode] = []
 
     def watch(self, until: int, from_beginning: bool = False, timeout: float = 120) -> None:
-        """Read until `until` changes are held in all, then cut the stream (or until it ends)."""
+        """Read until `until` changes are held in all, then cut the stream (or until it ends).
+
+        A response carries every change the gateway had for the stream when it sent it, so a
+        cut comes after a response, at `until` changes or past it.
+        """
         call = self.gateway.projects.WatchProjects(
             project_service_pb2.WatchProjectsRequest(
                 cursor=self.cursor, from_beginning=from_beginning and not self.cursor
@@ -274,9 +278,10 @@ class Watcher:
             timeout=timeout,
         )
         try:
-            for change in call:
-                self.changes.append(change)
-                self.cursor = change.cursor
+            for response in call:
+                assert response.changes, "a response with no changes"
+                self.changes.extend(response.changes)
+                self.cursor = response.cursor
                 if len(self.changes) >= until:
                     call.cancel()  # type: ignore[no-untyped-call]
                     return
@@ -373,6 +378,13 @@ def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
 
 def first_of(stream: Any) -> Any:
     return next(iter(stream))
+
+
+def each_change(
+    responses: Iterable[project_service_pb2.WatchProjectsResponse],
+) -> Iterator[project_service_pb2.ProjectChange]:
+    for response in responses:
+        yield from response.changes
 
 
 def test_every_status_code_of_project_service(sqlite_stack: Callable[..., Stack]) -> None:
@@ -492,7 +504,7 @@ def test_changes_updates_and_a_watcher_that_lags_behind_the_feed(
     lagging = gateway.projects.WatchProjects(
         project_service_pb2.WatchProjectsRequest(from_beginning=True), metadata=METADATA, timeout=60
     )
-    changes = iter(lagging)
+    changes = each_change(lagging)
     for page in (1, 2, 3):
         wait_for_task(gateway, upload(gateway, page).id)
     seen = [next(changes) for _ in range(3 * PER_PAGE)]
@@ -528,7 +540,7 @@ def test_sigterm_ends_open_streams_unavailable_with_the_way_to_resume(
     stream = gateway.projects.WatchProjects(
         project_service_pb2.WatchProjectsRequest(from_beginning=True), metadata=METADATA, timeout=60
     )
-    changes = iter(stream)
+    changes = each_change(stream)
     next(changes)  # the stream is open at the gateway, and now idle
     started = time.monotonic()
     gateway.process.send(signal.SIGTERM)
