@@ -45,7 +45,8 @@ def follow_batch(console: Console, states: Iterable[Task | Batch], first: Batch)
     )
     last = first
     with Progress(*columns, console=console, transient=False, refresh_per_second=8) as progress:
-        bar = progress.add_task("batch", total=None, short_id=first.id[:8])
+        initial = _fields(first)
+        bar = progress.add_task("batch", total=None, short_id=first.id[:8], **initial)
 
         def draw(batch: Batch) -> None:
             fields = _fields(batch)
