@@ -195,19 +195,30 @@ class HarvesterStack:
         return f"sqlite+aiosqlite:///{self.directory / 'data' / 'projects.db'}"
 
     def new_client(self, **options: Any) -> Client:
-        """Another client of the gateway (close it yourself), e.g. with another deadline."""
-        return Client(self.address, self.token, **options)
+        """Another client of the gateway (close it yourself), e.g. with another deadline or
+        token (`token=None` for none)."""
+        return Client(self.address, **{"token": self.token, **options})
 
-    def restart_gateway(self) -> None:
-        """Stop the gateway (SIGTERM: open streams end UNAVAILABLE) and start it again on the
-        same port; returns once it is serving."""
-        self._gateway.stop()
-        self._processes.remove(self._gateway)
+    def stop_gateway(self) -> None:
+        """Stop the gateway (SIGTERM: open streams end UNAVAILABLE); the worker goes on."""
+        if self._gateway in self._processes:
+            self._gateway.stop()
+            self._processes.remove(self._gateway)
+
+    def start_gateway(self) -> None:
+        """Start the gateway again, on the port it had; returns once it is serving."""
+        if self._gateway in self._processes:
+            raise RuntimeError("the gateway is running; stop_gateway() first")
         self._gateway = _start_gateway(
             self.directory, {**self.env, "GATEWAY_ADDRESS": self.address}
         )
         self._processes.append(self._gateway)
         _wait_until_serving(self.client, self._gateway)
+
+    def restart_gateway(self) -> None:
+        """stop_gateway(), then start_gateway()."""
+        self.stop_gateway()
+        self.start_gateway()
 
     def logs(self) -> str:
         """Every process's output so far, to show when a test failed."""
