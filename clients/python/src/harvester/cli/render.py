@@ -179,7 +179,9 @@ class Printer:
         if self.format == Format.TABLE:
             table = Table(title=title, title_justify="left")
             for column in columns:
-                table.add_column(column, overflow="fold")
+                # Ids stay whole, to be copied; long titles and links fold instead.
+                whole = column == "id"
+                table.add_column(column, overflow="fold", no_wrap=whole)
             for message in messages:
                 table.add_row(*(escape(cell) for cell in row(message)))
                 count += 1
