@@ -71,9 +71,9 @@ class Client:
         self._kinds = calls.IdKinds()
 
     @classmethod
-    def from_env(cls, **overrides: object) -> Client:
+    def from_env(cls) -> Client:
         """A client configured by HARVESTER_ADDRESS, HARVESTER_TOKEN, HARVESTER_TLS_* ..."""
-        return cls(connection=Connection.from_env(), **overrides)  # type: ignore[arg-type]
+        return cls(connection=Connection.from_env())
 
     def close(self) -> None:
         self._channel.close()

@@ -468,30 +468,27 @@ def watch_projects(
     """
     printer = Printer(Format(format_))
     start = cursor or _read_cursor(cursor_file)
-    stopped = _stop_on_sigterm()
+    _stop_on_sigterm()
     changes = state.client.watch_projects(start, from_beginning=from_beginning, is_active=is_active)
     try:
         for change in changes:
             printer.change(change)
             if cursor_file is not None and change.cursor:
                 _save_cursor(cursor_file, change.cursor)
-            if stopped():
-                break
     except KeyboardInterrupt:
-        pass
+        pass  # Ctrl-C or SIGTERM: the way a watch ends
     finally:
         changes.close()
     return failures.DONE
 
 
-def _stop_on_sigterm() -> Callable[[], bool]:
+def _stop_on_sigterm() -> None:
     """SIGTERM ends a watch as Ctrl-C does: by a KeyboardInterrupt where it waits."""
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    return lambda: False
 
 
 @root.command()
