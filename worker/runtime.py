@@ -4,7 +4,8 @@ Built when the worker process starts and closed when it shuts down (`worker.app`
 to the task through its base class (`worker.task.HarvestTask`); nothing here is a global.
 
 Celery runs tasks on a pool of threads; each hands its page's work (fetch, parse, store) to this
-one loop, which runs in a thread of its own for the life of the process, and waits. So a process
+one loop, which runs in a thread of its own for the life of the process, and waits (its record's
+writes go to a second loop, `TaskRecords`). So a process
 keeps many pages in flight while each waits on the network, and the pooled engine and HTTP
 connections always live on the loop that made them (an `asyncio.run` per task would make a new
 loop each time and break them).
@@ -35,27 +36,82 @@ T = TypeVar("T")
 POOL_WAIT_SECONDS = 5.0
 
 
-class WorkerRuntime:
+class LoopThread:
+    """An event loop that runs in a thread of its own for the life of the process."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coroutine` on this loop and wait for it from the calling thread."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class TaskRecords(LoopThread):
+    """The tasks' own records (start, retry, end) and their events, on a loop of their own.
+
+    A page's parse runs on the work loop and holds it for the parse's length; many pages
+    fetched together parse back to back. A task's state change queued behind them would reach
+    its record, and its watchers, only after all of them. On this loop it waits for the GIL
+    at most, and for WORKER_RECORD_CONNECTIONS connections that only these short writes use.
+    """
+
     def __init__(self, settings: Settings, events_url: str) -> None:
+        super().__init__("task-records-loop")
+        self.engine: AsyncEngine = create_engine(
+            settings.resolved_database_url,
+            pool_size=settings.worker_record_connections,
+            max_overflow=0,
+            pre_ping=False,
+            pool_timeout=POOL_WAIT_SECONDS,
+        )
+        self.events: EventPublisher = self.run(_make_publisher(events_url, settings))
+
+    def close(self) -> None:
+        try:
+            self.run(self.events.close(), timeout=5)
+            self.run(self.engine.dispose(), timeout=5)
+        finally:
+            self.stop()
+
+
+async def _make_publisher(url: str, settings: Settings) -> EventPublisher:
+    return EventPublisher(url, settings.redis_key_prefix)
+
+
+class WorkerRuntime(LoopThread):
+    """The work loop (fetch, parse, store) with its clients, and the tasks' `records`."""
+
+    def __init__(self, settings: Settings, events_url: str) -> None:
+        super().__init__("harvest-event-loop")
         self.settings = settings
         self.fetch_limits = FetchLimits(
             timeout=settings.fetch_timeout_seconds,
             max_bytes=settings.fetch_max_bytes,
             max_redirects=settings.fetch_max_redirects,
         )
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="harvest-event-loop", daemon=True
-        )
-        self._thread.start()
         self.http: httpx.AsyncClient = self.run(self._make_client(settings.source_url))
-        self.events: EventPublisher = self.run(self._make_publisher(events_url))
-        # A task holds a connection only for a statement or two (its start, then its store),
-        # so a few serve many tasks in flight: a task waits its turn for one, briefly, rather
-        # than each opening its own. Worker processes x WORKER_DB_CONNECTIONS is all the
-        # workers ask of the database's max_connections, whatever their concurrency. The wait
-        # is bounded (POOL_WAIT_SECONDS, then worker.store retries twice), so a database that
-        # holds every connection delays a task's start by seconds, not by minutes.
+        self.events: EventPublisher = self.run(_make_publisher(events_url, settings))
+        # A task holds a connection only for a statement or two (its cancel check, then its
+        # store), so a few serve many tasks in flight: a task waits its turn for one, briefly,
+        # rather than each opening its own. Worker processes x (WORKER_DB_CONNECTIONS +
+        # WORKER_RECORD_CONNECTIONS) is all the workers ask of the database's max_connections,
+        # whatever their concurrency. The wait is bounded (POOL_WAIT_SECONDS, then
+        # worker.store retries twice), so a database that holds every connection delays a
+        # task by seconds, not by minutes.
         # No ping before each use: a connection that died idle fails its statement as a
         # transient error, which `worker.store` retries on a fresh one (SQLAlchemy drops the
         # pool's stale connections on such an error), and the ping was a round trip per
@@ -67,29 +123,16 @@ class WorkerRuntime:
             pre_ping=False,
             pool_timeout=POOL_WAIT_SECONDS,
         )
+        self.records = TaskRecords(settings, events_url)
 
     async def _make_client(self, source_url: str) -> httpx.AsyncClient:
         return make_client(self.fetch_limits, source_url, self.settings.worker_concurrency)
 
-    async def _make_publisher(self, url: str) -> EventPublisher:
-        return EventPublisher(url, self.settings.redis_key_prefix)
-
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run `coroutine` on the process's loop and wait for it from the calling thread."""
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise
-
     def close(self) -> None:
         try:
+            self.records.close()
             self.run(self.http.aclose(), timeout=5)
             self.run(self.events.close(), timeout=5)
             self.run(self.engine.dispose(), timeout=5)
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
-            if not self._thread.is_alive():
-                self.loop.close()
+            self.stop()

@@ -139,14 +139,15 @@ def _ended(task: HarvestTask, outcome: Outcome) -> None:
     an "until known" batch enqueued as it did."""
     runtime = task.runtime
     task_id = str(task.request.id)
-    finished = runtime.run(
-        finish_task(runtime.engine, task_id, outcome, runtime.settings.until_known_window)
+    records = runtime.records
+    finished = records.run(
+        finish_task(records.engine, task_id, outcome, runtime.settings.until_known_window)
     )
     for new in finished.new_tasks:
         task.app.send_task(HARVEST_TASK_NAME, args=[new.page], task_id=new.id)
     if finished.new_tasks:
-        runtime.run(mark_published(runtime.engine, [new.id for new in finished.new_tasks]))
-    runtime.run(runtime.events.publish(TaskChanged(task_id, finished.batch_id)))
+        records.run(mark_published(records.engine, [new.id for new in finished.new_tasks]))
+    records.run(records.events.publish(TaskChanged(task_id, finished.batch_id)))
 
 
 def _ended_or_retry(task: HarvestTask, outcome: Outcome) -> None:
@@ -175,7 +176,7 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
     try:
         start: TaskStart | None = getattr(task.request, "start", None)
         if start is None:  # the prerun hook could not reach the database: try again here
-            start = runtime.run(start_task(runtime.engine, task_id))
+            start = runtime.records.run(start_task(runtime.records.engine, task_id))
         if start.finished:
             log.info("page %d: task %s has ended already (cancelled); not run", page, task_id)
             return _result(task_pb2.UploadResult(page=page))
@@ -230,13 +231,13 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
 
 
 def _retrying(task: HarvestTask, error: str) -> None:
-    runtime = task.runtime
+    records = task.runtime.records
     task_id = str(task.request.id)
     try:
-        batch_id = runtime.run(record_retry(runtime.engine, task_id, error))
+        batch_id = records.run(record_retry(records.engine, task_id, error))
     except RetryableError:
         return  # the retry goes ahead; its status shows in Celery's result backend meanwhile
-    runtime.run(runtime.events.publish(TaskChanged(task_id, batch_id)))
+    records.run(records.events.publish(TaskChanged(task_id, batch_id)))
 
 
 def register(app: Celery) -> HarvestTask:
@@ -248,10 +249,10 @@ def register(app: Celery) -> HarvestTask:
     @signals.task_prerun.connect(sender=harvest_page, weak=False)
     def record_delivery(task: HarvestTask, task_id: str, **_: Any) -> None:
         # Runs before Celery stores STARTED, so a task seen STARTED always has its start time.
-        runtime = task.runtime
-        start = runtime.run(start_task(runtime.engine, task_id))
+        records = task.runtime.records
+        start = records.run(start_task(records.engine, task_id))
         # Celery's request Context takes any attribute; the task body reads this one back.
         task.request.start = start  # type: ignore[attr-defined]
-        runtime.run(runtime.events.publish(TaskChanged(task_id, start.batch_id)))
+        records.run(records.events.publish(TaskChanged(task_id, start.batch_id)))
 
     return harvest_page

@@ -27,9 +27,10 @@ from sqlalchemy import bindparam, text
 from core.db import UtcDateTime, create_engine
 from core.migrate import upgrade_to_head
 from gateway.tokens import TokenSigner
-from projects.v1 import project_pb2, project_service_pb2
+from projects.v1 import project_pb2, project_service_pb2, project_service_pb2_grpc
 from sample_site.pages import render_listing, sample_page
 from tests.conftest import own_redis_server, stacks_in
+from tests.support.idle_proxy import IdleCuttingProxy
 from tests.support.processes import Gateway, Site, start_site
 from tests.support.projects import project_item
 from tests.support.services import postgres_database
@@ -550,3 +551,56 @@ def test_sigterm_ends_open_streams_unavailable_with_the_way_to_resume(
     assert "shutting down; resume from your cursor" in (caught.value.details() or "")
     assert time.monotonic() - started < 5.0  # within GATEWAY_GRACE_SECONDS
     assert gateway.process.popen.wait(30) == 0
+
+
+@pytest.mark.parametrize(("keepalive", "survives"), [("0.5", True), ("60", False)])
+def test_an_idle_watch_stream_survives_a_proxy_that_cuts_quiet_connections(
+    sqlite_stack: Callable[..., Stack], keepalive: str, survives: bool
+) -> None:
+    # The proxy closes a connection that carried nothing for 2 s. The gateway's pings
+    # (GATEWAY_KEEPALIVE_SECONDS) keep an idle stream's connection busy enough; without them
+    # (60 s) the same stream is cut, which shows what the pings do.
+    stack = sqlite_stack()
+    gateway = stack.start_gateway(
+        GATEWAY_KEEPALIVE_SECONDS=keepalive, WATCH_POLL_INTERVAL_SECONDS="0.2"
+    )
+    host, port = gateway.address.rsplit(":", 1)
+    idle_limit = 2.0
+
+    def store(number: int) -> None:
+        async def one_project() -> None:
+            engine = create_engine(stack.database_url)
+            try:
+                await store_projects(engine, [project_item(number)], 10)
+            finally:
+                await engine.dispose()
+
+        run(one_project())
+
+    store(1)
+    with (
+        IdleCuttingProxy((host, int(port)), idle_limit) as proxy,
+        grpc.insecure_channel(proxy.address) as channel,
+    ):
+        stream = project_service_pb2_grpc.ProjectServiceStub(channel).WatchProjects(
+            project_service_pb2.WatchProjectsRequest(from_beginning=True),
+            metadata=METADATA,
+            timeout=30,
+        )
+        changes = each_change(stream)
+        assert next(changes).project.url == project_item(1).url  # open, caught up, now idle
+        # Quiet for three of the proxy's idle limits (or until the proxy cut it).
+        quiet_until = time.monotonic() + 3 * idle_limit
+        while time.monotonic() < quiet_until and not proxy.cuts:
+            time.sleep(0.1)
+        store(7)
+        if survives:
+            change = next(changes)
+            assert change.project.url == project_item(7).url
+            assert (proxy.connections, proxy.cuts) == (1, 0)
+        else:
+            with pytest.raises(grpc.RpcError) as caught:
+                next(changes)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert proxy.cuts == 1
+        stream.cancel()  # type: ignore[no-untyped-call]

@@ -60,6 +60,8 @@ class FakeRuntime:
         self.events = FakeEvents()
         self.deliveries = deliveries
         self.ran: list[Any] = []
+        # The records' loop, engine and events: the same fakes, so `ran` holds every write.
+        self.records = self
 
     def run(self, work: Any, timeout: float | None = None) -> Any:
         self.ran.append(work)
