@@ -3,19 +3,22 @@ follows page tokens and resumes a watch. Fast: no real gateway, worker or databa
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import trustme
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from harvester import AsyncClient, Client, InvalidArgument, RetryPolicy, Unavailable
+from harvester import AsyncClient, Client, Connection, InvalidArgument, RetryPolicy, Unavailable
 from projects.v1 import (
     project_pb2,
     project_service_pb2,
@@ -178,3 +181,41 @@ async def test_the_async_client_retries_and_resumes_alike(fake: tuple[FakeGatewa
         assert [p.id async for p in client.list_projects(limit=5)] == [1, 2, 3, 4, 5]
     assert seen == [(1, None), (2, "after-2"), (3, "after-3")]
     assert [r.cursor for r in gateway.watch_requests] == ["start", "after-2"]
+
+
+def test_tls_and_a_client_certificate_from_the_connection(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    client_cert = ca.issue_cert("client.example")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client_cert.private_key_pem.write_to_path(str(tmp_path / "client-key.pem"))
+    client_cert.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
+    gateway = FakeGateway()  # type: ignore[abstract]
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    queue_service_pb2_grpc.add_QueueServiceServicer_to_server(gateway, server)
+    credentials = grpc.ssl_server_credentials(
+        [(server_cert.private_key_pem.bytes(), server_cert.cert_chain_pems[0].bytes())],
+        root_certificates=ca.cert_pem.bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        mutual = Connection(
+            address=f"127.0.0.1:{port}",
+            token="tok",
+            tls_ca_file=tmp_path / "ca.pem",
+            tls_cert_file=tmp_path / "client.pem",
+            tls_key_file=tmp_path / "client-key.pem",
+        )
+        with Client(connection=mutual) as client:
+            assert client.upload(2).id == "t-1"
+        no_certificate = dataclasses.replace(mutual, tls_cert_file=None, tls_key_file=None)
+        with (
+            Client(connection=no_certificate, retry=FAST) as refused,
+            pytest.raises(Unavailable),
+        ):
+            refused.upload(2)
+    finally:
+        server.stop(None)
+    assert len(gateway.uploads) == 1
