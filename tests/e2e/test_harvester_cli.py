@@ -246,3 +246,7 @@ def test_ctrl_c_offers_to_cancel_the_batch(
     batch = harvester_stack.client.batch(prompt.group(1))
     assert batch.status == task_pb2.TASK_STATUS_REVOKED
     assert batch.pages_cancelled > 0
+    # A second cancel (a retry whose first answer was lost, say) is no error.
+    again = harvester(harvester_stack, "cancel", batch.id)
+    assert again.returncode == 0, again.stderr
+    assert json_lines(again.stdout)[0]["batch"]["status"] == "TASK_STATUS_REVOKED"  # type: ignore[index]

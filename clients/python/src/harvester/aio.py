@@ -25,13 +25,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harvester import calls
 from harvester.calls import Batch, Project, Task, TaskStatus, WatchedChange
 from harvester.connection import DEFAULT_ADDRESS, DEFAULT_DEADLINE_SECONDS, Connection
-from harvester.errors import DeadlineExceeded, NotFound, from_rpc_error
+from harvester.errors import DeadlineExceeded, FailedPrecondition, NotFound, from_rpc_error
 from harvester.retry import DEFAULT_RECONNECT, DEFAULT_RETRY, RetryPolicy
 from projects.v1 import (
     project_service_pb2,
     project_service_pb2_grpc,
     queue_service_pb2,
     queue_service_pb2_grpc,
+    task_pb2,
 )
 
 Request = TypeVar("Request", bound=Message)
@@ -203,11 +204,17 @@ class AsyncClient:
 
     async def cancel(self, id_: str) -> Task | Batch:
         """As `Client.cancel`."""
-        if isinstance(await self.status(id_), Batch):
-            request = queue_service_pb2.CancelBatchRequest(id=id_)
-            return (await self._unary(self._queue.CancelBatch, request, repeatable=False)).batch
-        task_request = queue_service_pb2.CancelTaskRequest(id=id_)
-        return (await self._unary(self._queue.CancelTask, task_request, repeatable=False)).task
+        try:
+            if isinstance(await self.status(id_), Batch):
+                request = queue_service_pb2.CancelBatchRequest(id=id_)
+                return (await self._unary(self._queue.CancelBatch, request)).batch
+            task_request = queue_service_pb2.CancelTaskRequest(id=id_)
+            return (await self._unary(self._queue.CancelTask, task_request)).task
+        except FailedPrecondition:
+            now = await self.status(id_)
+            if now.status == task_pb2.TASK_STATUS_REVOKED:
+                return now
+            raise
 
     async def tasks(
         self,
