@@ -198,12 +198,18 @@ async def start_task(
                     TaskRecord.cancel_requested_at,
                     TaskRecord.finished_at,
                     TaskRecord.batch_id,
+                    select(BatchRecord.started_at)
+                    .where(BatchRecord.id == TaskRecord.batch_id)
+                    .scalar_subquery()
+                    .label("batch_started_at"),
                 )
             )
         ).first()
         if row is None:
             return TaskStart(0)
-        if row.batch_id is not None and row.finished_at is None:
+        # Only a batch's first start writes its row: the pages' ends lock that row to count
+        # themselves, and every start waiting on them would queue behind the batch's ends.
+        if row.batch_id is not None and row.finished_at is None and row.batch_started_at is None:
             await conn.execute(
                 update(BatchRecord)
                 .where(BatchRecord.id == row.batch_id, BatchRecord.started_at.is_(None))

@@ -426,3 +426,22 @@ async def test_a_worker_taking_a_cancelled_page_starts_neither_it_nor_its_batch(
     assert (row.status, row.started_at, row.deliveries) == ("REVOKED", None, 1)
     counted = await batch_row(engine, batch.id)
     assert counted.started_at is None and counted.finished_at is not None
+
+
+async def test_a_batch_started_when_its_first_page_did_and_later_starts_keep_that_time(
+    engine: AsyncEngine,
+) -> None:
+    batch, pages = await make_batch(engine, 1, 3)
+    assert (await batch_row(engine, batch.id)).started_at is None
+
+    await start_task(engine, pages[2], now=T0)
+    await start_task(engine, pages[1], now=T0 + dt.timedelta(seconds=5))
+    await start_task(engine, pages[2], now=T0 + dt.timedelta(seconds=9))  # a redelivery
+
+    assert (await batch_row(engine, batch.id)).started_at == T0
+    rows = await task_rows(engine, batch.id)
+    assert (rows[1].started_at, rows[2].started_at, rows[3].started_at) == (
+        T0 + dt.timedelta(seconds=5),
+        T0,
+        None,
+    )
