@@ -33,7 +33,6 @@ from worker.store import (
     finish_task,
     mark_published,
     record_retry,
-    start_task,
     store_projects,
 )
 
@@ -136,13 +135,7 @@ class HarvestTask(Task):  # type: ignore[type-arg]
 
 
 # A task's state changes: each is recorded and then said (an event for its watchers) in one
-# visit to the records' loop (worker.runtime.TaskRecords), not two.
-
-
-async def _start_and_say(records: TaskRecords, task_id: str) -> TaskStart:
-    start = await start_task(records.engine, task_id)
-    await records.events.publish(TaskChanged(task_id, start.batch_id))
-    return start
+# visit to the records' loop (worker.runtime.TaskRecords), not two; starts are its own.
 
 
 async def _retry_and_say(records: TaskRecords, task_id: str, error: str) -> None:
@@ -197,7 +190,7 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
     try:
         start: TaskStart | None = getattr(task.request, "start", None)
         if start is None:  # the prerun hook could not reach the database: try again here
-            start = runtime.records.run(_start_and_say(runtime.records, task_id))
+            start = runtime.records.run(runtime.records.start(task_id))
         if start.finished:
             log.info("page %d: task %s has ended already (cancelled); not run", page, task_id)
             return _result(task_pb2.UploadResult(page=page))
@@ -268,7 +261,7 @@ def register(app: Celery) -> HarvestTask:
     @signals.task_prerun.connect(sender=harvest_page, weak=False)
     def record_delivery(task: HarvestTask, task_id: str, **_: Any) -> None:
         # Runs before Celery stores STARTED, so a task seen STARTED always has its start time.
-        start = task.runtime.records.run(_start_and_say(task.runtime.records, task_id))
+        start = task.runtime.records.run(task.runtime.records.start(task_id))
         # Celery's request Context takes any attribute; the task body reads this one back.
         task.request.start = start  # type: ignore[attr-defined]
 
