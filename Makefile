@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/projects/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto run test lint typecheck faults bench clean
+.PHONY: help setup proto run test tools lint typecheck faults bench clean
 
 help:
 	@echo "make run    - run the embedded broker, the gateway, a worker and the sample site"
@@ -43,7 +43,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+# System tools the tests drive (Debian's prometheus), installed when missing.
+tools: $(STAMP)
+	$(BIN)/python -m tests.support.tools
+
+test: lint typecheck tools
 	$(BIN)/pytest
 
 faults: $(STAMP)

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from core.celery_config import HARVEST_TASK_NAME
 from gateway.errors import BROKER_DOWN, RESULTS_DOWN, TOO_BUSY, QueueUnavailable, Unavailable
 from gateway.health import OnUnavailable, nobody
+from gateway.metrics import count_publishes
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +194,19 @@ class CeleryQueue:
         the broker failed). The call itself raises QueueUnavailable only when the broker could
         not be reached at all.
         """
-        sent: tuple[list[BaseException | None], str | None] = await self._call(
-            self._publish_many,
-            tasks,
-            executor=self._publish_executor,
-            unavailable=BROKER_DOWN,
-        )
+        try:
+            sent: tuple[list[BaseException | None], str | None] = await self._call(
+                self._publish_many,
+                tasks,
+                executor=self._publish_executor,
+                unavailable=BROKER_DOWN,
+            )
+        except QueueUnavailable:
+            count_publishes(sent=0, failed=len(tasks))
+            raise
         errors, broker_failure = sent
+        failed = sum(error is not None for error in errors)
+        count_publishes(sent=len(errors) - failed, failed=failed)
         if broker_failure is not None and any(errors):
             await self._on_unavailable()
         return errors

@@ -27,6 +27,7 @@ from core.gc_tuning import freeze_long_lived_objects
 from core.migrate import migrate
 from core.settings import settings_or_exit
 from worker import kombu_fixes
+from worker import metrics as worker_metrics
 from worker.runtime import WorkerRuntime
 from worker.task import register
 
@@ -61,13 +62,24 @@ def _start_runtime(**_: Any) -> None:
     # Before the runtime's loop exists, so the migration's own loop never meets its connections.
     asyncio.run(migrate(settings.resolved_database_url))
     events = events_url(app.conf.broker_url, app.conf.result_backend)
-    harvest_page.attach(WorkerRuntime(settings, events))
+    runtime = WorkerRuntime(settings, events)
+    harvest_page.attach(runtime)
+    if settings.worker_metrics_address is not None:
+        worker_metrics.instrument(runtime.http)
     log.info("worker runtime ready")
 
 
 @signals.worker_ready.connect
 def _freeze_startup_objects(**_: Any) -> None:
     freeze_long_lived_objects()
+
+
+@signals.worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    # At ready, not at init: Celery's logging is set up by then, so the address is logged.
+    settings = settings_or_exit()
+    if settings.worker_metrics_address is not None:
+        worker_metrics.serve(app, settings.worker_metrics_address, settings.task_queue)
 
 
 @signals.worker_shutdown.connect

@@ -19,7 +19,7 @@ from core.events import ProjectsChanged, TaskChanged
 from core.gc_tuning import collector_paused
 from core.ledger import Outcome
 from projects.v1 import task_pb2
-from worker import failpoints
+from worker import failpoints, metrics
 from worker.errors import Cancelled, PermanentError, RetryableError
 from worker.fetch import fetch_page
 from worker.parse import ParsedPage, parse_listing
@@ -55,13 +55,16 @@ async def _fetch_parse_store(
     bench/README.md). It holds up the loop's other I/O for the length of one parse.
     """
     settings = runtime.settings
-    fetched = await fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits)
-    with collector_paused():
+    with metrics.FETCH_SECONDS.time():
+        fetched = await fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits)
+    metrics.FETCHED_BYTES.inc(len(fetched.body))
+    with collector_paused(), metrics.PARSE_SECONDS.time():
         parsed = parse_listing(fetched.body, fetched.url, settings.source_profile, fetched.encoding)
     # The checkpoint of a cancel: after the slow part, before anything is stored.
     if await cancel_requested(runtime.engine, task_id):
         raise Cancelled(f"page {page} was cancelled before it stored")
-    counts = await store_projects(runtime.engine, parsed.items, settings.upsert_batch_size)
+    with metrics.STORE_SECONDS.time():
+        counts = await store_projects(runtime.engine, parsed.items, settings.upsert_batch_size)
     if counts.revision:
         await runtime.events.publish(ProjectsChanged(counts.revision))
     return parsed, counts
@@ -88,13 +91,17 @@ def harvest(
         remaining()  # raises the soft-limit error
         raise
     failpoints.hit(settings.failpoints, "after_store", page, settings.data_dir)
-    return task_pb2.UploadResult(
+    result = task_pb2.UploadResult(
         page=page,
         found=len(parsed.items),
         created=counts.created,
         updated=counts.updated,
         skipped=parsed.skipped + counts.unstorable,
     )
+    metrics.page_counted(
+        found=result.found, skipped=result.skipped, created=result.created, updated=result.updated
+    )
+    return result
 
 
 def succeeded_meanwhile(task: Task[Any, Any], page: int) -> dict[str, Any] | None:
@@ -148,6 +155,7 @@ def _ended(task: HarvestTask, outcome: Outcome) -> None:
     if finished.new_tasks:
         records.run(mark_published(records.engine, [new.id for new in finished.new_tasks]))
     records.run(records.events.publish(TaskChanged(task_id, finished.batch_id)))
+    metrics.task_ended(outcome.status.lower())
 
 
 def _ended_or_retry(task: HarvestTask, outcome: Outcome) -> None:
@@ -231,6 +239,7 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
 
 
 def _retrying(task: HarvestTask, error: str) -> None:
+    metrics.task_ended(metrics.RETRY)
     records = task.runtime.records
     task_id = str(task.request.id)
     try:
