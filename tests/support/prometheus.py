@@ -48,7 +48,8 @@ def promtool_check(exposition: str) -> str:
         timeout=30,
         check=False,
     )
-    return (checked.stdout + checked.stderr).strip() if checked.returncode else ""
+    said = (checked.stdout + checked.stderr).strip()
+    return said or (f"promtool exited {checked.returncode}" if checked.returncode else "")
 
 
 @dataclass
