@@ -21,6 +21,7 @@ import click
 from celery import Celery, signals
 from celery.utils.nodenames import nodename, nodesplit
 
+from core import logs
 from core.celery_config import celery_config
 from core.events import events_url
 from core.gc_tuning import freeze_long_lived_objects
@@ -43,7 +44,11 @@ harvest_page = register(app)
 
 @signals.celeryd_init.connect
 def _unique_default_node_name(instance: Any, **_: Any) -> None:
-    """`celery@<host>` unless `-n` was given; every such worker on a host would share it."""
+    """`celery@<host>` unless `-n` was given; every such worker on a host would share it.
+    (And no banner when the logs are JSON.)"""
+    if settings_or_exit().log_format == "json":
+        # Celery's banner is text on stdout: without it, every line out is a JSON object.
+        instance.quiet = True
     context = click.get_current_context(silent=True)
     if context is None or context.command.name != "worker":
         return  # started by code, not by `celery worker`: its caller named it
@@ -51,6 +56,13 @@ def _unique_default_node_name(instance: Any, **_: Any) -> None:
         return
     # The first signal of a worker: nothing has used its name yet but --pidfile/--statedb's %n.
     instance.hostname = nodename(f"worker-{os.getpid()}", nodesplit(instance.hostname)[1])
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    # Celery sets its handlers up (stderr or --logfile, --loglevel); LOG_FORMAT sets the format.
+    logs.use_format(logger.handlers, settings_or_exit().log_format)
 
 
 @signals.worker_init.connect

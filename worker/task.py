@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery, Task, signals
 from google.protobuf import json_format
 
+from core import logs
 from core.celery_config import HARVEST_TASK_NAME
 from core.events import ProjectsChanged, TaskChanged
 from core.gc_tuning import collector_paused
@@ -54,6 +55,8 @@ async def _fetch_parse_store(
     and Celery's threads pass the GIL back and forth (slower, and more CPU per page: see
     bench/README.md). It holds up the loop's other I/O for the length of one parse.
     """
+    # This runs in an asyncio task of its own on the runtime's loop: its own log context.
+    logs.task_context(task_id, page)
     settings = runtime.settings
     with metrics.FETCH_SECONDS.time():
         fetched = await fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits)
@@ -181,6 +184,7 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
     policy = RetryPolicy.from_settings(settings)
     tries_done = task.request.retries
     task_id = str(task.request.id)
+    logs.task_context(task_id, page)
     try:
         start: TaskStart | None = getattr(task.request, "start", None)
         if start is None:  # the prerun hook could not reach the database: try again here
