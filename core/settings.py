@@ -416,6 +416,18 @@ class Settings(BaseSettings):
         "each worker process on a host needs a port of its own (one scrape target per "
         "process, added up by `sum()`). Unset: no metrics.",
     )
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None,
+        description="OpenTelemetry's standard variable: set, gateway and worker export traces "
+        "over OTLP/HTTP to it (`/v1/traces` is added), one trace from the Upload to the rows "
+        "stored. The SDK reads the other `OTEL_*` variables itself (`OTEL_TRACES_SAMPLER`, "
+        "`OTEL_SERVICE_NAME`, `OTEL_EXPORTER_OTLP_HEADERS`, ...). Unset: no tracing, at no cost.",
+    )
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        default=None,
+        description="OpenTelemetry's standard variable: the full URL traces are exported to, "
+        "instead of `OTEL_EXPORTER_OTLP_ENDPOINT`; set, it turns tracing on too.",
+    )
 
     @field_validator("api_tokens", mode="before")
     @classmethod
@@ -501,6 +513,11 @@ class Settings(BaseSettings):
                 "CELERY_RESULT_BACKEND must be set (a redis:// URL) when CELERY_BROKER_URL is AMQP"
             )
         return self
+
+    @property
+    def otlp_endpoint_configured(self) -> bool:
+        """Whether traces are to be exported (the SDK reads the endpoint itself)."""
+        return bool(self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint)
 
     @property
     def sqlite_default_url(self) -> str:

@@ -21,6 +21,7 @@ from kombu.exceptions import KombuError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
+from core import tracing
 from core.celery_config import HARVEST_TASK_NAME
 from gateway.errors import BROKER_DOWN, RESULTS_DOWN, TOO_BUSY, QueueUnavailable, Unavailable
 from gateway.health import OnUnavailable, nobody
@@ -58,6 +59,7 @@ class Publication:
     task_id: str
     page: int
     give_up: float  # time.monotonic() past which the caller has stopped waiting
+    trace_headers: dict[str, str] | None = None  # the Upload's trace context, when traced
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +187,19 @@ class CeleryQueue:
             ignore_result=None,
             **options,
         )
-        amqp.send_task_message(producer, HARVEST_TASK_NAME, message, **options)
+        if task.trace_headers is None:
+            amqp.send_task_message(producer, HARVEST_TASK_NAME, message, **options)
+            return
+        # The publish as a span of the Upload's trace; its context rides in the message's
+        # headers, where the worker's celery instrumentation picks it up.
+        span = tracing.span_from_headers(f"publish {HARVEST_TASK_NAME}", task.trace_headers)
+        span.set_attribute(tracing.PAGE, task.page)
+        headers = dict(task.trace_headers)
+        tracing.inject_into(headers, span)
+        try:
+            amqp.send_task_message(producer, HARVEST_TASK_NAME, message, headers=headers, **options)
+        finally:
+            span.end()
 
     async def publish_many(self, tasks: list[Publication]) -> list[BaseException | None]:
         """Enqueue `tasks` in one broker round trip (more while within their deadlines).

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core import tracing
 from core.celery_config import make_celery
 from core.db import create_engine
 from core.events import EventPublisher, events_url, listen
@@ -122,6 +123,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
+    tracing.configure(settings, "harvester-gateway")
     engine = create_engine(settings.resolved_database_url)
     await upgrade_to_head(engine)
     # May start the embedded Redis, which waits for it: keep that off the event loop.
@@ -150,7 +152,9 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
     )
     server = grpc.aio.server(
         interceptors=[
-            # First, so calls refused by the auth interceptor are counted too.
+            # Outermost, so that a call's span holds all the rest (and an Upload's publish).
+            *tracing.grpc_server_interceptors(),
+            # Before auth, so calls refused by the auth interceptor are counted too.
             *gateway_metrics.interceptors(settings.gateway_metrics_address is not None),
             BearerAuthInterceptor(
                 TokenTable(tokens),
@@ -269,4 +273,5 @@ async def serve(settings: Settings) -> None:
     await gateway.stop(settings.gateway_grace_seconds)
     if metrics is not None:
         metrics.close()
+    tracing.shutdown()
     log.info("gateway stopped")

@@ -21,7 +21,7 @@ import click
 from celery import Celery, signals
 from celery.utils.nodenames import nodename, nodesplit
 
-from core import logs
+from core import logs, tracing
 from core.celery_config import celery_config
 from core.events import events_url
 from core.gc_tuning import freeze_long_lived_objects
@@ -78,6 +78,8 @@ def _start_runtime(**_: Any) -> None:
     harvest_page.attach(runtime)
     if settings.worker_metrics_address is not None:
         worker_metrics.instrument(runtime.http)
+    if tracing.configure(settings, "harvester-worker"):
+        tracing.instrument_worker(runtime.http, runtime.engine)
     log.info("worker runtime ready")
 
 
@@ -100,3 +102,4 @@ def _close_runtime(**_: Any) -> None:
     if runtime is not None:
         runtime.close()
         log.info("worker runtime closed")
+    tracing.shutdown()

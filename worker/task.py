@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery, Task, signals
 from google.protobuf import json_format
 
-from core import logs
+from core import logs, tracing
 from core.celery_config import HARVEST_TASK_NAME
 from core.events import ProjectsChanged, TaskChanged
 from core.gc_tuning import collector_paused
@@ -61,13 +61,34 @@ async def _fetch_parse_store(
     with metrics.FETCH_SECONDS.time():
         fetched = await fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits)
     metrics.FETCHED_BYTES.inc(len(fetched.body))
-    with collector_paused(), metrics.PARSE_SECONDS.time():
+    with (
+        tracing.tracer().start_as_current_span("parse page") as span,
+        collector_paused(),
+        metrics.PARSE_SECONDS.time(),
+    ):
         parsed = parse_listing(fetched.body, fetched.url, settings.source_profile, fetched.encoding)
+        span.set_attributes(
+            {
+                tracing.PAGE: page,
+                tracing.ITEMS_FOUND: len(parsed.items),
+                tracing.ITEMS_SKIPPED: parsed.skipped,
+            }
+        )
     # The checkpoint of a cancel: after the slow part, before anything is stored.
     if await cancel_requested(runtime.engine, task_id):
         raise Cancelled(f"page {page} was cancelled before it stored")
-    with metrics.STORE_SECONDS.time():
+    with (
+        tracing.tracer().start_as_current_span("store projects") as span,
+        metrics.STORE_SECONDS.time(),
+    ):
         counts = await store_projects(runtime.engine, parsed.items, settings.upsert_batch_size)
+        span.set_attributes(
+            {
+                tracing.PAGE: page,
+                tracing.PROJECTS_CREATED: counts.created,
+                tracing.PROJECTS_UPDATED: counts.updated,
+            }
+        )
     if counts.revision:
         await runtime.events.publish(ProjectsChanged(counts.revision))
     return parsed, counts
@@ -89,7 +110,9 @@ def harvest(
 
     failpoints.hit(settings.failpoints, "before_fetch", page, settings.data_dir)
     try:
-        parsed, counts = runtime.run(_fetch_parse_store(runtime, page, task_id), remaining())
+        parsed, counts = runtime.run(
+            tracing.on_loop(_fetch_parse_store(runtime, page, task_id)), remaining()
+        )
     except concurrent.futures.TimeoutError:
         remaining()  # raises the soft-limit error
         raise
@@ -185,6 +208,7 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
     tries_done = task.request.retries
     task_id = str(task.request.id)
     logs.task_context(task_id, page)
+    tracing.set_attributes({tracing.PAGE: page, tracing.TRY: tries_done + 1})
     try:
         start: TaskStart | None = getattr(task.request, "start", None)
         if start is None:  # the prerun hook could not reach the database: try again here
