@@ -3,6 +3,7 @@ and the store, exported by gateway and worker over OTLP/HTTP to a receiver in th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -34,9 +35,10 @@ def test_one_trace_links_upload_publish_each_try_fetch_and_store(
         OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
         OTEL_TRACES_SAMPLER="always_on",
         OTEL_BSP_SCHEDULE_DELAY="100",  # ms: export soon, not every 5 s
+        LOG_FORMAT="json",
     )
     gateway = redis_stack.start_gateway()
-    redis_stack.start_worker()
+    worker = redis_stack.start_worker()
     redis_stack.site.script(6, [{"status": 503}])  # the first try fails, the retry succeeds
     task = upload(gateway, 6)
     done = wait_for_task(gateway, task.id)
@@ -89,3 +91,13 @@ def test_one_trace_links_upload_publish_each_try_fetch_and_store(
     assert store.attributes["harvester.projects.updated"] == done.result.updated
     statements = [s for s in trace if under(s, store) and "db.system" in s.attributes]
     assert {s.attributes["db.system"] for s in statements} == {"sqlite"}, statements
+
+    # The worker's log line of the harvest names the trace and the try's span.
+    logged = [
+        json.loads(line)
+        for line in worker.output().splitlines()
+        if line.startswith("{") and '"page 6: found' in line
+    ]
+    assert [(line["trace_id"], line["span_id"]) for line in logged] == [
+        (upload_span.trace_id, tries[1].span_id)
+    ]
