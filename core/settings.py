@@ -416,6 +416,12 @@ class Settings(BaseSettings):
         "each worker process on a host needs a port of its own (one scrape target per "
         "process, added up by `sum()`). Unset: no metrics.",
     )
+    task_events: bool = Field(
+        default=True,
+        description="Celery task events (sent by the gateway; received, started, succeeded, "
+        "failed, retried by the workers), which `celery -A worker.app events`, Flower and other "
+        "monitors show. `false` saves a broker message per task state.",
+    )
     otel_exporter_otlp_endpoint: str | None = Field(
         default=None,
         description="OpenTelemetry's standard variable: set, gateway and worker export traces "
