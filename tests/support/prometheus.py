@@ -8,7 +8,6 @@ every half second; tests read it back through the HTTP query API.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,25 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import yaml
 
 from tests.support.processes import Process, clean_environment, free_port, poll_until
-from tests.support.services import in_ci
+from tests.support.tools import require_tool
 
 SCRAPE_INTERVAL = "500ms"
 START_TIMEOUT = 30.0
 
 
 def tool(name: str) -> str:
-    """The path of a binary of Debian's prometheus package; skip (fail on CI) without it."""
-    found = shutil.which(name)
-    if found is None:
-        message = f"{name} is not installed (make test installs it: apt-get install prometheus)"
-        if in_ci():
-            pytest.fail(f"{message}, and CI=true requires it")
-        pytest.skip(message)
-    return found
+    """A binary of Debian's prometheus package (skip without it; fail with CI=true)."""
+    return require_tool(name)
 
 
 def promtool_check(exposition: str) -> str:

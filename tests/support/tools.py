@@ -1,8 +1,9 @@
 """`python -m tests.support.tools`: install the system tools the tests drive, when missing.
 
-Debian's `prometheus` package (the server and promtool) for the metrics tests, with apt-get
-(as root, or through sudo). `make test` runs this first and says what it installs; a machine
-where it cannot install them skips those tests, except with CI=true, where they fail.
+Debian's `prometheus` package (the server and promtool) for the metrics tests and `chromium`
+for Flower's page, with apt-get (as root, or through sudo). `make test` runs this first and
+says what it installs; where they cannot be installed their tests skip (`require_tool`),
+except with CI=true, where they fail.
 """
 
 from __future__ import annotations
@@ -12,8 +13,24 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
+from tests.support.services import in_ci
+
 # Debian package -> the binaries the tests look for on PATH.
-PACKAGES = {"prometheus": ("prometheus", "promtool")}
+PACKAGES = {"prometheus": ("prometheus", "promtool"), "chromium": ("chromium",)}
+
+
+def require_tool(binary: str) -> str:
+    """The path of `binary`; skip the test without it (fail it with CI=true)."""
+    found = shutil.which(binary)
+    if found is None:
+        package = next((p for p, names in PACKAGES.items() if binary in names), binary)
+        message = f"{binary} is not installed (make test installs it: apt-get install {package})"
+        if in_ci():
+            pytest.fail(f"{message}, and CI=true requires it")
+        pytest.skip(message)
+    return found
 
 
 def _apt_get(*args: str) -> int:
@@ -34,7 +51,7 @@ def main() -> int:
     if shutil.which("apt-get") is None:
         print(f"tests: {', '.join(missing)} missing and no apt-get; their tests will skip")
         return 0
-    print(f"tests: installing Debian's {', '.join(missing)} for the metrics tests (apt-get)")
+    print(f"tests: installing Debian's {', '.join(missing)} for the observability tests (apt-get)")
     # An install from a stale package list can fail; refresh it once and try again.
     if _apt_get("install", "--no-install-recommends", *missing) != 0:
         _apt_get("update")
