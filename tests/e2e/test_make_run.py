@@ -60,10 +60,10 @@ def test_devstack_runs_a_harvest_and_stops_everything(tmp_path: Path) -> None:
         done = poll_until(finished, 60, 0.2, "the harvest to succeed")
         assert done["result"] == {"page": 1, "found": 10, "created": 10}
         # make run serves metrics on both sides and says where.
-        shown = launcher.wait_for_line(r"^  metrics +gateway (http://\S+), worker (http://\S+)")
-        gateway_metrics = httpx.get(shown.group(1), timeout=5).text
+        endpoints = launcher.wait_for_line(r"^  metrics +gateway (http://\S+), worker (http://\S+)")
+        gateway_metrics = httpx.get(endpoints.group(1), timeout=5).text
         assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="Upload"' in gateway_metrics
-        worker_metrics = httpx.get(shown.group(2), timeout=5).text
+        worker_metrics = httpx.get(endpoints.group(2), timeout=5).text
         assert 'harvester_worker_tasks_total{outcome="success"} 1.0' in worker_metrics
         redis_pid = int((tmp_path / "data" / "redis.pid").read_text())
     finally:

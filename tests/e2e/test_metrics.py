@@ -9,7 +9,6 @@ to say about either endpoint.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,29 +17,11 @@ import httpx
 import pytest
 
 from projects.v1 import queue_service_pb2, queue_service_pb2_grpc, task_pb2
-from tests.support.processes import poll_until
+from tests.support.processes import free_consecutive_ports, free_port, poll_until
 from tests.support.prometheus import Prometheus, promtool_check, running_prometheus, tool
 from tests.support.stack import TEST_TOKEN, Stack, wait_for_task
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def _free_ports(count: int) -> int:
-    """The first of `count` consecutive ports free now (a gateway process's metrics each)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = int(probe.getsockname()[1])
-        if first + count > 65535:
-            continue
-        try:
-            for offset in range(count):
-                with socket.socket() as other:
-                    other.bind(("127.0.0.1", first + offset))
-        except OSError:
-            continue
-        return first
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def _upload(address: str, page: int, token: str = TEST_TOKEN) -> Any:
@@ -67,7 +48,7 @@ def _seen(prometheus: Prometheus, expected: Expected) -> Expected:
 
 def test_prometheus_scrapes_what_the_stack_did(redis_stack: Stack, tmp_path: Path) -> None:
     tool("prometheus")  # skip (fail on CI) before starting anything without it
-    gateway_port, metrics_port = _free_ports(1), _free_ports(2)
+    gateway_port, metrics_port = free_port(), free_consecutive_ports(2)
     gateway = redis_stack.start_gateway(
         GATEWAY_PROCESSES="2",
         GATEWAY_ADDRESS=f"127.0.0.1:{gateway_port}",
