@@ -69,9 +69,11 @@ def run(options: Options) -> list[Figure]:
             say(f"observability: warm-up of {warm} Uploads each, then runs of {per_run}")
             for each in clients.values():
                 each.uploads(warm)
+            order = list(clients)
             for index in range(options.runs):
-                for variant, each in clients.items():
-                    runs[variant].append(each.uploads(per_run))
+                # A different one first each run: the first of a round has met a slower machine.
+                for variant in order[index % len(order) :] + order[: index % len(order)]:
+                    runs[variant].append(clients[variant].uploads(per_run))
                 shown = ", ".join(f"{v} {r[-1][0]:.0f}/s" for v, r in runs.items())
                 say(f"  run {index + 1}/{options.runs}: {shown}")
         spans = len(receiver.received())
