@@ -42,7 +42,7 @@ run: $(STAMP)
 FLOWER_ADDRESS ?= 127.0.0.1
 FLOWER_PORT ?= 5555
 flower: $(STAMP)
-	@$(BIN)/python -c "import flower" 2>/dev/null || $(BIN)/pip install --quiet -c constraints.txt -e ".[flower]"
+	@$(BIN)/python -c "import flower" 2>/dev/null || $(BIN)/pip install --quiet -c constraints.txt -e ".[embedded,flower]"
 	$(BIN)/celery -A worker.app flower --address=$(FLOWER_ADDRESS) --port=$(FLOWER_PORT)
 
 lint: $(STAMP)
