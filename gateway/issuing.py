@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 
 from core import tracing
-from gateway.batching import Batcher
+from core.batching import Batcher
 from gateway.celery_queue import CeleryQueue, Publication
 from gateway.errors import StoreUnavailable
 from gateway.records import IssuedTask, TaskRecords

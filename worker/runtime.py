@@ -18,15 +18,18 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.batching import Batcher
 from core.db import create_engine
-from core.events import EventPublisher
+from core.events import EventPublisher, TaskChanged
 from core.settings import Settings
 from worker.fetch import FetchLimits, make_client
+from worker.store import TaskStart, start_tasks
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,12 @@ class LoopThread:
             self.loop.close()
 
 
+@dataclass(slots=True)
+class _Start:
+    task_id: str
+    start: TaskStart | None = None
+
+
 class TaskRecords(LoopThread):
     """The tasks' own records (start, retry, end) and their events, on a loop of their own.
 
@@ -67,6 +76,9 @@ class TaskRecords(LoopThread):
     fetched together parse back to back. A task's state change queued behind them would reach
     its record, and its watchers, only after all of them. On this loop it waits for the GIL
     at most, and for WORKER_RECORD_CONNECTIONS connections that only these short writes use.
+
+    Tasks start in bursts (a worker's slots fill at once): the starts that arrive together are
+    written by one UPDATE and said by one pipeline of events (`start`).
     """
 
     def __init__(self, settings: Settings, events_url: str) -> None:
@@ -79,6 +91,34 @@ class TaskRecords(LoopThread):
             pool_timeout=POOL_WAIT_SECONDS,
         )
         self.events: EventPublisher = self.run(_make_publisher(events_url, settings))
+        self._starts = Batcher(self._write_starts, max_size=settings.worker_concurrency)
+
+    async def start(self, task_id: str) -> TaskStart:
+        """Count a start of `task_id` and mark it STARTED (`worker.store.start_tasks`), then say
+        so; with the other starts that arrive meanwhile."""
+        start = _Start(task_id)
+        await self._starts.submit(start)
+        assert start.start is not None
+        return start.start
+
+    async def _write_starts(self, starts: list[_Start]) -> None:
+        # Two deliveries of one task in one burst are two starts: each is counted, in turn.
+        waiting = starts
+        while waiting:
+            distinct: dict[str, _Start] = {}
+            again: list[_Start] = []
+            for start in waiting:
+                if start.task_id in distinct:
+                    again.append(start)
+                else:
+                    distinct[start.task_id] = start
+            written = await start_tasks(self.engine, list(distinct))
+            for task_id, start in distinct.items():
+                start.start = written.get(task_id, TaskStart(0))
+            waiting = again
+        await self.events.publish_all(
+            [TaskChanged(start.task_id, start.start.batch_id) for start in starts if start.start]
+        )
 
     def close(self) -> None:
         try:
