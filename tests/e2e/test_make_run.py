@@ -77,7 +77,8 @@ def test_devstack_runs_a_harvest_and_stops_everything(tmp_path: Path) -> None:
         gateway_metrics = httpx.get(endpoints.group(1), timeout=5).text
         assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="Upload"' in gateway_metrics
         worker_metrics = httpx.get(endpoints.group(2), timeout=5).text
-        assert 'harvester_worker_tasks_total{outcome="success"} 1.0' in worker_metrics
+        # Page 1's Upload and the 5 pages of the harvester's batch above.
+        assert 'harvester_worker_tasks_total{outcome="success"} 6.0' in worker_metrics
         redis_pid = int((tmp_path / "data" / "redis.pid").read_text())
     finally:
         launcher.send(signal.SIGINT)
