@@ -3,8 +3,9 @@
 With `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, a process
 exports its spans over OTLP/HTTP there; the SDK reads the other standard variables itself
 (`OTEL_TRACES_SAMPLER` and its argument, `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
-`OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_BSP_*`). Unset, no SDK is installed: the API's tracer is
-a no-op, and the code on the hot path asks `enabled()` before it does any tracing work.
+`OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_BSP_*`). Unset, the SDK and the instrumentations are not
+even imported: the API's tracer is a no-op, and the hot path asks `enabled()` before any
+tracing work.
 
 One trace runs: the gateway's server span for the Upload (the grpc instrumentation) -> the
 publish of its message (a producer span, whose W3C `traceparent` travels in the Celery
@@ -22,14 +23,6 @@ from typing import Any, TypeVar
 import httpx
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.instrumentation.celery import CeleryInstrumentor
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.settings import Settings
@@ -58,6 +51,14 @@ def configure(settings: Settings, service_name: str) -> bool:
     global _enabled  # noqa: PLW0603  (one provider per process, as the API's global is)
     if _enabled or not settings.otlp_endpoint_configured:
         return _enabled
+    # Imported only once tracing is on (here and below): without it no process loads the SDK.
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+        OTLPSpanExporter,
+    )
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
+
     # OTEL_SERVICE_NAME, when set, wins over ours (Resource.create reads it last).
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
@@ -70,6 +71,8 @@ def grpc_server_interceptors() -> list[Any]:
     """OpenTelemetry's grpc.aio server interceptor when tracing is on; else none, at no cost."""
     if not _enabled:
         return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor  # noqa: PLC0415
+
     return [aio_server_interceptor()]  # type: ignore[no-untyped-call]
 
 
@@ -78,6 +81,10 @@ def instrument_worker(http: httpx.AsyncClient, engine: AsyncEngine) -> None:
     and its statements; nothing when tracing is off."""
     if not _enabled:
         return
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor  # noqa: PLC0415
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor  # noqa: PLC0415
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor  # noqa: PLC0415
+
     CeleryInstrumentor().instrument()  # type: ignore[no-untyped-call]
     HTTPXClientInstrumentor.instrument_client(http)
     # Its declared range stops below SQLAlchemy 2.1, which we run: it hooks the engine's
