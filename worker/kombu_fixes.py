@@ -1,4 +1,4 @@
-"""Fixes to kombu's Redis transport and Celery's consumer, applied when a worker starts.
+"""Fixes to kombu's Redis transport and Celery's consumer and pool, applied when a worker starts.
 
 - A broker blip must not kill the worker. When the broker connection drops while a task is
   held, kombu closes the channel and tries to hand the held messages back at once; the
@@ -17,6 +17,12 @@
   broker goes, and closing its consumers then fails with an AttributeError (the same class of
   kombu #582), which at shutdown escaped as a traceback logged one line per write (~1,700
   lines): the consumers are dropped with the connection, and the loss is said once.
+- A cold shutdown (SIGQUIT) must end the worker. Celery cancels the running tasks through
+  their pool's `terminate_job`, which its thread pool does not have: NotImplementedError
+  escaped from the signal handler into whatever the main thread was doing, and the shutdown
+  ended with exit code 0, or not at all (celery/celery#10490). A thread cannot be killed; a
+  task of ours ends when the worker's loops stop and cancel its work (`worker.runtime`), so
+  the pool's `terminate_job` does nothing and the cold shutdown goes on as designed.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from celery import bootsteps
+from celery.concurrency import thread as celery_threads
 from celery.worker import state as worker_state
 from kombu.transport import redis as kombu_redis
 from kombu.utils.url import maybe_sanitize_url
@@ -104,7 +111,13 @@ def _say_broker_lost(consumer: Any) -> None:
     )
 
 
+def _threads_end_with_the_loops(self: Any, pid: Any, signal: Any = None) -> None:
+    log.info("a running task ends when the worker's loops stop (threads cannot be killed)")
+
+
 def apply() -> None:
+    thread_pool: Any = celery_threads.TaskPool
+    thread_pool.terminate_job = _threads_end_with_the_loops
     step: Any = bootsteps.ConsumerStep  # celery-types leaves out the private _close
     if not getattr(step._close, "patched", False):
         step._close = _close_without_connection(step._close)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from celery.concurrency import thread as celery_threads
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
@@ -52,3 +54,12 @@ def test_a_replaced_pool_gets_a_client_of_its_own(channel: Any) -> None:
         assert after is not before
         assert after.connection_pool is channel.pool
         assert after.hget("hash", "field") == b"value"
+
+
+def test_the_thread_pool_lets_a_cold_shutdown_cancel_its_running_tasks() -> None:
+    # Celery's cold shutdown calls terminate_job for each running task; the thread pool's own
+    # raised NotImplementedError out of the signal handler (celery/celery#10490).
+    kombu_fixes.apply()
+    pool = celery_threads.TaskPool(limit=1)
+
+    assert pool.terminate_job(12345, signal.SIGTERM) is None
