@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import uuid
 from collections.abc import Iterator
@@ -56,10 +57,15 @@ def test_a_replaced_pool_gets_a_client_of_its_own(channel: Any) -> None:
         assert after.hget("hash", "field") == b"value"
 
 
-def test_the_thread_pool_lets_a_cold_shutdown_cancel_its_running_tasks() -> None:
+def test_the_thread_pool_lets_a_cold_shutdown_cancel_its_running_tasks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # Celery's cold shutdown calls terminate_job for each running task; the thread pool's own
     # raised NotImplementedError out of the signal handler (celery/celery#10490).
     kombu_fixes.apply()
     pool = celery_threads.TaskPool(limit=1)
 
-    assert pool.terminate_job(12345, signal.SIGTERM) is None
+    with caplog.at_level(logging.INFO, logger="worker.kombu_fixes"):
+        pool.terminate_job(12345, signal.SIGTERM)  # raised NotImplementedError before
+
+    assert "ends when the worker's loops stop" in caplog.text
