@@ -23,6 +23,11 @@
   ended with exit code 0, or not at all (celery/celery#10490). A thread cannot be killed; a
   task of ours ends when the worker's loops stop and cancel its work (`worker.runtime`), so
   the pool's `terminate_job` does nothing and the cold shutdown goes on as designed.
+- Nor hang it. Celery runs the cold shutdown inside the SIGQUIT handler, in the main thread,
+  which may be in the middle of handing a task to the thread pool (`ThreadPoolExecutor.submit`,
+  which holds the executor's shutdown lock while it starts a thread); the handler's
+  `pool.stop()` then waited for that same lock forever. The lock is made re-entrant, so the
+  handler's shutdown goes through; the interrupted submit finds its work item cancelled.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -115,9 +121,21 @@ def _threads_end_with_the_loops(self: Any, pid: Any, signal: Any = None) -> None
     log.info("a running task ends when the worker's loops stop (threads cannot be killed)")
 
 
+def _shutdown_lock_reentrant(init: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.executor._shutdown_lock = threading.RLock()
+
+    __init__.patched = True  # type: ignore[attr-defined]
+    return __init__
+
+
 def apply() -> None:
     thread_pool: Any = celery_threads.TaskPool
     thread_pool.terminate_job = _threads_end_with_the_loops
+    if not getattr(thread_pool.__init__, "patched", False):
+        thread_pool.__init__ = _shutdown_lock_reentrant(thread_pool.__init__)
     step: Any = bootsteps.ConsumerStep  # celery-types leaves out the private _close
     if not getattr(step._close, "patched", False):
         step._close = _close_without_connection(step._close)
