@@ -81,18 +81,20 @@ def test_worker_killed_after_an_ack(
     assert counts.success + counts.failure == len(PAGES)
 
 
-# Celery's exit codes: a warm shutdown (SIGTERM) ends with EX_OK, a cold one (SIGQUIT) with
-# EX_FAILURE (celery.apps.worker's shutdown handlers).
+# Celery's exit codes: a warm shutdown (SIGTERM) ends with EX_OK. A cold one (SIGQUIT) asks for
+# EX_FAILURE (celery.apps.worker's shutdown handlers), but ends with EX_OK when its
+# WorkerTerminate reaches WorkController.start, which terminates without that code, and with
+# EX_FAILURE when a task handed to the stopped pool fails first: either is a cold shutdown.
 @pytest.mark.parametrize(
-    ("signum", "name", "exit_code"),
-    [(signal.SIGTERM, "warm", EX_OK), (signal.SIGQUIT, "cold", EX_FAILURE)],
+    ("signum", "name", "exit_codes"),
+    [(signal.SIGTERM, "warm", {EX_OK}), (signal.SIGQUIT, "cold", {EX_OK, EX_FAILURE})],
 )
 def test_worker_shutdown_with_tasks_queued(
     fault_stack: Callable[..., Stack],
     ledger_for: Callable[[Stack], Ledger],
     signum: int,
     name: str,
-    exit_code: int,
+    exit_codes: set[int],
 ) -> None:
     stack = fault_stack()
     gateway = stack.start_gateway()
@@ -114,7 +116,7 @@ def test_worker_shutdown_with_tasks_queued(
             f"the worker did not exit within {SHUTDOWN_SECONDS} s of {name} shutdown; its "
             f"threads:\n{worker.output()[-20000:]}"
         )
-    assert code == exit_code, f"{name} shutdown exited with {code}:\n{worker.output()}"
+    assert code in exit_codes, f"{name} shutdown exited with {code}:\n{worker.output()}"
     stack.start_worker("next", concurrency=2)
     ledger.settle(gateway, 120)
     counts = ledger.count(sample_links(stack.site.url, PAGES))
