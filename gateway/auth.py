@@ -66,13 +66,13 @@ def authenticate(metadata: Metadata | None, table: TokenTable) -> str:
 # The stubs make these generic; the runtime classes are not subscriptable.
 if TYPE_CHECKING:
     Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
-    _Interceptor: TypeAlias = grpc.aio.ServerInterceptor[Any, Any]
+    Interceptor: TypeAlias = grpc.aio.ServerInterceptor[Any, Any]
 else:
     Handler = grpc.RpcMethodHandler
-    _Interceptor = grpc.aio.ServerInterceptor
+    Interceptor = grpc.aio.ServerInterceptor
 
 
-class BearerAuthInterceptor(_Interceptor):
+class BearerAuthInterceptor(Interceptor):
     def __init__(self, table: TokenTable, limiter: RateLimiter) -> None:
         self._table = table
         self._limiter = limiter
@@ -83,7 +83,7 @@ class BearerAuthInterceptor(_Interceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
         handler = await continuation(handler_call_details)
-        if handler is None or _service_of(handler_call_details.method) in OPEN_SERVICES:
+        if handler is None or service_of(handler_call_details.method) in OPEN_SERVICES:
             return handler
         try:
             client = authenticate(handler_call_details.invocation_metadata, self._table)
@@ -93,11 +93,11 @@ class BearerAuthInterceptor(_Interceptor):
                     f"rate limit of client {client!r} reached; retry in {wait:.2f} s", wait
                 )
         except ServiceError as error:
-            return _refusal(handler, error)
+            return refusal(handler, error)
         return _as_client(handler, client)
 
 
-def _service_of(method: str) -> str:
+def service_of(method: str) -> str:
     """The service's full name in a method path, '/package.Service/Method'."""
     return method[1:].rpartition("/")[0]
 
@@ -145,7 +145,7 @@ def _as_client(handler: Handler, client: str) -> Handler:
     return _with_behavior(handler, make)
 
 
-def _refusal(handler: Handler, error: ServiceError) -> Handler:
+def refusal(handler: Handler, error: ServiceError) -> Handler:
     status = to_status(error)
 
     async def behavior(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

@@ -2,8 +2,9 @@
 
 Importing this module builds nothing: Celery reads the configuration (and so the settings, and
 maybe starts the embedded Redis) only when it first needs it. The worker process's start-up
-signal migrates the database and builds the runtime (event loop, HTTP client, engine), which the
-harvest task reads from its base class; the shutdown signal closes it.
+signal migrates the database (once it answers: a worker may start before it) and builds the
+runtime (event loop, HTTP client, engine), which the harvest task reads from its base class;
+the shutdown signal closes it.
 
 A worker started without `-n` is named `worker-<pid>@<host>`, not Celery's `celery@<host>`, so a
 second worker on one host is a node of its own. The fixes to kombu and Celery that a worker
@@ -24,7 +25,7 @@ from celery.utils.nodenames import nodename, nodesplit
 from core.celery_config import celery_config
 from core.events import events_url
 from core.gc_tuning import freeze_long_lived_objects
-from core.migrate import migrate
+from core.migrate import migrate_when_reachable
 from core.settings import settings_or_exit
 from worker import kombu_fixes
 from worker.runtime import WorkerRuntime
@@ -59,7 +60,11 @@ def _start_runtime(**_: Any) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = settings_or_exit()
     # Before the runtime's loop exists, so the migration's own loop never meets its connections.
-    asyncio.run(migrate(settings.resolved_database_url))
+    # A worker started before its database waits here (logging the wait once a minute), and so
+    # does not consume until it can record what it runs.
+    asyncio.run(
+        migrate_when_reachable(settings.resolved_database_url, settings.dependency_timeout_seconds)
+    )
     events = events_url(app.conf.broker_url, app.conf.result_backend)
     harvest_page.attach(WorkerRuntime(settings, events))
     log.info("worker runtime ready")

@@ -60,12 +60,18 @@ class WorkerRuntime:
         # transient error, which `worker.store` retries on a fresh one (SQLAlchemy drops the
         # pool's stale connections on such an error), and the ping was a round trip per
         # statement, two per page.
+        # Connects are bounded like the gateway's; a statement by the try's soft limit (a try
+        # ends there anyway, and a busy database may hold an upsert on row locks for seconds),
+        # so a database that stops answering never holds a task's thread past its try: the
+        # bookkeeping after the try (its retry, its end) fails too, and the task is retried.
         self.engine: AsyncEngine = create_engine(
             settings.resolved_database_url,
             pool_size=settings.worker_db_connections,
             max_overflow=0,
             pre_ping=False,
             pool_timeout=POOL_WAIT_SECONDS,
+            connect_timeout=settings.dependency_timeout_seconds,
+            statement_timeout=settings.task_soft_time_limit_seconds,
         )
 
     async def _make_client(self, source_url: str) -> httpx.AsyncClient:

@@ -209,7 +209,11 @@ def start_gateway(cwd: Path, env: Mapping[str, str], name: str = "gateway") -> P
 
 
 def start_worker(
-    cwd: Path, env: Mapping[str, str], name: str = "worker", concurrency: int = 4
+    cwd: Path,
+    env: Mapping[str, str],
+    name: str = "worker",
+    concurrency: int = 4,
+    ready: bool = True,
 ) -> Process:
     args = [
         str(BIN / "celery"), "-A", "worker.app", "worker",
@@ -218,7 +222,8 @@ def start_worker(
         "--without-mingle", "--without-gossip",
     ]  # fmt: skip
     process = Process(name, args, clean_environment(env), cwd)
-    process.wait_for_line(r"ready\.")
+    if ready:
+        process.wait_for_line(r"ready\.")
     return process
 
 
