@@ -113,7 +113,9 @@ class Gateway:
             task.cancel()
         # Ended before the clients they use are closed under them, but not waited for without
         # end: a Redis client cut off while it connects may not notice its cancel at once.
-        _, stuck = await asyncio.wait(self._background, timeout=BACKGROUND_STOP_SECONDS)
+        stuck: set[asyncio.Task[None]] = set()
+        if self._background:  # none yet when it stops while it waits for its database
+            _, stuck = await asyncio.wait(self._background, timeout=BACKGROUND_STOP_SECONDS)
         if stuck:
             log.warning("stopping without waiting for: %s", ", ".join(t.get_name() for t in stuck))
         self.queue.close()

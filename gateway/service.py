@@ -39,7 +39,7 @@ from gateway.errors import (
     answers_errors,
     answers_stream_errors,
 )
-from gateway.issuing import Issuer
+from gateway.issuing import VERDICT_MARGIN_SECONDS, Issuer
 from gateway.messages import batch_message, optional_timestamp, timestamp
 from gateway.paging import GARBLED, open_page_token, page_size, seal_page_token
 from gateway.records import IssuedTask, TaskRecords
@@ -282,7 +282,9 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         allowed = (
             self._publish_timeout if deadline is None else min(self._publish_timeout, deadline)
         )
-        return time.monotonic() + max(allowed, 0.1)
+        # The caller hears the verdict a moment after the publish gives up (Issuer.issue), and
+        # that moment too is within the bound.
+        return time.monotonic() + max(allowed - VERDICT_MARGIN_SECONDS, 0.1)
 
     @answers_errors
     async def GetStatus(

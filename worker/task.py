@@ -9,9 +9,10 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery, Task, signals
+from celery.exceptions import Reject
 from google.protobuf import json_format
 
 from core.celery_config import HARVEST_TASK_NAME
@@ -149,6 +150,25 @@ def _ended(task: HarvestTask, outcome: Outcome) -> None:
     runtime.run(runtime.events.publish(TaskChanged(task_id, finished.batch_id)))
 
 
+def _retry(task: HarvestTask, exc: Exception, countdown: float) -> NoReturn:
+    """`task.retry`, except that a retry whose message cannot be sent (a broker that hangs or is
+    down) hands this delivery back instead of failing the task for good: Celery rejects it
+    without requeueing, which reads FAILURE. Requeued, or left unacknowledged when even that
+    cannot reach the broker, the message comes back (at the latest after the visibility
+    timeout) and the task runs again."""
+    try:
+        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+    except Reject as rejected:
+        # Celery's Reject(reason, requeue): the stubs do not declare its attributes.
+        reason = rejected.args[0] if rejected.args else exc
+        log.warning(
+            "could not send the retry of task %s (%s); handing its message back",
+            task.request.id,
+            reason,
+        )
+        raise Reject(reason, requeue=True) from exc
+
+
 def _ended_or_retry(task: HarvestTask, outcome: Outcome) -> None:
     """`_ended`, and when the record cannot be written now, a try later (which ends the same
     way, and writes it then): a final state must reach the record, or its batch never ends."""
@@ -156,7 +176,7 @@ def _ended_or_retry(task: HarvestTask, outcome: Outcome) -> None:
         _ended(task, outcome)
     except RetryableError as exc:
         log.warning("could not record task %s's end (%s); trying again", task.request.id, exc)
-        raise task.retry(exc=exc, countdown=1.0, max_retries=None) from exc
+        _retry(task, exc, 1.0)
 
 
 def _result(result: task_pb2.UploadResult) -> dict[str, Any]:
@@ -217,7 +237,7 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
         delay = policy.delay(tries, exc.retry_after)
         log.warning("page %d, try %d failed (%s); retrying in %.1f s", page, tries, exc, delay)
         _retrying(task, str(exc))
-        raise task.retry(exc=exc, countdown=delay, max_retries=None) from exc
+        _retry(task, exc, delay)
     log.info(
         "page %d: found %d, created %d, updated %d, skipped %d",
         page,
