@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 _TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _QUEUE_ERRORS = (KombuError, KombuOperationalError, RedisError, OSError, TimeoutError)
 PUBLISH_RETRIES = 2
+PING_LOG_EVERY_SECONDS = 60.0
 
 
 class PublishingCelery(Celery):
@@ -106,6 +107,7 @@ class CeleryQueue:
         # Where `send_task` would route a harvest: the same for every message, worked out once.
         self._route: dict[str, Any] = app.amqp.router.route({}, HARVEST_TASK_NAME)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-read")
+        self._ping_logged_at: float | None = None  # when a failed ping was last logged
 
     async def _call(
         self,
@@ -252,8 +254,16 @@ class CeleryQueue:
         try:
             await self._call(self._ping)
         except QueueUnavailable as exc:
-            log.warning("broker unreachable: %s", exc)
+            # Once when an outage begins, then at most once a minute: health pings every few
+            # seconds, and a long outage must not flood the log.
+            now = time.monotonic()
+            if self._ping_logged_at is None or now - self._ping_logged_at >= PING_LOG_EVERY_SECONDS:
+                log.warning("broker or result store unreachable: %s", exc)
+                self._ping_logged_at = now
             return False
+        if self._ping_logged_at is not None:
+            log.info("broker and result store answer again")
+        self._ping_logged_at = None
         return True
 
     def _queued_ids(self, queue: str) -> set[str] | None:

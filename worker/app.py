@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import click
@@ -27,6 +28,7 @@ from core.events import events_url
 from core.gc_tuning import freeze_long_lived_objects
 from core.migrate import migrate_when_reachable
 from core.settings import settings_or_exit
+from core.waiting import LOG_EVERY_SECONDS
 from worker import kombu_fixes
 from worker.runtime import WorkerRuntime
 from worker.task import register
@@ -53,9 +55,31 @@ def _unique_default_node_name(instance: Any, **_: Any) -> None:
     instance.hostname = nodename(f"worker-{os.getpid()}", nodesplit(instance.hostname)[1])
 
 
+class _BrokerWaitLog(logging.Filter):
+    """Celery's consumer logs each failed try to reach the broker (every few seconds while it
+    waits): let the first through, then one a minute, until it connects again."""
+
+    def __init__(self, every: float = LOG_EVERY_SECONDS) -> None:
+        super().__init__()
+        self._every = every
+        self._logged_at: float | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("consumer: Cannot connect to"):
+            if str(record.msg).startswith("Connected to"):
+                self._logged_at = None  # the next outage is told at once
+            return True
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < self._every:
+            return False
+        self._logged_at = now
+        return True
+
+
 @signals.worker_init.connect
 def _start_runtime(**_: Any) -> None:
     kombu_fixes.apply()
+    logging.getLogger("celery.worker.consumer.consumer").addFilter(_BrokerWaitLog())
     # One INFO line per fetched page costs more than it tells; failures are logged by the task.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = settings_or_exit()

@@ -189,9 +189,13 @@ def test_started_before_their_dependency(
         assert gateway.process.popen.poll() is None and worker.popen.poll() is None
         assert "ready." not in worker.output()  # it consumes nothing meanwhile
         assert health.statuses_since(0) == {NOT_SERVING}, health.changes
+        # Told once, not once a try (a minute passes before it is told again).
         if missing == "postgres":
             assert gateway.process.output().count("waiting for the database") == 1
             assert worker.output().count("waiting for the database") == 1
+        else:
+            assert gateway.process.output().count("broker or result store unreachable") == 1
+            assert worker.output().count("Cannot connect to") == 1
         started_at = time.monotonic()
         if missing == "postgres":
             own_postgres.start()

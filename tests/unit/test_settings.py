@@ -255,3 +255,17 @@ def test_several_gateway_processes_need_a_fixed_port(env: pytest.MonkeyPatch) ->
     assert "GATEWAY_PROCESSES above 1 needs a fixed port" in str(error)
     fixed = settings(env, GATEWAY_PROCESSES="2", GATEWAY_ADDRESS="127.0.0.1:50051")
     assert fixed.gateway_processes == 2
+
+
+@pytest.mark.parametrize(
+    ("dependency", "publish", "accepted"),
+    [("1", "3", True), ("1.5", "3", True), ("1.6", "3", False), ("2", "3", False)],
+)
+def test_dependency_timeout_must_fit_twice_in_the_publish_bound(
+    env: pytest.MonkeyPatch, dependency: str, publish: str, accepted: bool
+) -> None:
+    variables = {"DEPENDENCY_TIMEOUT_SECONDS": dependency, "PUBLISH_TIMEOUT_SECONDS": publish}
+    if accepted:
+        assert settings(env, **variables).dependency_timeout_seconds == float(dependency)
+    else:
+        assert "DEPENDENCY_TIMEOUT_SECONDS must be at most half" in str(rejected(env, **variables))
