@@ -37,12 +37,15 @@ class Backoff:
         return float(min(self.longest, self.first * 2 ** (failures - 1)))
 
 
+DEFAULT_BACKOFF = Backoff()
+
+
 async def until_done(
     attempt: Callable[[], Awaitable[T]],
     what: str,
     passes: Callable[[BaseException], bool],
     *,
-    backoff: Backoff = Backoff(),
+    backoff: Backoff = DEFAULT_BACKOFF,
     on_failure: Callable[[BaseException], None] = lambda _exc: None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from core.db import is_unreachable
-from core.waiting import until_done
+from core.waiting import DEFAULT_BACKOFF, Backoff, until_done
 from gateway.auth import OPEN_SERVICES, Handler, Interceptor, refusal, service_of
 from gateway.errors import Unavailable
 
@@ -32,8 +32,11 @@ def _may_pass(exc: BaseException) -> bool:
 
 
 class Startup:
-    def __init__(self, prepare: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, prepare: Callable[[], Awaitable[None]], backoff: Backoff = DEFAULT_BACKOFF
+    ) -> None:
         self._prepare = prepare
+        self._backoff = backoff
         self.ready = False
         self.waiting_for = "the database has not been tried yet"
 
@@ -43,7 +46,9 @@ class Startup:
 
     async def run(self) -> None:
         """Prepare once the database answers; raises what waiting will not cure."""
-        await until_done(self._prepare, "the database", _may_pass, on_failure=self._note)
+        await until_done(
+            self._prepare, "the database", _may_pass, backoff=self._backoff, on_failure=self._note
+        )
         self.ready = True
         log.info("gateway ready: database migrated, feed primed")
 

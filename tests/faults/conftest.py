@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from tests.conftest import StackFactory
 from tests.faults.ledger import REPORT, Ledger
-from tests.support.processes import PostgresServer, RedisServer, postgres_bin
-from tests.support.services import require
+from tests.support.processes import RedisServer
 from tests.support.stack import Stack
 
 # Redelivery within seconds: a killed worker's tasks come back after the visibility timeout.
@@ -43,17 +42,3 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("fault scenarios: what each did and counted")
         for line in REPORT:
             terminalreporter.write_line(line)
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL cluster of the test's own, initialised but not started (tests that pause
-    or start the database late use it; the machine's is never paused)."""
-    bin_dir = postgres_bin()
-    require("PostgreSQL's initdb and pg_ctl", bin_dir is not None)
-    assert bin_dir is not None
-    server = PostgresServer(bin_dir)
-    try:
-        yield server
-    finally:
-        server.close()

@@ -20,9 +20,16 @@ class FakeServicer:
 
     def __init__(self) -> None:
         self.status: dict[str, Any] = {}
+        self._changed = asyncio.Condition()
 
     async def set(self, service: str, status: Any) -> None:
-        self.status[service] = status
+        async with self._changed:
+            self.status[service] = status
+            self._changed.notify_all()
+
+    async def reaches(self, status: Any) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.status.get("") == status)
 
     async def enter_graceful_shutdown(self) -> None:
         self.status.clear()
@@ -91,14 +98,12 @@ async def test_the_watcher_marks_a_hang_not_serving_within_two_intervals() -> No
     dependency.hanging = True
     hung_at = time.monotonic()
     async with asyncio.timeout(5):
-        while servicer.status[""] != NOT_SERVING:
-            await asyncio.sleep(0.01)
+        await servicer.reaches(NOT_SERVING)
     assert time.monotonic() - hung_at <= 2 * 0.1 + 0.15
     dependency.hanging = False
     dependency.released.set()
     async with asyncio.timeout(5):
-        while servicer.status[""] != SERVING:
-            await asyncio.sleep(0.01)
+        await servicer.reaches(SERVING)
     await health.shutdown()
 
 
