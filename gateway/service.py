@@ -12,12 +12,13 @@ The caller's identity comes from `gateway.auth.current_client`; errors are raise
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import re
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,8 @@ from gateway.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    QueueUnavailable,
+    StoreUnavailable,
     Unavailable,
     answers_errors,
     answers_stream_errors,
@@ -480,6 +483,16 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
 
     # --- watching -----------------------------------------------------------------------------
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _resumable() -> Iterator[None]:
+        """A dependency that fails (or hangs past its bound) under a stream ends it UNAVAILABLE,
+        saying how to go on: a watch holds no position, so watching again resumes it."""
+        try:
+            yield
+        except (StoreUnavailable, QueueUnavailable) as exc:
+            raise Unavailable(f"{exc.message}; watch again to resume", cause=exc.cause) from exc
+
     async def _woken(self, woken: asyncio.Event) -> None:
         """Until an event wakes the stream or its slow timer fires; UNAVAILABLE on shutdown."""
         waiting = asyncio.ensure_future(woken.wait())
@@ -505,7 +518,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         task_id = _check_task_id(request.id)
         client = current_client.get()
         last: task_pb2.Task | None = None
-        with self._hub.watch(task_id) as woken:
+        with self._hub.watch(task_id) as woken, self._resumable():
             while True:
                 woken.clear()
                 task = await self._records.get(client, task_id)
@@ -532,7 +545,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
     ) -> AsyncIterator[queue_service_pb2.WatchBatchResponse]:
         batch_id = _check_batch_id(request.id)
         last: task_pb2.Batch | None = None
-        with self._hub.watch(batch_id) as woken:
+        with self._hub.watch(batch_id) as woken, self._resumable():
             while True:
                 woken.clear()
                 message = batch_message(await self._batch(batch_id))
