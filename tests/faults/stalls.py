@@ -47,9 +47,17 @@ class RpcAnswers:
 
 class RpcProbe:
     def __init__(
-        self, gateway: Gateway, ledger: Ledger, pages: list[int], task_id: str, link: str
+        self,
+        gateway: Gateway,
+        ledger: Ledger,
+        pages: list[int],
+        task_id: str,
+        link: str,
+        batch_id: str,
     ) -> None:
-        """Uploads of `pages`, GetStatus of `task_id`, GetProject of the project at `link`."""
+        """Uploads (and UploadPages) of `pages`, GetStatus of `task_id`, GetProject of the
+        project at `link`, GetBatch of `batch_id`."""
+        self._batch_id = batch_id
         self._gateway = gateway
         self._ledger = ledger
         self._pages = pages
@@ -111,8 +119,25 @@ class RpcProbe:
                 timeout=deadline,
             )
 
+        def upload_pages(n: int) -> None:
+            page = self._pages[n % len(self._pages)]
+            stub.UploadPages(
+                queue_service_pb2.UploadPagesRequest(first_page=page, last_page=page),
+                metadata=AUTH,
+                timeout=deadline,
+            )
+
+        def get_batch(_n: int) -> None:
+            stub.GetBatch(
+                queue_service_pb2.GetBatchRequest(id=self._batch_id),
+                metadata=AUTH,
+                timeout=deadline,
+            )
+
         return {
             "Upload": upload,
+            "UploadPages": upload_pages,
+            "GetBatch": get_batch,
             "Upload(request_id)": upload_request_id,
             "GetStatus": get_status,
             "ListTasks": list_tasks,

@@ -60,7 +60,12 @@ def harvest_through_a_stall(
         ledger.upload(gateway, page, f"before-{uuid.uuid4().hex[:8]}")
     health = HealthTimeline(gateway.address).start()
     link = sorted(sample_links(stack.site.url, [PAGES[-1]]))[0]
-    probe = RpcProbe(gateway, ledger, PAGES, first.id, link)
+    batch = gateway.stub.UploadPages(
+        queue_service_pb2.UploadPagesRequest(first_page=PAGES[-1], last_page=PAGES[-1]),
+        metadata=AUTH,
+        timeout=10,
+    ).batch
+    probe = RpcProbe(gateway, ledger, PAGES, first.id, link, batch.id)
     probe.start()
     time.sleep(0.3)  # not for correctness: only so that each RPC is answered once before
     paused_at = time.monotonic()
