@@ -33,6 +33,7 @@ T = TypeVar("T")
 
 # How long a task waits for one of the process's database connections before that try fails.
 POOL_WAIT_SECONDS = 5.0
+STATEMENTS_PER_TRY = 4
 
 
 class WorkerRuntime:
@@ -60,10 +61,11 @@ class WorkerRuntime:
         # transient error, which `worker.store` retries on a fresh one (SQLAlchemy drops the
         # pool's stale connections on such an error), and the ping was a round trip per
         # statement, two per page.
-        # Connects are bounded like the gateway's; a statement by the try's soft limit (a try
-        # ends there anyway, and a busy database may hold an upsert on row locks for seconds),
-        # so a database that stops answering never holds a task's thread past its try: the
-        # bookkeeping after the try (its retry, its end) fails too, and the task is retried.
+        # Connects are bounded like the gateway's; a statement by a share of the try's soft
+        # limit (a busy database may hold an upsert on row locks for seconds): a try makes up
+        # to STATEMENTS_PER_TRY calls in a row outside its harvest's own bound (its start, in
+        # the prerun and again, its retry's record), so a try whose database stops answering
+        # still ends within its soft limit, and is retried.
         self.engine: AsyncEngine = create_engine(
             settings.resolved_database_url,
             pool_size=settings.worker_db_connections,
@@ -71,7 +73,7 @@ class WorkerRuntime:
             pre_ping=False,
             pool_timeout=POOL_WAIT_SECONDS,
             connect_timeout=settings.dependency_timeout_seconds,
-            statement_timeout=settings.task_soft_time_limit_seconds,
+            statement_timeout=settings.task_soft_time_limit_seconds / STATEMENTS_PER_TRY,
         )
 
     async def _make_client(self, source_url: str) -> httpx.AsyncClient:

@@ -13,9 +13,13 @@ duplicated.
 
 from __future__ import annotations
 
+import datetime as dt
+import itertools
+import re
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -43,9 +47,18 @@ PAGES = list(range(1, 9))
 PATIENT = {**FAST_FAILURE, "RETRY_MAX_TRIES": "30"}
 
 
+@dataclass(frozen=True)
+class Stall:
+    detail: str  # each RPC's slowest answer against its bound, and its codes
+    down: float  # seconds from the pause to health NOT_SERVING
+    up: float  # seconds from the resume to health SERVING for good
+    paused: float  # wall-clock time (time.time()) of the pause, to read logs against
+    resumed: float
+
+
 def harvest_through_a_stall(
     stack: Stack, ledger: Ledger, pause: Callable[[], None], resume: Callable[[], None]
-) -> tuple[str, float, float]:
+) -> Stall:
     """Uploads before, during and after a stall of STALL_SECONDS, every RPC probed throughout.
 
     What each RPC answered, and how long health took to go NOT_SERVING and back.
@@ -68,12 +81,12 @@ def harvest_through_a_stall(
     probe = RpcProbe(gateway, ledger, PAGES, first.id, link, batch.id)
     probe.start()
     time.sleep(0.3)  # not for correctness: only so that each RPC is answered once before
-    paused_at = time.monotonic()
+    paused_at, paused_wall = time.monotonic(), time.time()
     pause()
     try:
         time.sleep(STALL_SECONDS)  # the stall itself: what is measured happens meanwhile
     finally:
-        resumed_at = time.monotonic()
+        resumed_at, resumed_wall = time.monotonic(), time.time()
         resume()
     time.sleep(2 * HEALTH_BOUND_SECONDS)  # calls and health after it, probed too
     answers = probe.stop()
@@ -89,7 +102,7 @@ def harvest_through_a_stall(
         assert not answer.improper, (name, answer.improper[:3])
         assert answer.slowest <= RPC_BOUND_SECONDS + SLACK_SECONDS, (name, detail)
         assert answer.codes.get("OK"), (name, "never answered OK", detail)
-    return detail, down, up
+    return Stall(detail, down, up, paused_wall, resumed_wall)
 
 
 @pytest.mark.parametrize(
@@ -114,13 +127,13 @@ def test_redis_paused_mid_harvest(
         stack.start_worker("worker-a", concurrency=2)
         stack.start_worker("worker-b", concurrency=2)
         ledger = ledger_for(stack)
-        detail, down, up = harvest_through_a_stall(stack, ledger, paused.pause, paused.resume)
+        stall = harvest_through_a_stall(stack, ledger, paused.pause, paused.resume)
         ledger.settle(stack.gateways[0], 150)
         counts = ledger.count(sample_links(stack.site.url, PAGES))
         record(
             f"15. Redis SIGSTOPped {STALL_SECONDS:g} s mid-harvest ({layout})",
-            f"health NOT_SERVING after {down:.2f} s, SERVING {up:.2f} s after SIGCONT "
-            f"(bound {HEALTH_BOUND_SECONDS:g} s); {detail}",
+            f"health NOT_SERVING after {stall.down:.2f} s, SERVING {stall.up:.2f} s after "
+            f"SIGCONT (bound {HEALTH_BOUND_SECONDS:g} s); {stall.detail}",
             counts,
         )
         assert counts.lost == 0 and counts.duplicated == 0
@@ -138,23 +151,58 @@ def test_postgres_paused_mid_harvest(
     stack.start_gateway()
     worker = stack.start_worker(concurrency=4)
     ledger = ledger_for(stack)
-    detail, down, up = harvest_through_a_stall(
-        stack, ledger, own_postgres.pause, own_postgres.resume
-    )
+    stall = harvest_through_a_stall(stack, ledger, own_postgres.pause, own_postgres.resume)
     ledger.settle(stack.gateways[0], 150)
     counts = ledger.count(sample_links(stack.site.url, PAGES))
     # The worker's tries ended while the database hung (at the soft limit, or sooner on a
-    # bounded connect) and were tried again: none held its thread for the whole stall.
-    retried = worker.output().count("retrying in")
+    # bounded connect or statement) and were tried again: none held its thread for the stall.
+    during = [
+        (when, page, reason)
+        for when, page, reason in retries(worker.output())
+        if stall.paused <= when <= stall.resumed and "source answered" not in reason
+    ]
+    soft_limit = sum("TASK_SOFT_TIME_LIMIT_SECONDS" in reason for _, _, reason in during)
+    pages = [page for _, page, _ in during]
+    # Tries keep ending throughout the stall: from the pause to the first end, between two
+    # ends, and from the last to the resume, no longer than a try and its countdown.
+    moments = [stall.paused, *sorted(when for when, _, _ in during), stall.resumed]
+    longest_try = max(later - earlier for earlier, later in itertools.pairwise(moments))
+    try_bound = float(PATIENT["TASK_SOFT_TIME_LIMIT_SECONDS"]) + float(
+        PATIENT["RETRY_MAX_DELAY_SECONDS"]
+    )
     record(
         f"16. PostgreSQL SIGSTOPped {STALL_SECONDS:g} s mid-harvest",
-        f"health NOT_SERVING after {down:.2f} s, SERVING {up:.2f} s after SIGCONT "
-        f"(bound {HEALTH_BOUND_SECONDS:g} s); worker tries retried {retried} times; {detail}",
+        f"health NOT_SERVING after {stall.down:.2f} s, SERVING {stall.up:.2f} s after "
+        f"SIGCONT (bound {HEALTH_BOUND_SECONDS:g} s); {len(during)} worker tries ended and "
+        f"retried during the stall ({soft_limit} at the soft limit, the others on a bounded "
+        f"database call), at most {max(map(pages.count, pages), default=0)} of one page, "
+        f"one ending at least every {longest_try:.1f} s (a try and its countdown: "
+        f"{try_bound:g} s); "
+        f"{stall.detail}",
         counts,
     )
-    assert retried > 0, worker.output()[-3000:]
+    # Tries end and are tried again while it hangs, more than once for a page, each within
+    # its soft limit.
+    assert any(pages.count(page) >= 2 for page in pages), worker.output()[-4000:]
+    assert longest_try <= try_bound + SLACK_SECONDS, worker.output()[-4000:]
     assert counts.lost == 0 and counts.duplicated == 0
     assert counts.success == counts.accepted, [t.error for t in ledger.final.values()]
+
+
+_RETRY_LINE = re.compile(
+    r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/[\w-]+\] "
+    r"page (\d+), try \d+ failed \((.*)\); retrying in",
+    re.MULTILINE,
+)
+
+
+def retries(output: str) -> list[tuple[float, int, str]]:
+    """(wall-clock time, page, reason) of each try the worker's log says failed and is retried
+    (Celery logs local time)."""
+    return [
+        (dt.datetime.strptime(when, "%Y-%m-%d %H:%M:%S,%f").timestamp(), int(page), reason)
+        for when, page, reason in _RETRY_LINE.findall(output)
+    ]
 
 
 def refused_while_starting(stack: Stack) -> float:

@@ -17,6 +17,8 @@ from sqlalchemy.exc import DBAPIError
 
 from core.celery_config import make_celery
 from core.db import create_engine, is_unreachable
+from core.events import PUBLISH_TIMEOUT_SECONDS as EVENTS_BOUND
+from core.events import EventPublisher, TaskChanged, events_url
 from core.migrate import migrate
 from core.settings import Settings
 from gateway.celery_queue import CeleryQueue, Publication, PublishingCelery
@@ -59,6 +61,7 @@ async def test_a_paused_redis_is_unavailable_within_the_bound(own_redis: RedisSe
     )
     task_id = str(uuid.uuid4())
     paused = RedisPause(own_redis)
+    events = EventPublisher(events_url(own_redis.url, own_redis.url), "")
     try:
         assert await queue.ping() is True
         assert (await queue.state(task_id)).status == "PENDING"
@@ -77,6 +80,10 @@ async def test_a_paused_redis_is_unavailable_within_the_bound(own_redis: RedisSe
             assert isinstance(sent, list) and isinstance(sent[0], QueueUnavailable), sent
             assert took <= PUBLISH + BOUND + SLACK, took
             assert told.times >= 2
+            # A batch's events (CancelBatch): one bound for all of them, not one per event.
+            many = [TaskChanged(str(uuid.uuid4())) for _ in range(100)]
+            _, took = await timed(lambda: events.publish_many(many))
+            assert took <= EVENTS_BOUND + SLACK, took
         finally:
             paused.resume()
         assert await queue.ping() is True
@@ -84,6 +91,7 @@ async def test_a_paused_redis_is_unavailable_within_the_bound(own_redis: RedisSe
     finally:
         paused.resume()
         queue.close()
+        await events.close()
 
 
 @pytest.mark.postgres
