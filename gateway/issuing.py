@@ -18,7 +18,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from gateway.batching import Batcher
+from core.batching import Batcher
 from gateway.celery_queue import CeleryQueue, Publication
 from gateway.errors import UNCONFIRMED, StoreUnavailable, Unavailable
 from gateway.records import IssuedTask, TaskRecords

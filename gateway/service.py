@@ -442,7 +442,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         # One round trip for every page's event, beside the revoke: a Redis that hangs would
         # hold the call a bound per page otherwise.
         events = [TaskChanged(page, batch_id) for page in pages] or [TaskChanged("", batch_id)]
-        await asyncio.gather(self._queue.revoke(pages), self._events.publish_many(events))
+        await asyncio.gather(self._queue.revoke(pages), self._events.publish_all(events))
         return queue_service_pb2.CancelBatchResponse(batch=batch_message(batch))
 
     # --- listing ------------------------------------------------------------------------------

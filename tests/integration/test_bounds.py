@@ -82,7 +82,7 @@ async def test_a_paused_redis_is_unavailable_within_the_bound(own_redis: RedisSe
             assert told.times >= 2
             # A batch's events (CancelBatch): one bound for all of them, not one per event.
             many = [TaskChanged(str(uuid.uuid4())) for _ in range(100)]
-            _, took = await timed(lambda: events.publish_many(many))
+            _, took = await timed(lambda: events.publish_all(many))
             assert took <= EVENTS_BOUND + SLACK, took
         finally:
             paused.resume()
