@@ -238,17 +238,22 @@ def test_started_before_their_dependency(
         worker = stack.launch_worker(concurrency=2)
         health = HealthTimeline(gateway.address).start()
         refused = refused_while_starting(stack)
-        time.sleep(3)  # not for correctness: the wait goes on a while, and must not flood
+        # What each waits for, said once it has tried (it may take a while to get there).
+        said = (
+            ("waiting for the database", "waiting for the database")
+            if missing == "postgres"
+            else ("broker or result store unreachable", "Cannot connect to")
+        )
+        gateway.process.wait_for_line(said[0])
+        worker.wait_for_line(said[1])
+        # Several more tries meanwhile (every 0.5-2 s): each must not be told again, for a
+        # minute. Not for correctness otherwise: the wait goes on a while.
+        time.sleep(3)
         assert gateway.process.popen.poll() is None and worker.popen.poll() is None
         assert "ready." not in worker.output()  # it consumes nothing meanwhile
         assert health.statuses_since(0) == {NOT_SERVING}, health.changes
-        # Told once, not once a try (a minute passes before it is told again).
-        if missing == "postgres":
-            assert gateway.process.output().count("waiting for the database") == 1
-            assert worker.output().count("waiting for the database") == 1
-        else:
-            assert gateway.process.output().count("broker or result store unreachable") == 1
-            assert worker.output().count("Cannot connect to") == 1
+        assert gateway.process.output().count(said[0]) == 1
+        assert worker.output().count(said[1]) == 1
         started_at = time.monotonic()
         if missing == "postgres":
             own_postgres.start()
