@@ -36,6 +36,11 @@ async def nobody() -> None:
     return
 
 
+def _retrieve(ping: asyncio.Future[bool]) -> None:
+    if not ping.cancelled() and ping.exception() is not None:
+        log.debug("health probe failed", exc_info=ping.exception())
+
+
 class DependencyHealth:
     # `servicer` is a grpc_health.v1.health.aio.HealthServicer, which the type stubs lack.
     def __init__(self, servicer: Any, interval: float, probe_timeout: float) -> None:
@@ -51,6 +56,7 @@ class DependencyHealth:
     async def _set(self, serving: bool, why: str = "") -> None:
         if serving == self._serving:
             return
+        first = self._serving is None
         self._serving = serving
         status = (
             health_pb2.HealthCheckResponse.SERVING
@@ -60,7 +66,8 @@ class DependencyHealth:
         for name in SERVICES:
             await self.servicer.set(name, status)
         log.log(
-            logging.INFO if serving else logging.WARNING,
+            # The first status (NOT_SERVING while it starts) is no news.
+            logging.INFO if serving or first else logging.WARNING,
             "health: %s%s",
             "SERVING" if serving else "NOT_SERVING",
             f" ({why})" if why else "",
@@ -74,6 +81,9 @@ class DependencyHealth:
         running = self._in_flight.get(index)
         if running is None or running.done():
             running = asyncio.ensure_future(probe())
+            # Read when it ends, whether or not a check still waits for it (one that ends after
+            # its check gave up on it is not "never retrieved").
+            running.add_done_callback(_retrieve)
             self._in_flight[index] = running
         return running
 
