@@ -81,6 +81,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "broker_connection_timeout": SOCKET_CONNECT_TIMEOUT_SECONDS,
         "broker_connection_retry_on_startup": True,
+        # A worker started before its broker, or whose broker is down, waits for it however
+        # long that takes (Celery's default gives up after 100 tries) and then consumes.
+        "broker_connection_max_retries": None,
         "redis_socket_connect_timeout": SOCKET_CONNECT_TIMEOUT_SECONDS,
         "redis_socket_timeout": SOCKET_TIMEOUT_SECONDS,
         "redis_retry_on_timeout": True,

@@ -196,8 +196,9 @@ class BatchRecord(Base):
 
 # SQLSTATE classes of a database that cannot serve now but may in a moment: connection
 # exceptions (08), insufficient resources such as "too many clients" (53), operator
-# intervention such as a shutdown or a server still starting (57P).
-_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P")
+# intervention such as a shutdown or a server still starting (57P), and a statement cancelled
+# by statement_timeout (57014): a database that slow counts as down.
+_UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P", "57014")
 # Contention between concurrent writers: serialization failure, deadlock, lock not available.
 _CONTENTION_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 
@@ -214,6 +215,18 @@ def is_transient(exc: DBAPIError) -> bool:
     if not isinstance(sqlstate, str):
         return False
     return sqlstate in _CONTENTION_SQLSTATES or sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached now (down, still starting, too slow,
+    too busy) rather than that something is wrong with what was asked of it."""
+    if isinstance(exc, OSError):  # refused, reset, unreachable, timed out (TimeoutError)
+        return True
+    if isinstance(exc, DBAPIError):
+        return is_transient(exc)
+    # asyncpg's own error, when one escapes SQLAlchemy's wrapping (while connecting).
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES)
 
 
 def dialect_insert(dialect: str) -> Any:
@@ -238,6 +251,8 @@ def create_engine(
     max_overflow: int | None = None,
     pre_ping: bool = True,
     pool_timeout: float = 30.0,
+    connect_timeout: float | None = None,
+    statement_timeout: float | None = None,
 ) -> AsyncEngine:
     """The process's engine for `url` (SQLite through aiosqlite or PostgreSQL through asyncpg).
 
@@ -246,6 +261,14 @@ def create_engine(
     died idle (a database restart) is replaced instead of failing a statement; a caller that
     retries its transient errors anyway can spare that round trip. A caller waits at most
     `pool_timeout` seconds for a connection when all are in use (SQLAlchemy's TimeoutError).
+
+    On PostgreSQL, `connect_timeout` bounds opening a connection (asyncpg's `timeout`; its own
+    default is a minute) and `statement_timeout` each statement, the pre-ping's included, on
+    both sides: asyncpg's `command_timeout` gives up on a server that does not answer at all
+    (stopped, or a network black hole), PostgreSQL's `statement_timeout` ends a statement that
+    runs or waits for a lock that long. Either leaves as a TimeoutError (an OSError) or a
+    DBAPIError of SQLSTATE 57014. None: unbounded. SQLite is a local file and has neither; its
+    wait for a lock is SQLITE_BUSY_TIMEOUT_MS.
     """
     overflow = pool_size if max_overflow is None else max_overflow
     if url.startswith("sqlite"):
@@ -259,8 +282,17 @@ def create_engine(
         )
         event.listen(engine.sync_engine, "connect", _tune_sqlite)
         return engine
+    connect_args: dict[str, Any] = {}
+    if connect_timeout is not None:
+        connect_args["timeout"] = connect_timeout
+    if statement_timeout is not None:
+        connect_args["command_timeout"] = statement_timeout
+        connect_args["server_settings"] = {
+            "statement_timeout": str(max(1, round(statement_timeout * 1000)))
+        }
     return create_async_engine(
         url,
+        connect_args=connect_args,
         pool_size=pool_size,
         max_overflow=overflow,
         pool_pre_ping=pre_ping,

@@ -1,9 +1,9 @@
 """Bring the database schema to the newest Alembic revision, safely from many processes at once.
 
-Gateways and workers call `upgrade_to_head` at start, so a fresh database needs no manual step;
-the lock (PostgreSQL advisory lock, a file lock beside a SQLite file) makes the first process
-migrate and the others wait and find nothing left to do. `python -m core.migrate` does the same
-from a shell.
+Gateways and workers migrate at start, once the database answers (`migrate_when_reachable`), so
+a fresh database needs no manual step; the lock (PostgreSQL advisory lock, a file lock beside a
+SQLite file) makes the first process migrate and the others wait and find nothing left to do.
+`python -m core.migrate` does the same from a shell.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from alembic import command
@@ -21,8 +21,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from core.db import create_engine
+from core.db import create_engine, is_unreachable
 from core.settings import get_settings
+from core.waiting import until_done
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +84,32 @@ async def upgrade_to_head(engine: AsyncEngine) -> None:
     log.info("database schema is up to date")
 
 
-async def migrate(database_url: str) -> None:
-    """`upgrade_to_head` on an engine of its own, for a process that has none yet."""
-    engine = create_engine(database_url)
+async def migrate(database_url: str, connect_timeout: float | None = None) -> None:
+    """`upgrade_to_head` on an engine of its own, for a process that has none yet.
+
+    Its connect is bounded by `connect_timeout`, its statements are not: a migration may rewrite
+    a big table, and waits on the lock while another process migrates.
+    """
+    engine = create_engine(database_url, pool_size=1, connect_timeout=connect_timeout)
     try:
         await upgrade_to_head(engine)
     finally:
         await engine.dispose()
+
+
+async def migrate_when_reachable(
+    database_url: str,
+    connect_timeout: float,
+    on_failure: Callable[[BaseException], None] = lambda _exc: None,
+) -> None:
+    """`migrate`, tried again (with backoff, logged once a minute) while the database is
+    unreachable: a process started before its database comes up when the database does."""
+    await until_done(
+        lambda: migrate(database_url, connect_timeout),
+        "the database",
+        is_unreachable,
+        on_failure=on_failure,
+    )
 
 
 if __name__ == "__main__":

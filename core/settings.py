@@ -202,7 +202,17 @@ class Settings(BaseSettings):
     broker_check_interval_seconds: float = Field(
         default=2.0,
         gt=0,
-        description="How often the gateway's health service re-checks the broker and the database.",
+        description="How often the gateway's health service re-checks the broker and the database; "
+        "a check that gets no answer within this (or `DEPENDENCY_TIMEOUT_SECONDS`, the shorter) "
+        "counts as down.",
+    )
+    dependency_timeout_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="Longest the gateway waits on each step of a call to Redis or the database "
+        "(connecting, one command or statement, a free pooled connection), and the bound of the "
+        "worker's database connects: a dependency slower than this counts as down, and the call "
+        "answers UNAVAILABLE. At most half of `PUBLISH_TIMEOUT_SECONDS`.",
     )
     token_signing_key: str | None = Field(
         default=None,
@@ -495,6 +505,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "BROKER_VISIBILITY_TIMEOUT_SECONDS must exceed TASK_TIME_LIMIT_SECONDS plus the "
                 f"longer of RETRY_AFTER_CAP_SECONDS and RETRY_MAX_DELAY_SECONDS ({longest_hold:g})"
+            )
+        if 2 * self.dependency_timeout_seconds > self.publish_timeout_seconds:
+            # A stalled database can cost a call two steps (the pooled connection's ping, then
+            # a reconnect): both must fit in the bound every call promises.
+            raise ValueError(
+                "DEPENDENCY_TIMEOUT_SECONDS must be at most half of PUBLISH_TIMEOUT_SECONDS "
+                f"({self.publish_timeout_seconds / 2:g})"
             )
         if (self.gateway_tls_cert_file is None) != (self.gateway_tls_key_file is None):
             raise ValueError("GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE go together")

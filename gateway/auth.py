@@ -85,7 +85,7 @@ class BearerAuthInterceptor(Interceptor):
                     f"rate limit of client {client!r} reached; retry in {wait:.2f} s", wait
                 )
         except ServiceError as error:
-            return _refusal(handler, error)
+            return refusal(handler, error)
         return _as_client(handler, client)
 
 
@@ -111,7 +111,7 @@ def _as_client(handler: Handler, client: str) -> Handler:
     return with_behavior(handler, make)
 
 
-def _refusal(handler: Handler, error: ServiceError) -> Handler:
+def refusal(handler: Handler, error: ServiceError) -> Handler:
     status = to_status(error)
 
     async def behavior(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

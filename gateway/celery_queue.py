@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 _TASK_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _QUEUE_ERRORS = (KombuError, KombuOperationalError, RedisError, OSError, TimeoutError)
 PUBLISH_RETRIES = 2
+PING_LOG_EVERY_SECONDS = 60.0
 
 
 class PublishingCelery(Celery):
@@ -76,23 +77,32 @@ class CeleryQueue:
         self,
         app: Celery,
         publish_timeout: float,
+        dependency_timeout: float,
         threads: int = 8,
         on_unavailable: OnUnavailable = nobody,
     ) -> None:
         self._app = app
         self._on_unavailable = on_unavailable
         self._publish_timeout = publish_timeout
-        # One socket operation may not outlast the whole publish bound (the worker's 10 s read
-        # timeout suits a consumer, not a caller waiting on an answer).
+        # A read may wait for a free thread and then take a connect and a command: past this
+        # its caller hears UNAVAILABLE, whatever the thread is still stuck in.
+        self._read_bound = 2 * dependency_timeout
+        # Every socket operation of the gateway's broker and result-store clients is bounded
+        # by DEPENDENCY_TIMEOUT_SECONDS (the worker's 10 s suit a consumer, not a caller
+        # waiting on an answer), and none is retried on a timeout: a Redis that stops
+        # answering without closing its sockets (paused, a full disk, a network black hole)
+        # answers UNAVAILABLE at once instead of after a retry of the same wait.
         options = dict(app.conf.broker_transport_options or {})
-        options["socket_timeout"] = publish_timeout
-        options["socket_connect_timeout"] = min(
-            options.get("socket_connect_timeout", 2.0), publish_timeout
-        )
+        options["socket_timeout"] = dependency_timeout
+        options["socket_connect_timeout"] = dependency_timeout
         # One connection attempt per try: `_publish_many` retries within the caller's deadline
         # (kombu would otherwise retry for as long as its connect timeout allows).
         options["max_retries"] = 0
         app.conf.broker_transport_options = options
+        # Read when the app makes its result backend (one per thread, on first use).
+        app.conf.redis_socket_timeout = dependency_timeout
+        app.conf.redis_socket_connect_timeout = dependency_timeout
+        app.conf.redis_retry_on_timeout = False
         # Publishes have a thread of their own, so reads and health pings never queue them; one
         # is enough, as what arrives while it sends a batch goes out together in the next.
         self._publish_executor = ThreadPoolExecutor(1, thread_name_prefix="celery-publish")
@@ -100,6 +110,7 @@ class CeleryQueue:
         # Where `send_task` would route a harvest: the same for every message, worked out once.
         self._route: dict[str, Any] = app.amqp.router.route({}, HARVEST_TASK_NAME)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-read")
+        self._ping_logged_at: float | None = None  # when a failed ping was last logged
 
     async def _call(
         self,
@@ -108,13 +119,24 @@ class CeleryQueue:
         executor: ThreadPoolExecutor | None = None,
         unavailable: str = RESULTS_DOWN,
     ) -> Any:
-        """`function(*args)` on a thread; a broker or backend failure as QueueUnavailable."""
+        """`function(*args)` on a thread; a broker or backend failure as QueueUnavailable.
+
+        A read (on the shared pool) is waited for at most its bound; a publish bounds itself
+        by its callers' deadlines.
+        """
         loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(executor or self._executor, function, *args)
+        bound = None if executor is self._publish_executor else self._read_bound
         try:
-            return await loop.run_in_executor(executor or self._executor, function, *args)
-        except _QUEUE_ERRORS as exc:
+            return await asyncio.wait_for(running, bound)
+        except _QUEUE_ERRORS as exc:  # TimeoutError among them: wait_for's own
             await self._on_unavailable()
-            raise QueueUnavailable(f"{type(exc).__name__}: {exc}", unavailable) from exc
+            cause = (
+                f"no answer within {bound:g} s"
+                if running.cancelled()
+                else f"{type(exc).__name__}: {exc}"
+            )
+            raise QueueUnavailable(cause, unavailable) from exc
 
     def _publish_many(
         self, tasks: list[Publication]
@@ -239,7 +261,8 @@ class CeleryQueue:
 
     def _ping(self) -> None:
         with self._app.connection_for_write() as connection:
-            connection.ensure_connection(max_retries=1, timeout=2)
+            # One attempt: the health watcher asks again soon enough, and bounds its wait.
+            connection.ensure_connection(max_retries=0)
             # Redis transports connect lazily: ask the server itself.
             client = getattr(connection.default_channel, "client", None)
             if client is not None:
@@ -252,8 +275,16 @@ class CeleryQueue:
         try:
             await self._call(self._ping)
         except QueueUnavailable as exc:
-            log.warning("broker unreachable: %s", exc)
+            # Once when an outage begins, then at most once a minute: health pings every few
+            # seconds, and a long outage must not flood the log.
+            now = time.monotonic()
+            if self._ping_logged_at is None or now - self._ping_logged_at >= PING_LOG_EVERY_SECONDS:
+                log.warning("broker or result store unreachable: %s", exc)
+                self._ping_logged_at = now
             return False
+        if self._ping_logged_at is not None:
+            log.info("broker and result store answer again")
+        self._ping_logged_at = None
         return True
 
     def _queued_ids(self, queue: str) -> set[str] | None:

@@ -37,6 +37,10 @@ STORE_DOWN = "the task database is unreachable; retry shortly"
 BROKER_DOWN = "the task broker is unreachable; nothing was enqueued; retry shortly"
 RESULTS_DOWN = "the task result store is unreachable; retry shortly"
 TOO_BUSY = "the gateway could not enqueue it before your deadline; nothing was enqueued; retry"
+UNCONFIRMED = (
+    "the task broker did not confirm the enqueue in time (it may still run); retry shortly, "
+    "with the same request_id to get the same task"
+)
 
 
 class ServiceError(Exception):

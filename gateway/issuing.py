@@ -14,19 +14,21 @@ a publish is never cut in half. Once cut, a group goes through whatever its call
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
 from core import tracing
 from core.batching import Batcher
 from gateway.celery_queue import CeleryQueue, Publication
-from gateway.errors import StoreUnavailable
+from gateway.errors import UNCONFIRMED, StoreUnavailable, Unavailable
 from gateway.records import IssuedTask, TaskRecords
 
 log = logging.getLogger(__name__)
 
 # Tasks issued in one group at most.
 MAX_ISSUE_BATCH = 256
+VERDICT_MARGIN_SECONDS = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +50,21 @@ class Issuer:
         """Record (unless `claimed`) and enqueue `task` unless `give_up` (monotonic) passes first.
 
         Raises StoreUnavailable or QueueUnavailable (an Unavailable either way): then nothing
-        was sent and the record is gone again.
+        was sent and the record is gone again. At `give_up` the caller stops waiting whatever
+        holds its group (a database or broker that hangs, a group before it that does): then
+        it hears UNAVAILABLE, and its task goes out later, or not at all, as its group fares.
         """
+        # give_up is time.monotonic(), the loop's clock. A moment later than the publish's own
+        # give_up, so that its verdict (and the dropped record) reaches the caller first.
         issue = _Issue(task, give_up, claimed, tracing.current_headers())
-        await self._groups.submit(issue, detached=claimed)
+        waited = asyncio.timeout_at(give_up + VERDICT_MARGIN_SECONDS)
+        try:
+            async with waited:
+                await self._groups.submit(issue, detached=claimed)
+        except TimeoutError:
+            if not waited.expired():
+                raise
+            raise Unavailable(UNCONFIRMED, cause="no answer before the caller's deadline") from None
 
     async def _issue_many(self, issues: list[_Issue]) -> list[BaseException | None]:
         tasks = [issue.task for issue in issues]

@@ -1,8 +1,10 @@
 """Build the gateway's gRPC server on an address, and serve it until SIGTERM.
 
 `build_gateway` wires settings into a server and returns it with its bound port (tests bind
-port 0); `serve` only adds signals, the start-up banner and the orderly shutdown: health to
-NOT_SERVING, drain in-flight calls, then close the broker and database clients.
+port 0), touching neither the database nor the broker; `Gateway.start` opens the port at once
+and comes up when the database answers (`gateway.startup`); `serve` only adds signals, the
+start-up banner and the orderly shutdown: health to NOT_SERVING, drain in-flight calls, then
+close the broker and database clients.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from core.celery_config import make_celery
 from core.db import create_engine
 from core.events import EventPublisher, events_url, listen
 from core.gc_tuning import freeze_long_lived_objects
-from core.migrate import upgrade_to_head
+from core.migrate import migrate
 from core.settings import ApiToken, Settings, generate_token
 from gateway import metrics as gateway_metrics
 from gateway.auth import BearerAuthInterceptor, TokenTable
@@ -40,6 +42,7 @@ from gateway.reconciler import Reconciler
 from gateway.records import TaskRecords
 from gateway.reflection import enable_reflection
 from gateway.service import BatchLimits, QueueService
+from gateway.startup import StartingGate, Startup
 from gateway.tokens import TokenSigner
 from gateway.watching import EventHub, ProjectFeed
 from projects.v1 import project_service_pb2_grpc, queue_service_pb2_grpc
@@ -66,13 +69,20 @@ class Gateway:
     engine: AsyncEngine
     purge_interval: float
     reconciler: Reconciler | None
+    startup: Startup
     _background: list[asyncio.Task[None]] = field(default_factory=list)
+    coming_up: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        # Checked before the port opens, so no probe ever sees SERVING unchecked.
-        await self.health.check_now()
-        await self.feed.prime()
+        """Serve now (NOT_SERVING, calls UNAVAILABLE); come up when the database answers."""
+        # Before the port opens, so no probe ever sees SERVING unchecked.
+        await self.health.mark_down("starting")
         await self.server.start()
+        self.coming_up = asyncio.create_task(self._come_up(), name="start-up")
+
+    async def _come_up(self) -> None:
+        await self.startup.run()
+        await self.health.check_now()
         self.health.start()
         self._background.append(asyncio.create_task(self.hub.run(), name="events"))
         self._background.append(asyncio.create_task(self.feed.run(), name="project-feed"))
@@ -91,6 +101,10 @@ class Gateway:
                     log.info("purged %d expired task records", purged)
 
     async def stop(self, grace: float) -> None:
+        if self.coming_up is not None and not self.coming_up.done():
+            self.coming_up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.coming_up
         await self.health.shutdown()
         # Streams never end by themselves: each is told to end, with the way to resume.
         self.projects.stop_streams()
@@ -101,7 +115,9 @@ class Gateway:
             task.cancel()
         # Ended before the clients they use are closed under them, but not waited for without
         # end: a Redis client cut off while it connects may not notice its cancel at once.
-        _, stuck = await asyncio.wait(self._background, timeout=BACKGROUND_STOP_SECONDS)
+        stuck: set[asyncio.Task[None]] = set()
+        if self._background:  # none yet when it stops while it waits for its database
+            _, stuck = await asyncio.wait(self._background, timeout=BACKGROUND_STOP_SECONDS)
         if stuck:
             log.warning("stopping without waiting for: %s", ", ".join(t.get_name() for t in stuck))
         self.queue.close()
@@ -124,21 +140,33 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
     tracing.configure(settings, "harvester-gateway")
-    engine = create_engine(settings.resolved_database_url)
-    await upgrade_to_head(engine)
+    bound = settings.dependency_timeout_seconds
+    # Every step bounded (a free connection, a connect, each statement): a database that
+    # stops answering fails the call within the bound instead of holding it.
+    engine = create_engine(
+        settings.resolved_database_url,
+        pool_timeout=bound,
+        connect_timeout=bound,
+        statement_timeout=bound,
+    )
     # May start the embedded Redis, which waits for it: keep that off the event loop.
     app = await asyncio.to_thread(make_celery, settings, "gateway", PublishingCelery)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-    dependencies = DependencyHealth(health_servicer, settings.broker_check_interval_seconds)
+    dependencies = DependencyHealth(
+        health_servicer, settings.broker_check_interval_seconds, probe_timeout=bound
+    )
     queue = CeleryQueue(
-        app, settings.publish_timeout_seconds, on_unavailable=dependencies.mark_down
+        app,
+        settings.publish_timeout_seconds,
+        bound,
+        on_unavailable=dependencies.mark_down,
     )
     lifetime = dt.timedelta(seconds=settings.result_expires_seconds)
     records = TaskRecords(engine, lifetime, on_unavailable=dependencies.mark_down)
     dependencies.watch([queue.ping, records.ping])
     store = ProjectStore(engine, on_unavailable=dependencies.mark_down)
-    deployment, stored_key = await store.deployment()
-    signer = TokenSigner((settings.token_signing_key or stored_key).encode(), deployment)
+    # Its key and deployment come from the database, at start-up.
+    signer = TokenSigner()
     events = events_url(app.conf.broker_url, app.conf.result_backend)
     hub = EventHub(lambda: listen(events, settings.redis_key_prefix))
     feed = ProjectFeed(
@@ -150,6 +178,15 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
     projects = ProjectService(
         store, feed, signer, max_streams_per_client=settings.watch_max_streams_per_client
     )
+
+    async def prepare() -> None:
+        """What must hold before a handler runs: the schema, the key, the feed's head."""
+        await migrate(settings.resolved_database_url, connect_timeout=bound)
+        deployment, stored_key = await store.deployment()
+        signer.bind((settings.token_signing_key or stored_key).encode(), deployment)
+        await feed.prime()
+
+    startup = Startup(prepare)
     server = grpc.aio.server(
         interceptors=[
             # Outermost, so that a call's span holds all the rest (and an Upload's publish).
@@ -162,6 +199,8 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
                     settings.gateway_rate_limit_per_second, settings.gateway_rate_limit_burst
                 ),
             ),
+            # Inside authentication: a bad token is UNAUTHENTICATED even while starting.
+            StartingGate(startup),
         ],
         options=[
             ("grpc.max_receive_message_length", settings.gateway_max_message_bytes),
@@ -222,6 +261,7 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
         )
         if settings.reconcile_after_seconds > 0
         else None,
+        startup=startup,
     )
 
 
@@ -249,6 +289,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stopping.set)
     gateway = await build_gateway(settings, tokens)
     await gateway.start()
+    assert gateway.coming_up is not None
     metrics = (
         gateway_metrics.serve_gateway_metrics(
             settings.gateway_metrics_address, lambda: gateway.health.serving
@@ -268,6 +309,15 @@ async def serve(settings: Settings) -> None:
         # Printed once on stdout for the person who started it; never logged.
         tls = settings.gateway_tls_cert_file is not None
         print(banner(address, generated, tls), flush=True)
+    stop = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait((stop, gateway.coming_up), return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    failure = gateway.coming_up.exception() if gateway.coming_up.done() else None
+    if failure is not None:
+        # What waiting does not cure (a wrong password, a failed migration): stop, and say so.
+        log.error("gateway cannot start; stopping")
+        await gateway.stop(0)
+        raise failure
     await stopping.wait()
     log.info("stopping: draining in-flight calls for up to %.1f s", settings.gateway_grace_seconds)
     await gateway.stop(settings.gateway_grace_seconds)

@@ -26,11 +26,24 @@ class TokenError(ValueError):
 
 
 class TokenSigner:
-    def __init__(self, key: bytes, deployment: str) -> None:
+    """Seals and opens the tokens of one deployment.
+
+    Made without a key when the key is the database's, which may answer only after the gateway
+    has started serving: `bind` gives it the key then (no call reaches a handler before, see
+    `gateway.startup`).
+    """
+
+    def __init__(self, key: bytes | None = None, deployment: str = "") -> None:
+        self._key = key
+        self.deployment = deployment
+
+    def bind(self, key: bytes, deployment: str) -> None:
         self._key = key
         self.deployment = deployment
 
     def _tag(self, body: bytes) -> bytes:
+        if self._key is None:
+            raise RuntimeError("TokenSigner used before bind: the gateway has not started")
         return hmac.new(self._key, body, hashlib.sha256).digest()[:TAG_BYTES]
 
     def seal(self, kind: str, payload: dict[str, Any]) -> str:

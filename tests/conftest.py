@@ -8,12 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import RedisServer, Site, free_port, start_site
+from tests.support.processes import (
+    PostgresServer,
+    RedisServer,
+    Site,
+    free_port,
+    postgres_bin,
+    start_site,
+)
 from tests.support.services import (
     postgres_database,
     postgres_role_refused,
     rabbitmq_vhost,
     redis_namespace,
+    require,
 )
 from tests.support.stack import Stack, base_environment
 
@@ -104,6 +112,20 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own (tests that stop or break the broker use it)."""
     with own_redis_server(tmp_path / "redis") as server:
         yield server
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of the test's own, initialised but not started (tests that pause
+    or start the database late use it; the machine's is never paused)."""
+    bin_dir = postgres_bin()
+    require("PostgreSQL's initdb and pg_ctl", bin_dir is not None)
+    assert bin_dir is not None
+    server = PostgresServer(bin_dir)
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture

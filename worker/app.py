@@ -2,8 +2,9 @@
 
 Importing this module builds nothing: Celery reads the configuration (and so the settings, and
 maybe starts the embedded Redis) only when it first needs it. The worker process's start-up
-signal migrates the database and builds the runtime (event loop, HTTP client, engine), which the
-harvest task reads from its base class; the shutdown signal closes it.
+signal migrates the database (once it answers: a worker may start before it) and builds the
+runtime (event loop, HTTP client, engine), which the harvest task reads from its base class;
+the shutdown signal closes it.
 
 A worker started without `-n` is named `worker-<pid>@<host>`, not Celery's `celery@<host>`, so a
 second worker on one host is a node of its own. The fixes to kombu and Celery that a worker
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import click
@@ -25,8 +27,9 @@ from core import logs, tracing
 from core.celery_config import celery_config
 from core.events import events_url
 from core.gc_tuning import freeze_long_lived_objects
-from core.migrate import migrate
+from core.migrate import migrate_when_reachable
 from core.settings import settings_or_exit
+from core.waiting import LOG_EVERY_SECONDS
 from worker import kombu_fixes
 from worker import metrics as worker_metrics
 from worker.runtime import WorkerRuntime
@@ -65,14 +68,40 @@ def _log_format(logger: logging.Logger, **_: Any) -> None:
     logs.use_format(logger.handlers, settings_or_exit().log_format)
 
 
+class _BrokerWaitLog(logging.Filter):
+    """Celery's consumer logs each failed try to reach the broker (every few seconds while it
+    waits): let the first through, then one a minute, until it connects again."""
+
+    def __init__(self, every: float = LOG_EVERY_SECONDS) -> None:
+        super().__init__()
+        self._every = every
+        self._logged_at: float | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("consumer: Cannot connect to"):
+            if str(record.msg).startswith("Connected to"):
+                self._logged_at = None  # the next outage is told at once
+            return True
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < self._every:
+            return False
+        self._logged_at = now
+        return True
+
+
 @signals.worker_init.connect
 def _start_runtime(**_: Any) -> None:
     kombu_fixes.apply()
+    logging.getLogger("celery.worker.consumer.consumer").addFilter(_BrokerWaitLog())
     # One INFO line per fetched page costs more than it tells; failures are logged by the task.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = settings_or_exit()
     # Before the runtime's loop exists, so the migration's own loop never meets its connections.
-    asyncio.run(migrate(settings.resolved_database_url))
+    # A worker started before its database waits here (logging the wait once a minute), and so
+    # does not consume until it can record what it runs.
+    asyncio.run(
+        migrate_when_reachable(settings.resolved_database_url, settings.dependency_timeout_seconds)
+    )
     events = events_url(app.conf.broker_url, app.conf.result_backend)
     runtime = WorkerRuntime(settings, events)
     harvest_page.attach(runtime)

@@ -38,6 +38,27 @@ T = TypeVar("T")
 
 # How long a task waits for one of the process's database connections before that try fails.
 POOL_WAIT_SECONDS = 5.0
+STATEMENTS_PER_TRY = 4
+
+
+def bounded_engine(settings: Settings, connections: int) -> AsyncEngine:
+    """An engine of `connections` connections whose every call is bounded.
+
+    Connects are bounded like the gateway's (DEPENDENCY_TIMEOUT_SECONDS); a statement by a
+    share of the try's soft limit (a busy database may hold an upsert on row locks for
+    seconds): a try makes up to STATEMENTS_PER_TRY calls in a row outside its harvest's own
+    bound (its start, in the prerun and again, its retry's record), so a try whose database
+    stops answering still ends within its soft limit, and is retried.
+    """
+    return create_engine(
+        settings.resolved_database_url,
+        pool_size=connections,
+        max_overflow=0,
+        pre_ping=False,
+        pool_timeout=POOL_WAIT_SECONDS,
+        connect_timeout=settings.dependency_timeout_seconds,
+        statement_timeout=settings.task_soft_time_limit_seconds / STATEMENTS_PER_TRY,
+    )
 
 
 class LoopThread:
@@ -99,13 +120,7 @@ class TaskRecords(LoopThread):
 
     def __init__(self, settings: Settings, events_url: str) -> None:
         super().__init__("task-records-loop")
-        self.engine: AsyncEngine = create_engine(
-            settings.resolved_database_url,
-            pool_size=settings.worker_record_connections,
-            max_overflow=0,
-            pre_ping=False,
-            pool_timeout=POOL_WAIT_SECONDS,
-        )
+        self.engine: AsyncEngine = bounded_engine(settings, settings.worker_record_connections)
         self.events: EventPublisher = self.run(_make_publisher(events_url, settings))
         self._starts = Batcher(self._write_starts, max_size=settings.worker_concurrency)
 
@@ -172,13 +187,7 @@ class WorkerRuntime(LoopThread):
         # transient error, which `worker.store` retries on a fresh one (SQLAlchemy drops the
         # pool's stale connections on such an error), and the ping was a round trip per
         # statement, two per page.
-        self.engine: AsyncEngine = create_engine(
-            settings.resolved_database_url,
-            pool_size=settings.worker_db_connections,
-            max_overflow=0,
-            pre_ping=False,
-            pool_timeout=POOL_WAIT_SECONDS,
-        )
+        self.engine: AsyncEngine = bounded_engine(settings, settings.worker_db_connections)
         self.records = TaskRecords(settings, events_url)
 
     async def _make_client(self, source_url: str) -> httpx.AsyncClient:

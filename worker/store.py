@@ -40,6 +40,7 @@ from worker.parse import ProjectItem
 
 LOCAL_ATTEMPTS = 3
 LOCAL_BACKOFF_SECONDS = 0.05
+STATEMENT_TIMED_OUT = "57014"  # query_canceled, as statement_timeout cancels
 
 T = TypeVar("T")
 
@@ -52,6 +53,11 @@ class StoreCounts:
     # The feed revision of the last batch that changed rows (0: none did); not a count, so
     # counts compare equal whatever the feed's clock says.
     revision: int = field(default=0, compare=False)
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return code if isinstance(code, str) else None
 
 
 async def _with_retries(
@@ -69,10 +75,14 @@ async def _with_retries(
         except DBAPIError as exc:
             if not is_transient(exc):
                 raise
-            if attempt == LOCAL_ATTEMPTS:
+            # A statement past its statement_timeout: the database is too slow, not contended,
+            # and trying again at once would only wait as long again.
+            if attempt == LOCAL_ATTEMPTS or _sqlstate(exc) == STATEMENT_TIMED_OUT:
                 raise RetryableError(f"database busy or unreachable: {exc.orig!r}") from exc
         except (OSError, PoolTimeout) as exc:
-            if attempt == LOCAL_ATTEMPTS:
+            # No answer within its bound (TimeoutError): the database hangs; the task's next
+            # try waits for it, not this one (see worker.runtime's statement bound).
+            if attempt == LOCAL_ATTEMPTS or isinstance(exc, TimeoutError):
                 raise RetryableError(f"database unreachable or busy: {exc!r}") from exc
         await asyncio.sleep(LOCAL_BACKOFF_SECONDS * 2**attempt)
     raise AssertionError("unreachable")  # pragma: no cover

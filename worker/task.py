@@ -10,9 +10,10 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery, Task, signals
+from celery.exceptions import Reject
 from google.protobuf import json_format
 
 from core import logs, tracing
@@ -198,6 +199,25 @@ def _ended(task: HarvestTask, outcome: Outcome) -> None:
     metrics.task_ended(outcome.status.lower())
 
 
+def _retry(task: HarvestTask, exc: Exception, countdown: float) -> NoReturn:
+    """`task.retry`, except that a retry whose message cannot be sent (a broker that hangs or is
+    down) hands this delivery back instead of failing the task for good: Celery rejects it
+    without requeueing, which reads FAILURE. Requeued, or left unacknowledged when even that
+    cannot reach the broker, the message comes back (at the latest after the visibility
+    timeout) and the task runs again."""
+    try:
+        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+    except Reject as rejected:
+        # Celery's Reject(reason, requeue): the stubs do not declare its attributes.
+        reason = rejected.args[0] if rejected.args else exc
+        log.warning(
+            "could not send the retry of task %s (%s); handing its message back",
+            task.request.id,
+            reason,
+        )
+        raise Reject(reason, requeue=True) from exc
+
+
 def _ended_or_retry(task: HarvestTask, outcome: Outcome) -> None:
     """`_ended`, and when the record cannot be written now, a try later (which ends the same
     way, and writes it then): a final state must reach the record, or its batch never ends."""
@@ -205,7 +225,7 @@ def _ended_or_retry(task: HarvestTask, outcome: Outcome) -> None:
         _ended(task, outcome)
     except RetryableError as exc:
         log.warning("could not record task %s's end (%s); trying again", task.request.id, exc)
-        raise task.retry(exc=exc, countdown=1.0, max_retries=None) from exc
+        _retry(task, exc, 1.0)
 
 
 def _result(result: task_pb2.UploadResult) -> dict[str, Any]:
@@ -268,7 +288,7 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
         delay = policy.delay(tries, exc.retry_after)
         log.warning("page %d, try %d failed (%s); retrying in %.1f s", page, tries, exc, delay)
         _retrying(task, str(exc))
-        raise task.retry(exc=exc, countdown=delay, max_retries=None) from exc
+        _retry(task, exc, delay)
     log.info(
         "page %d: found %d, created %d, updated %d, skipped %d",
         page,

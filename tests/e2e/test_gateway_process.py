@@ -46,9 +46,9 @@ def _start_processes(stack: Stack, count: int) -> tuple[Gateway, list[psutil.Pro
     gateway = stack.start_gateway(GATEWAY_PROCESSES=str(count), GATEWAY_ADDRESS=f"127.0.0.1:{port}")
     output = gateway.process.output
     poll_until(
-        lambda: output().count("gateway listening on") == count or gateway.process.popen.poll(),
+        lambda: output().count("gateway ready") == count or gateway.process.popen.poll(),
         60,
-        what=f"{count} gateway processes listening",
+        what=f"{count} gateway processes listening and ready",
     )
     assert gateway.process.popen.poll() is None, output()
     children = psutil.Process(gateway.process.pid).children()

@@ -29,7 +29,7 @@ async def test_a_published_task_is_the_message_send_task_would_send() -> None:
             task_queue="harvest",
         )
         app = make_celery(settings, "test-queue", PublishingCelery)
-        queue = CeleryQueue(app, publish_timeout=2.0)
+        queue = CeleryQueue(app, publish_timeout=2.0, dependency_timeout=1.0)
         client = redis.Redis.from_url(url)
         try:
             ours = await queue.publish_many([Publication(task_id, 7, time.monotonic() + 2.0)])

@@ -44,7 +44,9 @@ async def issuing(database_url: str, broker: RedisServer) -> AsyncIterator[Issui
         celery_broker_url=broker.url, celery_result_backend=broker.url, task_queue=QUEUE
     )
     queue = CeleryQueue(
-        make_celery(settings, "issuing-test", PublishingCelery), publish_timeout=PUBLISH_TIMEOUT
+        make_celery(settings, "issuing-test", PublishingCelery),
+        publish_timeout=PUBLISH_TIMEOUT,
+        dependency_timeout=PUBLISH_TIMEOUT / 2,
     )
     records = TaskRecords(engine, dt.timedelta(hours=1))
     client = redis.Redis.from_url(broker.url)

@@ -11,10 +11,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -24,6 +26,7 @@ from typing import Any
 
 import grpc
 import httpx
+import psutil
 
 from core.embedded_redis import server_executable
 from core.settings import Settings
@@ -226,7 +229,11 @@ def start_gateway(cwd: Path, env: Mapping[str, str], name: str = "gateway") -> P
 
 
 def start_worker(
-    cwd: Path, env: Mapping[str, str], name: str = "worker", concurrency: int = 4
+    cwd: Path,
+    env: Mapping[str, str],
+    name: str = "worker",
+    concurrency: int = 4,
+    ready: bool = True,
 ) -> Process:
     args = [
         str(BIN / "celery"), "-A", "worker.app", "worker",
@@ -235,7 +242,8 @@ def start_worker(
         "--without-mingle", "--without-gossip",
     ]  # fmt: skip
     process = Process(name, args, clean_environment(env), cwd)
-    process.wait_for_line(r"ready\.")
+    if ready:
+        process.wait_for_line(r"ready\.")
     return process
 
 
@@ -293,6 +301,99 @@ class RedisServer:
             self.process.send_signal(signum)
             self.process.wait(15)
         self.process = None
+
+
+def pause_processes(processes: list[psutil.Process], signum: int) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signum)
+
+
+@dataclass
+class RedisPause:
+    """SIGSTOP and SIGCONT a RedisServer: a Redis that hangs without closing its sockets."""
+
+    server: RedisServer
+
+    def pause(self) -> None:
+        assert self.server.process is not None
+        self.server.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.server.process is not None:
+            self.server.process.send_signal(signal.SIGCONT)
+
+
+def postgres_bin() -> Path | None:
+    """The directory of PostgreSQL's server programs (initdb, pg_ctl), the newest if several."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: p.parts[-3])
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of the test's own, on a free port, which may be started late,
+    paused (every process SIGSTOPped: a database that hangs) and resumed: never the machine's.
+
+    Run as the `postgres` user when the tests run as root (initdb refuses root), in a directory
+    of its own under /tmp (a pytest tmp_path is private to root).
+    """
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.bin_dir = bin_dir
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="harvest-pg-"))
+        self.data = self.directory / "data"
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, "postgres")
+            self._as = ["runuser", "-u", "postgres", "--"]
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+
+    def _run(self, program: str, *args: str) -> None:
+        subprocess.run(
+            [*self._as, str(self.bin_dir / program), *args],
+            check=True,
+            capture_output=True,
+            cwd=self.directory,
+            timeout=START_TIMEOUT,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c full_page_writes=off -c max_connections=100"
+        )
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.directory / "log"),
+            "-w", "start",
+        )  # fmt: skip
+
+    def processes(self) -> list[psutil.Process]:
+        postmaster = psutil.Process(int((self.data / "postmaster.pid").read_text().split()[0]))
+        return [postmaster, *postmaster.children(recursive=True)]
+
+    def pause(self) -> None:
+        pause_processes(self.processes(), signal.SIGSTOP)
+
+    def resume(self) -> None:
+        pause_processes(self.processes(), signal.SIGCONT)
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self.resume()
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def poll_until(

@@ -56,16 +56,27 @@ class Stack:
     processes: list[Process] = field(default_factory=list)
     gateways: list[Gateway] = field(default_factory=list)
 
-    def start_gateway(self, name: str = "gateway", **extra: str) -> Gateway:
+    def start_gateway(self, name: str = "gateway", ready: bool = True, **extra: str) -> Gateway:
+        """A gateway serving; with `ready`, once it has migrated and serves calls (a gateway
+        opens its port before it has reached its database)."""
         process = start_gateway(self.directory, {**self.env, **extra}, name)
         self.processes.append(process)
         address = process.wait_for_line(r"gateway listening on (\S+)").group(1)
+        if ready:
+            process.wait_for_line(r"gateway ready")
         gateway = Gateway(process, address, TEST_TOKEN)
         self.gateways.append(gateway)
         return gateway
 
     def start_worker(self, name: str = "worker", concurrency: int = 4, **extra: str) -> Process:
-        process = start_worker(self.directory, {**self.env, **extra}, name, concurrency)
+        """A worker, once it consumes."""
+        process = self.launch_worker(name, concurrency, **extra)
+        process.wait_for_line(r"ready\.")
+        return process
+
+    def launch_worker(self, name: str = "worker", concurrency: int = 4, **extra: str) -> Process:
+        """A worker, at once: it may be waiting for its database or broker."""
+        process = start_worker(self.directory, {**self.env, **extra}, name, concurrency, False)
         self.processes.append(process)
         return process
 

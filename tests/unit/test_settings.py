@@ -300,3 +300,17 @@ def test_gateway_processes_need_a_fixed_metrics_port(env: pytest.MonkeyPatch) ->
 def test_log_format_is_text_or_json(env: pytest.MonkeyPatch) -> None:
     assert settings(env, LOG_FORMAT="json").log_format == "json"
     assert "LOG_FORMAT" in str(rejected(env, LOG_FORMAT="yaml")).upper()
+
+
+@pytest.mark.parametrize(
+    ("dependency", "publish", "accepted"),
+    [("1", "3", True), ("1.5", "3", True), ("1.6", "3", False), ("2", "3", False)],
+)
+def test_dependency_timeout_must_fit_twice_in_the_publish_bound(
+    env: pytest.MonkeyPatch, dependency: str, publish: str, accepted: bool
+) -> None:
+    variables = {"DEPENDENCY_TIMEOUT_SECONDS": dependency, "PUBLISH_TIMEOUT_SECONDS": publish}
+    if accepted:
+        assert settings(env, **variables).dependency_timeout_seconds == float(dependency)
+    else:
+        assert "DEPENDENCY_TIMEOUT_SECONDS must be at most half" in str(rejected(env, **variables))

@@ -1,0 +1,92 @@
+"""QueueService.WatchStatus with fakes: a stream whose source stops answering (the records'
+call ends StoreUnavailable at its bound) ends UNAVAILABLE with a RetryInfo and says how to
+resume, instead of hanging."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from gateway.auth import current_client
+from gateway.celery_queue import CeleryState
+from gateway.errors import StoreUnavailable
+from gateway.records import IssuedTask
+from gateway.service import BatchLimits, QueueService
+from gateway.tokens import TokenSigner
+from gateway.watching import EventHub
+from projects.v1 import queue_service_pb2
+
+TASK_ID = "123e4567-e89b-42d3-a456-426614174000"
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: Any) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailers = code, details, trailers
+
+
+class Context:
+    async def abort(self, code: grpc.StatusCode, details: str, trailers: Any = None) -> None:
+        raise Aborted(code, details, trailers)
+
+
+class HangingRecords:
+    """The records of a database that answered once, then stopped (each call ends at its
+    bound as StoreUnavailable, as `gateway.database` makes it)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def get(self, client: str, task_id: str) -> IssuedTask:
+        self.calls += 1
+        if self.calls > 1:
+            raise StoreUnavailable("TimeoutError: no answer within 1 s")
+        return IssuedTask(task_id, client, None, 1, dt.datetime(2026, 12, 1, tzinfo=dt.UTC))
+
+
+class PendingQueue:
+    async def state(self, task_id: str) -> CeleryState:
+        return CeleryState("PENDING", None, None)
+
+
+async def no_events() -> AsyncIterator[Any]:
+    return
+    yield
+
+
+async def test_a_watch_whose_database_stops_answering_ends_unavailable_saying_watch_again() -> None:
+    records = HangingRecords()
+    service = QueueService(
+        cast(Any, records),
+        cast(Any, PendingQueue()),
+        cast(Any, None),
+        max_page=10,
+        lifetime_seconds=60,
+        publish_timeout=3.0,
+        batches=cast(Any, None),
+        batch_limits=BatchLimits(10, 2),
+        hub=EventHub(no_events),
+        events=cast(Any, None),
+        signer=TokenSigner(b"k" * 32, "d"),
+        poll_interval=0.01,  # its slow timer: the second read comes at once
+    )
+    current_client.set("alice")
+    seen: list[Any] = []
+
+    async def watch() -> None:
+        request = queue_service_pb2.WatchStatusRequest(id=TASK_ID)
+        async for message in service.WatchStatus(request, cast(Any, Context())):
+            seen.append(message)
+
+    with pytest.raises(Aborted) as caught:
+        await watch()
+    assert len(seen) == 1  # the first read's answer, then the stall
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.details.endswith("watch again to resume")
+    assert "database is unreachable" in caught.value.details
+    trailers = dict(caught.value.trailers)
+    assert "grpc-status-details-bin" in trailers  # the RetryInfo travels in the rich status
