@@ -26,6 +26,9 @@ from core.db import create_engine
 from core.events import EventPublisher
 from core.settings import Settings
 from worker.fetch import FetchLimits, make_client
+from worker.politeness import BudgetLimits, HostBudget
+from worker.robots import RobotsCache
+from worker.source import PoliteSource, SourcePolicy, robots_fetcher
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,15 @@ class WorkerRuntime:
         self._thread.start()
         self.http: httpx.AsyncClient = self.run(self._make_client(settings.source_url))
         self.events: EventPublisher = self.run(self._make_publisher(events_url))
+        # The fleet's budget for the source lives on the same Redis as the events.
+        self.budget: HostBudget = self.run(self._make_budget(events_url))
+        self.source = PoliteSource(
+            self.http,
+            self.fetch_limits,
+            self.budget,
+            self._robots_cache() if settings.source_obey_robots else None,
+            SourcePolicy(settings.source_user_agent, settings.retry_after_cap_seconds),
+        )
         # A task holds a connection only for a statement or two (its start, then its store),
         # so a few serve many tasks in flight: a task waits its turn for one, briefly, rather
         # than each opening its own. Worker processes x WORKER_DB_CONNECTIONS is all the
@@ -69,10 +81,32 @@ class WorkerRuntime:
         )
 
     async def _make_client(self, source_url: str) -> httpx.AsyncClient:
-        return make_client(self.fetch_limits, source_url, self.settings.worker_concurrency)
+        return make_client(
+            self.fetch_limits,
+            source_url,
+            self.settings.worker_concurrency,
+            self.settings.source_user_agent,
+        )
 
     async def _make_publisher(self, url: str) -> EventPublisher:
         return EventPublisher(url, self.settings.redis_key_prefix)
+
+    async def _make_budget(self, url: str) -> HostBudget:
+        settings = self.settings
+        limits = BudgetLimits(
+            requests_per_second=settings.source_max_requests_per_second,
+            concurrency=settings.source_max_concurrency,
+            lease_seconds=settings.source_lease_seconds,
+        )
+        return HostBudget.from_url(url, settings.redis_key_prefix, limits)
+
+    def _robots_cache(self) -> RobotsCache:
+        return RobotsCache(
+            self.budget.client,
+            self.settings.redis_key_prefix,
+            self.settings.robots_ttl_seconds,
+            robots_fetcher(self.http, self.fetch_limits, self.budget),
+        )
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run `coroutine` on the process's loop and wait for it from the calling thread."""
@@ -87,6 +121,7 @@ class WorkerRuntime:
         try:
             self.run(self.http.aclose(), timeout=5)
             self.run(self.events.close(), timeout=5)
+            self.run(self.budget.close(), timeout=5)
             self.run(self.engine.dispose(), timeout=5)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)

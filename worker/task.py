@@ -6,7 +6,7 @@ back into the same message and no dict mirrors the contract by hand.
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import logging
 import time
 from typing import Any
@@ -21,17 +21,20 @@ from core.ledger import Outcome
 from projects.v1 import task_pb2
 from worker import failpoints
 from worker.errors import Cancelled, PermanentError, RetryableError
-from worker.fetch import fetch_page
-from worker.parse import ParsedPage, parse_listing
+from worker.fetch import Validators
+from worker.parse import parse_listing
+from worker.politeness import TurnNotGiven
 from worker.retry import RetryPolicy
 from worker.runtime import WorkerRuntime
 from worker.store import (
-    StoreCounts,
     TaskStart,
     cancel_requested,
     finish_task,
+    load_page_memo,
     mark_published,
     record_retry,
+    refresh_seen,
+    remember_page,
     start_task,
     store_projects,
 )
@@ -45,9 +48,10 @@ MAX_WORKER_DEATHS = 3
 
 
 async def _fetch_parse_store(
-    runtime: WorkerRuntime, page: int, task_id: str
-) -> tuple[ParsedPage, StoreCounts]:
-    """The page's work, all of it on the process's event loop.
+    runtime: WorkerRuntime, page: int, task_id: str, limit: asyncio.Timeout
+) -> task_pb2.UploadResult:
+    """The page's work, all of it on the process's event loop, within `limit` (the soft time
+    limit, whose clock stops while the task waits for its turn on the source).
 
     The parse runs on the loop too, between the awaits: only one thread of a process runs
     Python at a time anyway, and a parse in the task's own thread made that thread, the loop
@@ -55,39 +59,32 @@ async def _fetch_parse_store(
     bench/README.md). It holds up the loop's other I/O for the length of one parse.
     """
     settings = runtime.settings
-    fetched = await fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits)
+    engine = runtime.engine
+    url = settings.page_url(page)
+    memo = await load_page_memo(engine, url)
+    validators = Validators(memo.etag, memo.last_modified) if memo else None
+    # No database connection is held from here to the store: the wait for a turn may be long.
+    fetched = await runtime.source.fetch(
+        url, validators, limit=limit, max_wait=settings.task_soft_time_limit_seconds
+    )
+    if fetched.not_modified and memo is not None:
+        # The page lists what it listed last time: those projects were seen again, no more.
+        if await cancel_requested(engine, task_id):
+            raise Cancelled(f"page {page} was cancelled before it stored")
+        await refresh_seen(engine, memo.links, settings.upsert_batch_size)
+        return task_pb2.UploadResult(page=page, found=len(memo.links), not_modified=True)
     with collector_paused():
         parsed = parse_listing(fetched.body, fetched.url, settings.source_profile, fetched.encoding)
     # The checkpoint of a cancel: after the slow part, before anything is stored.
-    if await cancel_requested(runtime.engine, task_id):
+    if await cancel_requested(engine, task_id):
         raise Cancelled(f"page {page} was cancelled before it stored")
-    counts = await store_projects(runtime.engine, parsed.items, settings.upsert_batch_size)
+    counts = await store_projects(engine, parsed.items, settings.upsert_batch_size)
+    # After the store: a memo never promises rows that were not stored.
+    validators = fetched.validators
+    links = [item.url for item in parsed.items]
+    await remember_page(engine, url, validators.etag, validators.last_modified, links)
     if counts.revision:
         await runtime.events.publish(ProjectsChanged(counts.revision))
-    return parsed, counts
-
-
-def harvest(
-    runtime: WorkerRuntime, page: int, deadline: float, task_id: str
-) -> task_pb2.UploadResult:
-    settings = runtime.settings
-
-    def remaining() -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RetryableError(
-                f"page {page} took longer than TASK_SOFT_TIME_LIMIT_SECONDS "
-                f"({settings.task_soft_time_limit_seconds:g} s)"
-            )
-        return left
-
-    failpoints.hit(settings.failpoints, "before_fetch", page, settings.data_dir)
-    try:
-        parsed, counts = runtime.run(_fetch_parse_store(runtime, page, task_id), remaining())
-    except concurrent.futures.TimeoutError:
-        remaining()  # raises the soft-limit error
-        raise
-    failpoints.hit(settings.failpoints, "after_store", page, settings.data_dir)
     return task_pb2.UploadResult(
         page=page,
         found=len(parsed.items),
@@ -95,6 +92,33 @@ def harvest(
         updated=counts.updated,
         skipped=parsed.skipped + counts.unstorable,
     )
+
+
+async def _within_soft_limit(
+    runtime: WorkerRuntime, page: int, task_id: str, deadline: float
+) -> task_pb2.UploadResult:
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())) as limit:
+            return await _fetch_parse_store(runtime, page, task_id, limit)
+    except TimeoutError as exc:
+        raise RetryableError(
+            f"page {page} took longer than TASK_SOFT_TIME_LIMIT_SECONDS "
+            f"({runtime.settings.task_soft_time_limit_seconds:g} s)"
+        ) from exc
+
+
+def harvest(
+    runtime: WorkerRuntime, page: int, deadline: float, task_id: str
+) -> task_pb2.UploadResult:
+    settings = runtime.settings
+    failpoints.hit(settings.failpoints, "before_fetch", page, settings.data_dir)
+    # The loop's own limit is the soft limit; this one only guards against a loop that hangs:
+    # the work, and two waits for a turn (robots.txt's and the page's) of at most the limit.
+    guard = deadline - time.monotonic() + 2 * settings.task_soft_time_limit_seconds + 5.0
+    result = runtime.run(_within_soft_limit(runtime, page, task_id, deadline), guard)
+    failpoints.hit(settings.failpoints, "after_store", page, settings.data_dir)
+    return result
 
 
 def succeeded_meanwhile(task: Task[Any, Any], page: int) -> dict[str, Any] | None:
@@ -165,12 +189,14 @@ def _result(result: task_pb2.UploadResult) -> dict[str, Any]:
     )
 
 
-def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
+def run_harvest(task: HarvestTask, page: int, turns_missed: int = 0) -> dict[str, Any]:
+    """Run the page's task. `turns_missed` counts the deliveries that gave their message back
+    for want of a turn on the source: Celery counts them as retries, the policy does not."""
     started = time.monotonic()
     runtime = task.runtime
     settings = runtime.settings
     policy = RetryPolicy.from_settings(settings)
-    tries_done = task.request.retries
+    tries_done = task.request.retries - turns_missed
     task_id = str(task.request.id)
     try:
         start: TaskStart | None = getattr(task.request, "start", None)
@@ -181,7 +207,7 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
             return _result(task_pb2.UploadResult(page=page))
         if start.cancelled:
             raise Cancelled(f"page {page} was cancelled before it started")
-        deaths = start.deliveries - (tries_done + 1)
+        deaths = start.deliveries - (task.request.retries + 1)
         if deaths >= MAX_WORKER_DEATHS:
             raise PermanentError(
                 f"gave up on page {page}: the worker process running it died {deaths} times"
@@ -195,8 +221,19 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
                 created=result.created,
                 updated=result.updated,
                 skipped=result.skipped,
+                not_modified=result.not_modified,
             ),
         )
+    except TurnNotGiven as exc:
+        # The fleet has more pages in flight than the source's budget serves in a soft limit:
+        # this one goes back to the queue, behind the others, without using up a try.
+        log.info("page %d: %s; back to the queue", page, exc)
+        raise task.retry(
+            exc=exc,
+            countdown=0,
+            max_retries=None,
+            kwargs={"turns_missed": turns_missed + 1},
+        ) from exc
     except Cancelled as exc:
         log.info("%s", exc)
         _ended_or_retry(task, Outcome("REVOKED", error="cancelled"))
@@ -242,8 +279,8 @@ def _retrying(task: HarvestTask, error: str) -> None:
 def register(app: Celery) -> HarvestTask:
     # `throws`: a PermanentError is an expected outcome, logged without a traceback.
     @app.task(bind=True, base=HarvestTask, name=HARVEST_TASK_NAME, throws=(PermanentError,))
-    def harvest_page(self: HarvestTask, page: int) -> dict[str, Any]:
-        return run_harvest(self, page)
+    def harvest_page(self: HarvestTask, page: int, turns_missed: int = 0) -> dict[str, Any]:
+        return run_harvest(self, page, turns_missed)
 
     @signals.task_prerun.connect(sender=harvest_page, weak=False)
     def record_delivery(task: HarvestTask, task_id: str, **_: Any) -> None:

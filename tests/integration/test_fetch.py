@@ -63,7 +63,7 @@ def fetch(
     async def run() -> FetchedPage:
         # The source is the fetched URL's origin, on `source_host`.
         source = str(httpx.URL(url).copy_with(host=source_host))
-        async with make_client(limits, source, max_connections=4) as client:
+        async with make_client(limits, source, max_connections=4, user_agent="test-agent/1") as client:
             return await fetch_page(client, url, limits)
 
     return asyncio.run(run())
@@ -445,7 +445,7 @@ async def test_the_client_asks_only_for_codings_it_inflates_and_keeps_no_cookies
     with raw_http_server(answer) as server:
         limits = FetchLimits(timeout=5, max_bytes=MB, max_redirects=1)
         url = f"{server.base_url}/projects?page=1"
-        async with make_client(limits, url, max_connections=1) as client:
+        async with make_client(limits, url, max_connections=1, user_agent="test-agent/1") as client:
             await fetch_page(client, url, limits)
             await fetch_page(client, url, limits)
 

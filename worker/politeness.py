@@ -1,0 +1,227 @@
+"""One budget per source host for the whole fleet of workers, kept in Redis.
+
+Every request to a source host, robots.txt included, first takes a turn (`HostBudget.turn`):
+a slot of the host's `SOURCE_MAX_CONCURRENCY`, held as a lease that expires after
+`SOURCE_LEASE_SECONDS` (so a worker killed while holding one gives it back by itself), and the
+host's next start time, spaced `1 / SOURCE_MAX_REQUESTS_PER_SECOND` (or the robots.txt
+Crawl-delay, whichever is longer) after the previous start. Both are taken together by one Lua
+script on Redis's own clock, so workers on hosts with different clocks share one budget and no
+two of them can take the same slot. A 429 or 503 with Retry-After pauses the host's budget for
+everyone (`HostBudget.pause`).
+
+The start times form a token bucket of capacity one (GCRA): no burst, since a burst would put
+more than the rate's worth of requests into some one-second window. A turn waits on the
+process's event loop, with no database connection held; in each process only the first waiter
+of a host asks Redis (the others queue behind it on an asyncio lock), so waiting costs Redis a
+call per grant, per process, not one per waiting task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from worker.errors import RetryableError
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "harvester.polite:"
+# Starts are spaced this much wider than the rate says, so that a request that leaves its
+# worker a few milliseconds late (a busy loop, a GC pause) still arrives inside the rate as the
+# site counts it.
+SPACING_MARGIN = 0.03
+# A waiter for a concurrency slot asks again this often at most; a release in its own process
+# wakes it sooner.
+SLOT_POLL_SECONDS = 0.02
+REDIS_TIMEOUT_SECONDS = 2.0
+
+# KEYS: next start (ms, Redis clock), leases (zset lease id -> expiry ms), paused until (ms).
+# ARGV: spacing ms, concurrency, lease ms, lease id.
+# Returns {1, 0} when granted, else {0, ms to wait (as a string), why}.
+_TAKE_TURN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local paused = tonumber(redis.call('GET', KEYS[3]) or '0')
+if paused > now then
+  return {0, tostring(paused - now), 'paused'}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  return {0, tostring(tonumber(first[2]) - now), 'full'}
+end
+local next_start = tonumber(redis.call('GET', KEYS[1]) or '0')
+if next_start > now then
+  return {0, tostring(next_start - now), 'rate'}
+end
+local spacing = tonumber(ARGV[1])
+redis.call('SET', KEYS[1], tostring(now + spacing), 'PX', math.ceil(spacing) + 1000)
+local lease = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
+redis.call('PEXPIRE', KEYS[2], math.ceil(lease) + 1000)
+return {1, '0', 'granted'}
+"""
+
+# KEYS: paused until (ms). ARGV: pause ms. Only ever lengthens a pause.
+_PAUSE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local until_ms = now + tonumber(ARGV[1])
+local paused = tonumber(redis.call('GET', KEYS[1]) or '0')
+if until_ms > paused then
+  redis.call('SET', KEYS[1], tostring(until_ms), 'PX', math.ceil(tonumber(ARGV[1])) + 1000)
+end
+return 1
+"""
+
+
+class TurnNotGiven(RetryableError):
+    """The host's budget gave no turn within the time the task may wait for one."""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLimits:
+    requests_per_second: float
+    concurrency: int
+    lease_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """A granted turn: how long its task waited for it (time that is not the task's work)."""
+
+    waited: float
+
+
+class HostBudget:
+    """The fleet's per-host rate and concurrency, for the tasks of one worker process."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, limits: BudgetLimits) -> None:
+        self._client = client
+        self._prefix = prefix + KEY_PREFIX
+        self._limits = limits
+        self._take_turn = client.register_script(_TAKE_TURN)
+        self._pause = client.register_script(_PAUSE)
+        self._lines: dict[str, asyncio.Lock] = {}
+        self._released: dict[str, asyncio.Event] = {}
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str, limits: BudgetLimits) -> HostBudget:
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS
+        )
+        return cls(client, prefix, limits)
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client, which the fleet's robots.txt cache shares."""
+        return self._client
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def _keys(self, host: str) -> list[str]:
+        base = f"{self._prefix}{host}:"
+        return [base + "next", base + "leases", base + "paused"]
+
+    def spacing(self, crawl_delay: float | None = None) -> float:
+        """Seconds between two starts on a host: the rate's, or Crawl-delay's if longer."""
+        spacing = (1.0 + SPACING_MARGIN) / self._limits.requests_per_second
+        return max(spacing, crawl_delay or 0.0)
+
+    @contextlib.asynccontextmanager
+    async def turn(
+        self, host: str, *, crawl_delay: float | None = None, max_wait: float | None = None
+    ) -> AsyncIterator[Turn]:
+        """Wait for a turn on `host` (at most `max_wait` s: then TurnNotGiven), hold it while
+        the block runs, and give its slot back after."""
+        lease_id = uuid.uuid4().hex
+        waited = await self._wait_for_turn(host, lease_id, self.spacing(crawl_delay), max_wait)
+        try:
+            yield Turn(waited)
+        finally:
+            await self._release(host, lease_id)
+
+    async def _wait_for_turn(
+        self, host: str, lease_id: str, spacing: float, max_wait: float | None
+    ) -> float:
+        started = time.monotonic()
+        deadline = None if max_wait is None else started + max_wait
+        line = self._lines.setdefault(host, asyncio.Lock())
+        released = self._released.setdefault(host, asyncio.Event())
+        try:
+            async with asyncio.timeout_at(None if deadline is None else _loop_time(deadline)):
+                async with line:  # FIFO: the process's waiters for a host queue here
+                    while True:
+                        granted, wait, why = await self._ask(host, lease_id, spacing)
+                        if granted:
+                            return time.monotonic() - started
+                        if why == "full":
+                            # A slot frees when a request ends, which Redis cannot tell us.
+                            released.clear()
+                            with contextlib.suppress(TimeoutError):
+                                async with asyncio.timeout(min(wait, SLOT_POLL_SECONDS)):
+                                    await released.wait()
+                        else:
+                            await asyncio.sleep(wait)
+        except TimeoutError as exc:
+            raise TurnNotGiven(
+                f"no turn on {host} within {max_wait:g} s (SOURCE_MAX_REQUESTS_PER_SECOND, "
+                "SOURCE_MAX_CONCURRENCY): the fleet has more pages in flight than it may fetch"
+            ) from exc
+
+    async def _ask(self, host: str, lease_id: str, spacing: float) -> tuple[bool, float, str]:
+        limits = self._limits
+        args: list[float | int | str] = [
+            spacing * 1000.0,
+            limits.concurrency,
+            limits.lease_seconds * 1000.0,
+            lease_id,
+        ]
+        try:
+            raw = await self._take_turn(keys=self._keys(host), args=args)
+        except (RedisError, OSError) as exc:
+            # Without the shared budget no request may go out: the fleet would overrun the site.
+            raise RetryableError(
+                f"the fleet's budget for {host} in Redis is unreachable: {exc}"
+            ) from exc
+        granted, wait_ms, why = int(raw[0]), float(raw[1]), _text(raw[2])
+        # A little jitter, so that the heads of several processes do not ask at the same moment.
+        return bool(granted), max(wait_ms, 0.0) / 1000.0 * random.uniform(1.0, 1.05), why
+
+    async def _release(self, host: str, lease_id: str) -> None:
+        try:
+            await self._client.zrem(self._keys(host)[1], lease_id)
+        except (RedisError, OSError) as exc:
+            log.warning("could not give back a slot on %s (it expires by itself): %s", host, exc)
+        self._released.setdefault(host, asyncio.Event()).set()
+
+    async def pause(self, host: str, seconds: float) -> None:
+        """Stop the whole fleet's requests to `host` for `seconds` (a pause only lengthens)."""
+        if seconds <= 0:
+            return
+        try:
+            await self._pause(keys=[self._keys(host)[2]], args=[seconds * 1000.0])
+        except (RedisError, OSError) as exc:
+            log.warning("could not pause the fleet's requests to %s: %s", host, exc)
+        else:
+            log.info("the fleet pauses its requests to %s for %.1f s (Retry-After)", host, seconds)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _loop_time(monotonic_deadline: float) -> float:
+    # asyncio's default clock is time.monotonic; convert anyway, in case a loop's is not.
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())
