@@ -194,6 +194,8 @@ async def fetch_page(
             _check_status(response)
             fresh = Validators(response.headers.get("ETag"), response.headers.get("Last-Modified"))
             if response.status_code == 304:
+                if not validators:
+                    raise PermanentError(f"source answered 304 to an unconditional GET of {url}")
                 # RFC 9110: a 304 may repeat the validators; when it does not, the old ones hold.
                 return FetchedPage(
                     str(response.url), b"", None, fresh or validators or Validators(), True

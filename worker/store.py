@@ -290,10 +290,15 @@ class RememberedPage:
 
 async def load_page_memo(engine: AsyncEngine, url: str) -> RememberedPage | None:
     async def read(conn: AsyncConnection) -> RememberedPage | None:
-        row = (await conn.execute(select(PageMemo).where(PageMemo.url == url))).first()
-        if row is None:
+        memo = (
+            await conn.execute(
+                select(PageMemo.etag, PageMemo.last_modified, PageMemo.links).where(
+                    PageMemo.url == url
+                )
+            )
+        ).first()
+        if memo is None:
             return None
-        memo = row[0]
         return RememberedPage(memo.etag, memo.last_modified, list(json.loads(memo.links)))
 
     return await _with_retries(engine, read)
