@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,9 @@ from worker.robots import MAX_ROBOTS_BYTES, RobotsAnswer
 log = logging.getLogger(__name__)
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+
+# httpcore's trace extension: called with each step of an exchange, before it is taken.
+Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,14 +185,17 @@ async def fetch_page(
     url: str,
     limits: FetchLimits,
     validators: Validators | None = None,
+    trace: Trace | None = None,
 ) -> FetchedPage:
-    """GET `url`; with `validators`, conditionally: a 304 comes back as `not_modified`."""
+    """GET `url`; with `validators`, conditionally: a 304 comes back as `not_modified`.
+    `trace` is httpcore's trace extension: it may stop the request before it is sent."""
     headers = validators.request_headers() if validators else {}
+    extensions = {"trace": trace} if trace else {}
     try:
         # One deadline for the whole exchange, redirects and a slowly dripping body included.
         async with (
             asyncio.timeout(limits.timeout),
-            client.stream("GET", url, headers=headers) as response,
+            client.stream("GET", url, headers=headers, extensions=extensions) as response,
         ):
             _check_status(response)
             fresh = Validators(response.headers.get("ETag"), response.headers.get("Last-Modified"))
@@ -220,13 +226,19 @@ async def fetch_page(
         raise RetryableError(f"connection to the source failed on {url}: {exc!r}") from exc
 
 
-async def fetch_robots(client: httpx.AsyncClient, url: str, limits: FetchLimits) -> RobotsAnswer:
+async def fetch_robots(
+    client: httpx.AsyncClient, url: str, limits: FetchLimits, trace: Trace | None = None
+) -> RobotsAnswer:
     """GET a robots.txt: its status and (first MAX_ROBOTS_BYTES of) text; 0 when unreachable.
 
     Never raises for what the host answered: RFC 9309 gives every answer a meaning.
     """
+    extensions = {"trace": trace} if trace else {}
     try:
-        async with asyncio.timeout(limits.timeout), client.stream("GET", url) as response:
+        async with (
+            asyncio.timeout(limits.timeout),
+            client.stream("GET", url, extensions=extensions) as response,
+        ):
             if not 200 <= response.status_code < 300:
                 return RobotsAnswer(response.status_code, reason=response.reason_phrase)
             chunks: list[bytes] = []

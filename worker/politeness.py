@@ -35,10 +35,15 @@ from worker.errors import RetryableError
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "harvester.polite:"
-# Starts are spaced this much wider than the rate says, so that a request that leaves its
-# worker a few milliseconds late (a busy loop, a GC pause) still arrives inside the rate as the
-# site counts it.
-SPACING_MARGIN = 0.03
+# Starts are spaced this much wider than the rate says: the site counts arrivals, and two
+# requests' ways from their grant to the site never take quite the same time.
+SPACING_MARGIN = 0.05
+# A request that would leave later than this after its turn was asked for is not sent (and asks
+# for another turn): a loop busy elsewhere, or a process the machine did not run for a moment,
+# would otherwise send it so late that it lands right before the next one, within the rate's
+# spacing. Together with the site's own jitter it has to fit in the margin above.
+LATE_SEND_SECONDS = 0.025
+HEADERS_SENT_EVENT = "http11.send_request_headers.started"
 # A waiter for a concurrency slot asks again this often at most; a release in its own process
 # wakes it sooner.
 SLOT_POLL_SECONDS = 0.02
@@ -88,6 +93,10 @@ class TurnNotGiven(RetryableError):
     """The host's budget gave no turn within the time the task may wait for one."""
 
 
+class LateForTurn(Exception):
+    """The request was about to leave too long after its turn: it was not sent."""
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetLimits:
     requests_per_second: float
@@ -95,11 +104,24 @@ class BudgetLimits:
     lease_seconds: float
 
 
-@dataclass(frozen=True, slots=True)
 class Turn:
-    """A granted turn: how long its task waited for it (time that is not the task's work)."""
+    """A granted turn: how long its task waited for it (time that is not the task's work), and
+    the check that its request leaves in time (`trace`, httpcore's trace extension)."""
 
-    waited: float
+    __slots__ = ("_sent", "asked_at", "waited")
+
+    def __init__(self, asked_at: float, waited: float) -> None:
+        self.asked_at = asked_at
+        self.waited = waited
+        self._sent = False
+
+    async def trace(self, event: str, info: dict[str, object]) -> None:
+        if event != HEADERS_SENT_EVENT or self._sent:
+            return  # a redirect's next hop rides on the same turn
+        late = time.monotonic() - self.asked_at
+        if late > LATE_SEND_SECONDS:
+            raise LateForTurn(f"the request would have left {late * 1000:.0f} ms after its turn")
+        self._sent = True
 
 
 class HostBudget:
@@ -145,15 +167,18 @@ class HostBudget:
         """Wait for a turn on `host` (at most `max_wait` s: then TurnNotGiven), hold it while
         the block runs, and give its slot back after."""
         lease_id = uuid.uuid4().hex
-        waited = await self._wait_for_turn(host, lease_id, self.spacing(crawl_delay), max_wait)
+        asked_at, waited = await self._wait_for_turn(
+            host, lease_id, self.spacing(crawl_delay), max_wait
+        )
         try:
-            yield Turn(waited)
+            yield Turn(asked_at, waited)
         finally:
             await self._release(host, lease_id)
 
     async def _wait_for_turn(
         self, host: str, lease_id: str, spacing: float, max_wait: float | None
-    ) -> float:
+    ) -> tuple[float, float]:
+        """(when the granting call was made, how long the whole wait took), monotonic."""
         started = time.monotonic()
         deadline = None if max_wait is None else started + max_wait
         line = self._lines.setdefault(host, asyncio.Lock())
@@ -162,9 +187,10 @@ class HostBudget:
             async with asyncio.timeout_at(None if deadline is None else _loop_time(deadline)):
                 async with line:  # FIFO: the process's waiters for a host queue here
                     while True:
+                        asked_at = time.monotonic()
                         granted, wait, why = await self._ask(host, lease_id, spacing)
                         if granted:
-                            return time.monotonic() - started
+                            return asked_at, time.monotonic() - started
                         if why == "full":
                             # A slot frees when a request ends, which Redis cannot tell us.
                             released.clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,8 +20,10 @@ import httpx
 
 from worker.errors import RetryableError
 from worker.fetch import FetchedPage, FetchLimits, Validators, fetch_page, fetch_robots
-from worker.politeness import HostBudget
+from worker.politeness import HostBudget, LateForTurn
 from worker.robots import RobotsAnswer, RobotsCache, RobotsFetcher, robots_agent
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,18 +64,21 @@ class PoliteSource:
                 rules = await self._robots.rules(f"{parsed.scheme}://{host}")
             rules.check(url, parsed.raw_path.decode(), self.agent)
             crawl_delay = rules.crawl_delay(self.agent)
-        async with contextlib.AsyncExitStack() as held:
-            with _off_the_clock(limit):
-                await held.enter_async_context(
-                    self._budget.turn(host, crawl_delay=crawl_delay, max_wait=max_wait)
-                )
-            try:
-                return await fetch_page(self._http, url, self._limits, validators)
-            except RetryableError as exc:
-                if exc.retry_after is not None:  # a 429 or 503 (or 408) said when to come back
-                    cap = self._policy.retry_after_cap
-                    await self._budget.pause(host, min(exc.retry_after, cap))
-                raise
+        while True:
+            async with contextlib.AsyncExitStack() as held:
+                with _off_the_clock(limit):
+                    turn = await held.enter_async_context(
+                        self._budget.turn(host, crawl_delay=crawl_delay, max_wait=max_wait)
+                    )
+                try:
+                    return await fetch_page(self._http, url, self._limits, validators, turn.trace)
+                except LateForTurn as exc:
+                    log.debug("%s not sent: %s; asking for another turn", url, exc)
+                except RetryableError as exc:
+                    if exc.retry_after is not None:  # a 429 or 503 (or 408) said when to return
+                        cap = self._policy.retry_after_cap
+                        await self._budget.pause(host, min(exc.retry_after, cap))
+                    raise
 
 
 def robots_fetcher(
@@ -81,8 +87,12 @@ def robots_fetcher(
     """GET a robots.txt in a turn of its host's budget, like any request to the source."""
 
     async def fetch(url: str) -> RobotsAnswer:
-        async with budget.turn(httpx.URL(url).netloc.decode()):
-            return await fetch_robots(http, url, limits)
+        while True:
+            async with budget.turn(httpx.URL(url).netloc.decode()) as turn:
+                try:
+                    return await fetch_robots(http, url, limits, turn.trace)
+                except LateForTurn:
+                    continue  # not sent; ask again
 
     return fetch
 
