@@ -10,10 +10,12 @@ two of them can take the same slot. A 429 or 503 with Retry-After pauses the hos
 everyone (`HostBudget.pause`).
 
 The start times form a token bucket of capacity one (GCRA): no burst, since a burst would put
-more than the rate's worth of requests into some one-second window. A turn waits on the
-process's event loop, with no database connection held; in each process only the first waiter
-of a host asks Redis (the others queue behind it on an asyncio lock), so waiting costs Redis a
-call per grant, per process, not one per waiting task.
+more than the rate's worth of requests into some one-second window. A turn is granted up to one
+spacing before its start, and its request leaves at the start, so the budget is used to the
+full; a request that could not leave on time (`LATE_SEND_SECONDS`) is not sent at all. A turn
+waits on the process's event loop, with no database connection held; in each process only the
+first waiter of a host asks Redis (the others queue behind it on an asyncio lock), so waiting
+costs Redis about one call per grant, not one per waiting task.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -38,42 +40,50 @@ KEY_PREFIX = "harvester.polite:"
 # Starts are spaced this much wider than the rate says: the site counts arrivals, and two
 # requests' ways from their grant to the site never take quite the same time.
 SPACING_MARGIN = 0.05
-# A request that would leave later than this after its turn was asked for is not sent (and asks
-# for another turn): a loop busy elsewhere, or a process the machine did not run for a moment,
-# would otherwise send it so late that it lands right before the next one, within the rate's
-# spacing. Together with the site's own jitter it has to fit in the margin above.
+# A request that would leave later than this after its start is not sent (and asks for another
+# turn): a loop busy elsewhere, or a process the machine did not run for a moment, would
+# otherwise send it so late that it lands right before the next one, within the rate's spacing.
+# Together with the site's own jitter it has to fit in the margin above. (The start is taken at
+# its earliest, the time before the round trip to Redis that granted it.)
 LATE_SEND_SECONDS = 0.025
 HEADERS_SENT_EVENT = "http11.send_request_headers.started"
 # A waiter for a concurrency slot asks again this often at most; a release in its own process
 # wakes it sooner.
 SLOT_POLL_SECONDS = 0.02
 REDIS_TIMEOUT_SECONDS = 2.0
+CLOCK_READING_SECONDS = 10.0
 
 # KEYS: next start (ms, Redis clock), leases (zset lease id -> expiry ms), paused until (ms).
 # ARGV: spacing ms, concurrency, lease ms, lease id.
-# Returns {1, 0} when granted, else {0, ms to wait (as a string), why}.
+# Returns {1, ms until the granted start, 'granted', now}, else {0, ms to wait, why, now}; ms
+# as strings (Redis would cut a Lua number to an integer); now is Redis's clock, in ms.
+#
+# A turn may be granted up to one spacing ahead: its start is then the next free one, and the
+# caller sleeps until it. So the next start is always taken by someone already waiting for it,
+# instead of by whoever asks first after it has come (a round trip and a wake-up late, every
+# time). Its slot is leased from the grant: a request holds the slot from then on.
 _TAKE_TURN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local paused = tonumber(redis.call('GET', KEYS[3]) or '0')
 if paused > now then
-  return {0, tostring(paused - now), 'paused'}
+  return {0, tostring(paused - now), 'paused', tostring(now)}
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
   local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  return {0, tostring(tonumber(first[2]) - now), 'full'}
-end
-local next_start = tonumber(redis.call('GET', KEYS[1]) or '0')
-if next_start > now then
-  return {0, tostring(next_start - now), 'rate'}
+  return {0, tostring(tonumber(first[2]) - now), 'full', tostring(now)}
 end
 local spacing = tonumber(ARGV[1])
-redis.call('SET', KEYS[1], tostring(now + spacing), 'PX', math.ceil(spacing) + 1000)
+local start = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
+if start - now > spacing then
+  return {0, tostring(start - now - spacing), 'rate', tostring(now)}
+end
+redis.call('SET', KEYS[1], tostring(start + spacing), 'PX', math.ceil(start - now + spacing) + 1000)
 local lease = tonumber(ARGV[3])
-redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
-redis.call('PEXPIRE', KEYS[2], math.ceil(lease) + 1000)
-return {1, '0', 'granted'}
+redis.call('ZADD', KEYS[2], start + lease, ARGV[4])
+redis.call('PEXPIRE', KEYS[2], math.ceil(start - now + lease) + 1000)
+return {1, tostring(start - now), 'granted', tostring(now)}
 """
 
 # KEYS: paused until (ms). ARGV: pause ms. Only ever lengthens a pause.
@@ -108,20 +118,45 @@ class Turn:
     """A granted turn: how long its task waited for it (time that is not the task's work), and
     the check that its request leaves in time (`trace`, httpcore's trace extension)."""
 
-    __slots__ = ("_sent", "asked_at", "waited")
+    __slots__ = ("_sent", "due", "waited")
 
-    def __init__(self, asked_at: float, waited: float) -> None:
-        self.asked_at = asked_at
+    def __init__(self, due: float, waited: float) -> None:
+        self.due = due  # the earliest its start can be, in this process's time.monotonic()
         self.waited = waited
         self._sent = False
 
     async def trace(self, event: str, info: dict[str, object]) -> None:
         if event != HEADERS_SENT_EVENT or self._sent:
             return  # a redirect's next hop rides on the same turn
-        late = time.monotonic() - self.asked_at
+        late = time.monotonic() - self.due
         if late > LATE_SEND_SECONDS:
-            raise LateForTurn(f"the request would have left {late * 1000:.0f} ms after its turn")
+            raise LateForTurn(f"the request would have left {late * 1000:.0f} ms after its start")
         self._sent = True
+
+
+class RedisClock:
+    """Redis's clock read in this process's time.monotonic(), from the round trips that read it.
+
+    Redis's time of a reading lies within its round trip; taken at the middle, it is off by at
+    most half the round trip. The tightest round trip wins, and a reading ages out after
+    CLOCK_READING_SECONDS, so that a slow moment of the machine or a Redis restarted elsewhere is
+    not believed for long.
+    """
+
+    def __init__(self) -> None:
+        self._offset = 0.0  # Redis's clock minus ours
+        self.error = math.inf  # seconds either way
+        self._read_at = -math.inf
+
+    def observe(self, asked_at: float, answered_at: float, redis_now: float) -> None:
+        error = (answered_at - asked_at) / 2
+        if error <= self.error or answered_at - self._read_at > CLOCK_READING_SECONDS:
+            self._offset = redis_now - (asked_at + error)
+            self.error = error
+            self._read_at = answered_at
+
+    def local(self, redis_time: float) -> float:
+        return redis_time - self._offset
 
 
 class HostBudget:
@@ -133,6 +168,7 @@ class HostBudget:
         self._limits = limits
         self._take_turn = client.register_script(_TAKE_TURN)
         self._pause = client.register_script(_PAUSE)
+        self._clock = RedisClock()
         self._lines: dict[str, asyncio.Lock] = {}
         self._released: dict[str, asyncio.Event] = {}
 
@@ -167,45 +203,54 @@ class HostBudget:
         """Wait for a turn on `host` (at most `max_wait` s: then TurnNotGiven), hold it while
         the block runs, and give its slot back after."""
         lease_id = uuid.uuid4().hex
-        asked_at, waited = await self._wait_for_turn(
-            host, lease_id, self.spacing(crawl_delay), max_wait
-        )
-        try:
-            yield Turn(asked_at, waited)
-        finally:
-            await self._release(host, lease_id)
-
-    async def _wait_for_turn(
-        self, host: str, lease_id: str, spacing: float, max_wait: float | None
-    ) -> tuple[float, float]:
-        """(when the granting call was made, how long the whole wait took), monotonic."""
         started = time.monotonic()
-        deadline = None if max_wait is None else started + max_wait
-        line = self._lines.setdefault(host, asyncio.Lock())
-        released = self._released.setdefault(host, asyncio.Event())
         try:
-            async with asyncio.timeout_at(None if deadline is None else _loop_time(deadline)):
-                async with line:  # FIFO: the process's waiters for a host queue here
-                    while True:
-                        asked_at = time.monotonic()
-                        granted, wait, why = await self._ask(host, lease_id, spacing)
-                        if granted:
-                            return asked_at, time.monotonic() - started
-                        if why == "full":
-                            # A slot frees when a request ends, which Redis cannot tell us.
-                            released.clear()
-                            with contextlib.suppress(TimeoutError):
-                                async with asyncio.timeout(min(wait, SLOT_POLL_SECONDS)):
-                                    await released.wait()
-                        else:
-                            await asyncio.sleep(wait)
+            async with asyncio.timeout(max_wait):
+                start_at, due = await self._reserve(host, lease_id, self.spacing(crawl_delay))
+                # Not before the start Redis gave, measured from after its answer came back.
+                await asyncio.sleep(max(start_at - time.monotonic(), 0.0))
         except TimeoutError as exc:
+            await self._release(host, lease_id)  # if it was granted meanwhile
             raise TurnNotGiven(
                 f"no turn on {host} within {max_wait:g} s (SOURCE_MAX_REQUESTS_PER_SECOND, "
                 "SOURCE_MAX_CONCURRENCY): the fleet has more pages in flight than it may fetch"
             ) from exc
+        except BaseException:
+            await self._release(host, lease_id)
+            raise
+        try:
+            yield Turn(due, time.monotonic() - started)
+        finally:
+            await self._release(host, lease_id)
 
-    async def _ask(self, host: str, lease_id: str, spacing: float) -> tuple[bool, float, str]:
+    async def _reserve(self, host: str, lease_id: str, spacing: float) -> tuple[float, float]:
+        """A granted start on `host`, in this process's time.monotonic(): when the request may
+        leave (no earlier than Redis's start), and when it is due (no later than it)."""
+        line = self._lines.setdefault(host, asyncio.Lock())
+        released = self._released.setdefault(host, asyncio.Event())
+        async with line:  # FIFO: the process's waiters for a host queue here; one asks Redis
+            while True:
+                asked_at = time.monotonic()
+                granted, wait, why, redis_now = await self._ask(host, lease_id, spacing)
+                answered_at = time.monotonic()
+                self._clock.observe(asked_at, answered_at, redis_now)
+                if granted:
+                    start = self._clock.local(redis_now + wait)
+                    error = self._clock.error
+                    return start + error, start - error
+                if why == "full":
+                    # A slot frees when a request ends, which Redis cannot tell us.
+                    released.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(wait, SLOT_POLL_SECONDS)):
+                            await released.wait()
+                else:
+                    await asyncio.sleep(wait)
+
+    async def _ask(
+        self, host: str, lease_id: str, spacing: float
+    ) -> tuple[bool, float, str, float]:
+        """(granted, seconds to wait, why, Redis's clock in seconds)."""
         limits = self._limits
         args: list[float | int | str] = [
             spacing * 1000.0,
@@ -220,9 +265,8 @@ class HostBudget:
             raise RetryableError(
                 f"the fleet's budget for {host} in Redis is unreachable: {exc}"
             ) from exc
-        granted, wait_ms, why = int(raw[0]), float(raw[1]), _text(raw[2])
-        # A little jitter, so that the heads of several processes do not ask at the same moment.
-        return bool(granted), max(wait_ms, 0.0) / 1000.0 * random.uniform(1.0, 1.05), why
+        granted, wait_ms, why, now_ms = int(raw[0]), float(raw[1]), _text(raw[2]), float(raw[3])
+        return bool(granted), max(wait_ms, 0.0) / 1000.0, why, now_ms / 1000.0
 
     async def _release(self, host: str, lease_id: str) -> None:
         try:
@@ -245,9 +289,3 @@ class HostBudget:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _loop_time(monotonic_deadline: float) -> float:
-    # asyncio's default clock is time.monotonic; convert anyway, in case a loop's is not.
-    loop = asyncio.get_running_loop()
-    return loop.time() + (monotonic_deadline - time.monotonic())

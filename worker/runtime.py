@@ -118,6 +118,10 @@ class WorkerRuntime:
             raise
 
     def close(self) -> None:
+        log.info(
+            "%d requests to the source were not sent for leaving too late for their turn",
+            self.source.late_turns,
+        )
         try:
             self.run(self.http.aclose(), timeout=5)
             self.run(self.events.close(), timeout=5)

@@ -47,6 +47,9 @@ class PoliteSource:
         self._robots = robots
         self._policy = policy
         self.agent = robots_agent(policy.user_agent)
+        # Requests not sent because they would have left too late for their turn: a worker
+        # that counts many is short of CPU for its concurrency.
+        self.late_turns = 0
 
     async def fetch(
         self,
@@ -73,6 +76,7 @@ class PoliteSource:
                 try:
                     return await fetch_page(self._http, url, self._limits, validators, turn.trace)
                 except LateForTurn as exc:
+                    self.late_turns += 1
                     log.debug("%s not sent: %s; asking for another turn", url, exc)
                 except RetryableError as exc:
                     if exc.retry_after is not None:  # a 429 or 503 (or 408) said when to return

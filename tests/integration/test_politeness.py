@@ -105,7 +105,7 @@ async def test_a_slot_never_given_back_is_free_again_after_its_lease(
 ) -> None:
     dead, alive = budgets(concurrency=1, lease=0.5), budgets(concurrency=1, lease=0.5)
     # A process that took the slot and died: the script granted it, nobody releases it.
-    granted, _, _ = await dead._ask(HOST, "lease-of-a-dead-worker", dead.spacing())
+    granted, _, _, _ = await dead._ask(HOST, "lease-of-a-dead-worker", dead.spacing())
     assert granted
     started = time.monotonic()
 
