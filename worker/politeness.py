@@ -26,7 +26,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -52,16 +52,21 @@ HEADERS_SENT_EVENT = "http11.send_request_headers.started"
 SLOT_POLL_SECONDS = 0.02
 REDIS_TIMEOUT_SECONDS = 2.0
 CLOCK_READING_SECONDS = 10.0
+# How far before its start a turn is granted at most: enough for the wake-up of a process that
+# sleeps until it, and short, so that a request that could not leave on time usually finds the
+# next start not yet granted and can move its own turn to now instead of wasting it.
+RESERVE_AHEAD_SECONDS = 0.01
 
 # KEYS: next start (ms, Redis clock), leases (zset lease id -> expiry ms), paused until (ms).
-# ARGV: spacing ms, concurrency, lease ms, lease id.
+# ARGV: spacing ms, concurrency, lease ms, lease id, reserve ahead ms.
 # Returns {1, ms until the granted start, 'granted', now}, else {0, ms to wait, why, now}; ms
 # as strings (Redis would cut a Lua number to an integer); now is Redis's clock, in ms.
 #
-# A turn may be granted up to one spacing ahead: its start is then the next free one, and the
-# caller sleeps until it. So the next start is always taken by someone already waiting for it,
-# instead of by whoever asks first after it has come (a round trip and a wake-up late, every
-# time). Its slot is leased from the grant: a request holds the slot from then on.
+# A turn may be granted up to ARGV[5] ms ahead (RESERVE_AHEAD_SECONDS): its start is then the
+# next free one, and the caller sleeps until it. So the next start is taken by someone already
+# waiting for it, instead of by whoever asks first after it has come (a round trip and a
+# wake-up late, every time). Its slot is leased from the grant: a request holds the slot from
+# then on.
 _TAKE_TURN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -75,15 +80,36 @@ if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
   return {0, tostring(tonumber(first[2]) - now), 'full', tostring(now)}
 end
 local spacing = tonumber(ARGV[1])
+local ahead = math.min(spacing, tonumber(ARGV[5]))
 local start = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
-if start - now > spacing then
-  return {0, tostring(start - now - spacing), 'rate', tostring(now)}
+if start - now > ahead then
+  return {0, tostring(start - now - ahead), 'rate', tostring(now)}
 end
 redis.call('SET', KEYS[1], tostring(start + spacing), 'PX', math.ceil(start - now + spacing) + 1000)
 local lease = tonumber(ARGV[3])
 redis.call('ZADD', KEYS[2], start + lease, ARGV[4])
 redis.call('PEXPIRE', KEYS[2], math.ceil(start - now + lease) + 1000)
 return {1, tostring(start - now), 'granted', tostring(now)}
+"""
+
+# A granted turn whose request could not leave on time moves to now, if no later start has
+# been granted since (the next start is still the one this turn set): the previous request
+# left a spacing or more before now, and the next will leave a spacing after.
+# KEYS: next start, leases. ARGV: the turn's start (ms), spacing ms, lease ms, lease id.
+# Returns {1 (moved) or 0, now}.
+_MOVE_TO_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local spacing = tonumber(ARGV[2])
+local next_start = tonumber(redis.call('GET', KEYS[1]) or '0')
+local held = redis.call('ZSCORE', KEYS[2], ARGV[4])
+if not held or tonumber(held) <= now
+    or math.abs(next_start - (tonumber(ARGV[1]) + spacing)) > 0.5 then
+  return {0, tostring(now)}
+end
+redis.call('SET', KEYS[1], tostring(now + spacing), 'PX', math.ceil(spacing) + 1000)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
+return {1, tostring(now)}
 """
 
 # KEYS: paused until (ms). ARGV: pause ms. Only ever lengthens a pause.
@@ -118,17 +144,27 @@ class Turn:
     """A granted turn: how long its task waited for it (time that is not the task's work), and
     the check that its request leaves in time (`trace`, httpcore's trace extension)."""
 
-    __slots__ = ("_sent", "due", "waited")
+    __slots__ = ("_move", "_sent", "due", "moved", "waited")
 
-    def __init__(self, due: float, waited: float) -> None:
+    def __init__(
+        self, due: float, waited: float, move: Callable[[], Awaitable[float | None]] | None = None
+    ) -> None:
         self.due = due  # the earliest its start can be, in this process's time.monotonic()
         self.waited = waited
+        self.moved = False
+        self._move = move
         self._sent = False
 
     async def trace(self, event: str, info: dict[str, object]) -> None:
         if event != HEADERS_SENT_EVENT or self._sent:
             return  # a redirect's next hop rides on the same turn
         late = time.monotonic() - self.due
+        if late > LATE_SEND_SECONDS and self._move is not None and not self.moved:
+            moved_to = await self._move()
+            if moved_to is not None:
+                self.moved = True
+                self.due = moved_to
+                late = time.monotonic() - self.due
         if late > LATE_SEND_SECONDS:
             raise LateForTurn(f"the request would have left {late * 1000:.0f} ms after its start")
         self._sent = True
@@ -168,6 +204,7 @@ class HostBudget:
         self._limits = limits
         self._take_turn = client.register_script(_TAKE_TURN)
         self._pause = client.register_script(_PAUSE)
+        self._move = client.register_script(_MOVE_TO_NOW)
         self._clock = RedisClock()
         self._lines: dict[str, asyncio.Lock] = {}
         self._released: dict[str, asyncio.Event] = {}
@@ -206,7 +243,8 @@ class HostBudget:
         started = time.monotonic()
         try:
             async with asyncio.timeout(max_wait):
-                start_at, due = await self._reserve(host, lease_id, self.spacing(crawl_delay))
+                spacing = self.spacing(crawl_delay)
+                start_at, due, redis_start = await self._reserve(host, lease_id, spacing)
                 # Not before the start Redis gave, measured from after its answer came back.
                 await asyncio.sleep(max(start_at - time.monotonic(), 0.0))
         except TimeoutError as exc:
@@ -219,13 +257,20 @@ class HostBudget:
             await self._release(host, lease_id)
             raise
         try:
-            yield Turn(due, time.monotonic() - started)
+
+            async def move() -> float | None:
+                return await self._move_to_now(host, lease_id, redis_start, spacing)
+
+            yield Turn(due, time.monotonic() - started, move)
         finally:
             await self._release(host, lease_id)
 
-    async def _reserve(self, host: str, lease_id: str, spacing: float) -> tuple[float, float]:
+    async def _reserve(
+        self, host: str, lease_id: str, spacing: float
+    ) -> tuple[float, float, float]:
         """A granted start on `host`, in this process's time.monotonic(): when the request may
-        leave (no earlier than Redis's start), and when it is due (no later than it)."""
+        leave (no earlier than Redis's start) and when it is due (no later than it); and the
+        start on Redis's clock."""
         line = self._lines.setdefault(host, asyncio.Lock())
         released = self._released.setdefault(host, asyncio.Event())
         async with line:  # FIFO: the process's waiters for a host queue here; one asks Redis
@@ -237,7 +282,7 @@ class HostBudget:
                 if granted:
                     start = self._clock.local(redis_now + wait)
                     error = self._clock.error
-                    return start + error, start - error
+                    return start + error, start - error, redis_now + wait
                 if why == "full":
                     # A slot frees when a request ends, which Redis cannot tell us.
                     released.clear()
@@ -257,6 +302,7 @@ class HostBudget:
             limits.concurrency,
             limits.lease_seconds * 1000.0,
             lease_id,
+            RESERVE_AHEAD_SECONDS * 1000.0,
         ]
         try:
             raw = await self._take_turn(keys=self._keys(host), args=args)
@@ -267,6 +313,24 @@ class HostBudget:
             ) from exc
         granted, wait_ms, why, now_ms = int(raw[0]), float(raw[1]), _text(raw[2]), float(raw[3])
         return bool(granted), max(wait_ms, 0.0) / 1000.0, why, now_ms / 1000.0
+
+    async def _move_to_now(
+        self, host: str, lease_id: str, redis_start: float, spacing: float
+    ) -> float | None:
+        """Move a granted turn's start to now if nobody has a start after it; when it moved,
+        the new start in this process's time.monotonic() (at its earliest), else None."""
+        args = [redis_start * 1000.0, spacing * 1000.0, self._limits.lease_seconds * 1000.0]
+        asked_at = time.monotonic()
+        try:
+            raw = await self._move(keys=self._keys(host)[:2], args=[*args, lease_id])
+        except (RedisError, OSError):
+            return None  # then the request is not sent, as if the turn could not move
+        answered_at = time.monotonic()
+        redis_now = float(raw[1]) / 1000.0
+        self._clock.observe(asked_at, answered_at, redis_now)
+        if not int(raw[0]):
+            return None
+        return self._clock.local(redis_now) - self._clock.error
 
     async def _release(self, host: str, lease_id: str) -> None:
         try:

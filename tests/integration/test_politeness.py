@@ -61,22 +61,26 @@ async def test_grants_are_spaced_by_the_rate_across_processes(
 ) -> None:
     rate = 20.0
     one, two = budgets(rate=rate), budgets(rate=rate)
-    granted: list[float] = []
+    starts: list[float] = []  # each turn's start, as its process read Redis's clock
+    woken: list[tuple[float, float]] = []
 
     async def take(budget: HostBudget) -> None:
-        async with budget.turn(HOST):
-            granted.append(time.monotonic())
+        async with budget.turn(HOST) as turn:
+            starts.append(turn.due)
+            woken.append((turn.due, time.monotonic()))
 
     started = time.monotonic()
     await asyncio.gather(*(take(budget) for budget in [one, two] * 6))
 
     spacing = one.spacing()
     assert spacing == pytest.approx(1.05 / rate)
-    gaps = [b - a for a, b in itertools.pairwise(sorted(granted))]
-    assert len(granted) == 12
-    assert min(gaps) >= spacing - 0.01, gaps
+    gaps = [b - a for a, b in itertools.pairwise(sorted(starts))]
+    assert len(starts) == 12
+    # Both processes read Redis's clock to within their round trip (well under 5 ms here).
+    assert min(gaps) >= spacing - 0.005, gaps
+    assert all(due <= now for due, now in woken)  # no request may leave before its start
     # Used, not wasted: the twelfth start comes about eleven spacings after the first.
-    assert max(granted) - started < 11 * spacing + 0.25
+    assert max(starts) - started < 11 * spacing + 0.25
 
 
 async def test_concurrency_is_capped_across_processes(
@@ -170,6 +174,34 @@ async def test_a_request_leaving_late_for_its_turn_is_stopped_before_it_is_sent(
     # A redirect's next hop, after the first request left on time, is not stopped.
     await asyncio.sleep(LATE_SEND_SECONDS + 0.01)
     await on_time.trace(HEADERS_SENT_EVENT, {})
+
+
+async def test_a_late_request_moves_its_turn_to_now_when_no_later_start_was_granted(
+    budgets: Callable[..., HostBudget],
+) -> None:
+    rate = 10.0
+    one, two = budgets(rate=rate), budgets(rate=rate)
+    async with one.turn(HOST) as late:
+        await asyncio.sleep(LATE_SEND_SECONDS + 0.02)  # a busy machine: it could not leave
+        moved_at = time.monotonic()
+        await late.trace(HEADERS_SENT_EVENT, {})  # moved to now: sent, not held back
+        assert late.moved
+    async with two.turn(HOST):
+        # The next start is a spacing after the moved one, not after the original.
+        assert time.monotonic() - moved_at >= one.spacing() - 0.005
+
+
+async def test_a_late_request_is_held_back_when_a_later_start_was_granted(
+    budgets: Callable[..., HostBudget],
+) -> None:
+    rate = 50.0  # a spacing of 21 ms: the other turn is granted while the first one is late
+    one, two = budgets(rate=rate), budgets(rate=rate)
+    async with one.turn(HOST) as late:
+        async with two.turn(HOST) as next_one:
+            await asyncio.sleep(LATE_SEND_SECONDS + 0.01)
+            with pytest.raises(LateForTurn):
+                await late.trace(HEADERS_SENT_EVENT, {})
+            assert not late.moved and next_one.waited > 0
 
 
 # --- robots.txt, shared ---------------------------------------------------------------------
