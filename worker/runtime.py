@@ -119,7 +119,9 @@ class WorkerRuntime:
 
     def close(self) -> None:
         log.info(
-            "%d requests to the source were not sent for leaving too late for their turn",
+            "requests to the source that could not leave on time for their turn: %d moved to "
+            "a later start, %d not sent",
+            self.source.moved_turns,
             self.source.late_turns,
         )
         try:

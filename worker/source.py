@@ -47,8 +47,9 @@ class PoliteSource:
         self._robots = robots
         self._policy = policy
         self.agent = robots_agent(policy.user_agent)
-        # Requests not sent because they would have left too late for their turn: a worker
-        # that counts many is short of CPU for its concurrency.
+        # Requests that could not leave on time for their turn: moved to a later start, or not
+        # sent. A worker that counts many is short of CPU for its concurrency.
+        self.moved_turns = 0
         self.late_turns = 0
 
     async def fetch(
@@ -83,6 +84,8 @@ class PoliteSource:
                         cap = self._policy.retry_after_cap
                         await self._budget.pause(host, min(exc.retry_after, cap))
                     raise
+                finally:
+                    self.moved_turns += turn.moved
 
 
 def robots_fetcher(
