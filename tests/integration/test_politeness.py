@@ -196,12 +196,11 @@ async def test_a_late_request_is_held_back_when_a_later_start_was_granted(
 ) -> None:
     rate = 50.0  # a spacing of 21 ms: the other turn is granted while the first one is late
     one, two = budgets(rate=rate), budgets(rate=rate)
-    async with one.turn(HOST) as late:
-        async with two.turn(HOST) as next_one:
-            await asyncio.sleep(LATE_SEND_SECONDS + 0.01)
-            with pytest.raises(LateForTurn):
-                await late.trace(HEADERS_SENT_EVENT, {})
-            assert not late.moved and next_one.waited > 0
+    async with one.turn(HOST) as late, two.turn(HOST) as next_one:
+        await asyncio.sleep(LATE_SEND_SECONDS + 0.01)
+        with pytest.raises(LateForTurn):
+            await late.trace(HEADERS_SENT_EVENT, {})
+        assert not late.moved and next_one.waited > 0
 
 
 # --- robots.txt, shared ---------------------------------------------------------------------
