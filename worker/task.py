@@ -7,6 +7,7 @@ back into the same message and no dict mirrors the contract by hand.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from typing import Any
@@ -116,7 +117,12 @@ def harvest(
     # The loop's own limit is the soft limit; this one only guards against a loop that hangs:
     # the work, and two waits for a turn (robots.txt's and the page's) of at most the limit.
     guard = deadline - time.monotonic() + 2 * settings.task_soft_time_limit_seconds + 5.0
-    result = runtime.run(_within_soft_limit(runtime, page, task_id, deadline), guard)
+    try:
+        result = runtime.run(_within_soft_limit(runtime, page, task_id, deadline), guard)
+    except concurrent.futures.TimeoutError as exc:
+        raise RetryableError(
+            f"page {page}: the worker's event loop did not finish it within {guard:.0f} s"
+        ) from exc
     failpoints.hit(settings.failpoints, "after_store", page, settings.data_dir)
     return result
 
