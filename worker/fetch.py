@@ -1,8 +1,9 @@
-"""Fetch one listing page over HTTP, within bounds of time, size, redirects and hosts.
+"""Fetch one listing page (or a robots.txt) over HTTP, within bounds of time, size, redirects
+and hosts; conditionally when the page's validators are known (a 304 is `not_modified`).
 
 httpx errors are translated here into `RetryableError` (5xx, 429, 408, timeouts, connection
 loss) and `PermanentError` (other 4xx, too many redirects, a redirect off the source's host,
-a body over the limit, a non-HTML answer).
+a body over the limit, a non-HTML answer). When to fetch is `worker.source`'s business.
 """
 
 from __future__ import annotations
