@@ -25,6 +25,7 @@ from tests.e2e.test_batches import upload_pages, wait_for_batch
 from tests.support.processes import Site, SiteRequest, poll_until, start_site
 from tests.support.services import postgres_database
 from tests.support.stack import Stack, upload, wait_for_task
+from worker.politeness import LATE_SEND_SECONDS
 
 SUCCESS = task_pb2.TASK_STATUS_SUCCESS
 FAILURE = task_pb2.TASK_STATUS_FAILURE
@@ -162,14 +163,16 @@ def test_a_worker_killed_holding_the_only_slot_blocks_the_fleet_for_at_most_the_
         "the worker that took page 1",
     )
     holder.kill_group(signal.SIGKILL)
+    asked = time.time()  # the site's log is in time.time() too
     task = upload(gateway, 2)
     done = wait_for_task(gateway, task.id, timeout=30)
 
     assert done.status == SUCCESS, done
+    assert asked < held.arrival + lease - 0.5, "too slow to judge: page 2 asked for after the lease"
     second_fetch = next(r for r in page_requests(site) if r.path == "/projects?page=2")
     blocked = second_fetch.arrival - held.arrival
     # The dead worker's slot held the fleet off until its lease ran out, and no longer.
-    assert lease - 0.25 <= blocked <= lease + 2.0, f"page 2 waited {blocked:.2f} s"
+    assert lease - 0.25 <= blocked <= lease + 1.0, f"page 2 waited {blocked:.2f} s"
 
 
 def test_retry_after_pauses_the_whole_fleet(make_stack: Callable[..., Stack], site: Site) -> None:
@@ -230,7 +233,8 @@ def test_crawl_delay_spaces_the_fleets_requests(
     arrivals = sorted(r.arrival for r in page_requests(site))
     gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     assert len(arrivals) == 6
-    assert min(gaps) >= 0.5 - 0.02, gaps
+    # A request may leave up to LATE_SEND_SECONDS after its start, the next one on time.
+    assert min(gaps) >= 0.5 - LATE_SEND_SECONDS - 0.02, gaps
 
 
 def test_robots_5xx_disallows_everything_for_a_while_and_4xx_allows_everything(
