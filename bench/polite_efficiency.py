@@ -33,6 +33,7 @@ from core.db import Project, create_engine
 from projects.v1 import queue_service_pb2, queue_service_pb2_grpc, task_pb2
 from tests.support.processes import Process, Site, start_site, start_worker
 from tests.support.stack import TEST_TOKEN
+from worker.politeness import LATE_SEND_SECONDS
 
 LIMIT_PER_SECOND = 20
 SITE_DELAY_SECONDS = 0.25
@@ -192,8 +193,8 @@ def run(options: Options) -> list[Figure]:
                 f"{SITE_DELAY_SECONDS * 1000:.0f} ms and capped at the same rate (no 429); the "
                 f"site saw {median(arrival_rates):.2f} requests/s (median), at most "
                 f"{max(busiest)} in any second; of the requests that could not leave within "
-                f"25 ms of their turn's start, {moved} moved their turn to a later start and "
-                f"{late} were not sent (all runs)"
+                f"{LATE_SEND_SECONDS * 1000:.0f} ms of their turn's start, {moved} moved their "
+                f"turn to a later start and {late} were not sent (all runs)"
             ),
             samples={"pages_per_s": polite, "site_requests_per_s": arrival_rates},
         )
