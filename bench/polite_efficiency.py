@@ -11,8 +11,8 @@ N / (the batch's finish_time, as the worker recorded it, - the time before the c
 first page's wait and the last page's store are in it. The figure is the median over runs,
 divided by the limit (the baseline, 20 pages/s); the target is >= 0.9. Each run starts from an
 empty table and must end with rows == distinct links == N * 10, every page SUCCESS, and the
-site's log must show no 429 (the site is capped at the same 20 requests/s), nor more than 20
-arrivals in any second.
+site's log must show no 429 (the site is capped at the same 20 requests/s: a 429 is how it says
+a second had more than 20 arrivals).
 """
 
 from __future__ import annotations
