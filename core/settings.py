@@ -304,9 +304,16 @@ class Settings(BaseSettings):
     worker_db_connections: int = Field(
         default=8,
         ge=1,
-        description="Database connections per worker process, which its tasks take turns on; "
-        "keep worker processes x this, plus 20 per gateway process, below the database's "
-        "max_connections.",
+        description="Database connections per worker process, which its tasks take turns on "
+        "to store their pages; keep worker processes x (this + WORKER_RECORD_CONNECTIONS), "
+        "plus 20 per gateway process, below the database's max_connections.",
+    )
+    worker_record_connections: int = Field(
+        default=4,
+        ge=1,
+        description="Database connections per worker process for its tasks' own records "
+        "(started, retrying, ended): kept apart so that a task's state reaches its watchers "
+        "without waiting behind other pages' stores.",
     )
     fetch_timeout_seconds: float = Field(
         default=10.0,

@@ -107,8 +107,16 @@ def banner(settings: Settings, address: str, token: str | None, site_started: bo
         lines.append(
             f"  token        {token}  (client 'default'; set API_TOKENS to choose your own)"
         )
+    harvester = os.path.relpath(BIN / "harvester")
+    environment = f"HARVESTER_ADDRESS={address} HARVESTER_TOKEN={token or '<token>'}"
+    if settings.gateway_tls_cert_file:
+        environment += " HARVESTER_TLS_CA_FILE=<CA file>"
     lines += [
-        "Try:",
+        "Try (in another terminal):",
+        f"  export {environment}",
+        f"  {harvester} upload 1-5 --wait",
+        f"  {harvester} projects --limit 5",
+        "or with grpcurl:",
         f"  {grpcurl} {transport} {address} list",
         f"  {grpcurl} {transport} {auth} -d '{{\"page\": 1}}' {address} "
         "projects.v1.QueueService/Upload",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from gateway.batching import Batcher
+from core.batching import Batcher
 from gateway.celery_queue import CeleryQueue, Publication
 from gateway.errors import StoreUnavailable
 from gateway.records import IssuedTask, TaskRecords

@@ -25,7 +25,7 @@ from gateway.errors import (
     answers_errors,
     answers_stream_errors,
 )
-from gateway.messages import project_message
+from gateway.messages import project_fields, project_message
 from gateway.paging import GARBLED, open_page_token, page_size, seal_page_token
 from gateway.project_store import (
     BEGINNING,
@@ -38,7 +38,7 @@ from gateway.project_store import (
     StoredProject,
 )
 from gateway.tokens import TokenError, TokenSigner
-from gateway.watching import READ_BATCH, Overflowed, ProjectFeed, Subscription
+from gateway.watching import READ_BATCH, Delivery, Overflowed, ProjectFeed, Subscription
 from projects.v1 import project_pb2, project_service_pb2, project_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -105,14 +105,13 @@ def _described_filters(order_name: str, filters: Filters) -> dict[str, Any]:
     }
 
 
-def _change(project: StoredProject, cursor: str) -> project_service_pb2.WatchProjectsResponse:
-    return project_service_pb2.WatchProjectsResponse(
-        project=project_message(project),
-        change_type=ChangeType.CHANGE_TYPE_CREATED
+def _change(project: StoredProject) -> dict[str, Any]:
+    return {
+        "project": project_fields(project),
+        "change_type": ChangeType.CHANGE_TYPE_CREATED
         if project.created
         else ChangeType.CHANGE_TYPE_UPDATED,
-        cursor=cursor,
-    )
+    }
 
 
 class StreamSlots:
@@ -177,7 +176,8 @@ class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
             key = [_key_text(value) for value in order.key(rows[-1])]
             next_token = seal_page_token(self._signer, PAGE_TOKEN_KIND, described, key)
         return project_service_pb2.ListProjectsResponse(
-            projects=[project_message(row) for row in rows], next_page_token=next_token
+            projects=[project_fields(row) for row in rows],  # type: ignore[misc]  # see project_fields
+            next_page_token=next_token,
         )
 
     def _open_page_token(self, token: str, order_name: str, described: dict[str, Any]) -> list[Any]:
@@ -229,7 +229,16 @@ class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
     def _cursor(self, position: Position) -> str:
         return self._signer.seal(CURSOR_KIND, {"revision": position.revision, "id": position.id})
 
-    async def _next(self, subscription: Subscription) -> list[StoredProject]:
+    def _response(
+        self, rows: list[StoredProject], cursor_at: Position
+    ) -> project_service_pb2.WatchProjectsResponse:
+        """One response carrying `rows`, with the cursor that resumes after `cursor_at`."""
+        return project_service_pb2.WatchProjectsResponse(
+            changes=[_change(row) for row in rows],  # type: ignore[misc]  # dicts: see project_fields
+            cursor=self._cursor(cursor_at),
+        )
+
+    async def _next(self, subscription: Subscription) -> list[Delivery]:
         """What the feed offers next, unless the gateway starts stopping first."""
         taking = asyncio.ensure_future(subscription.take())
         stopping = asyncio.ensure_future(self._stopping.wait())
@@ -243,6 +252,22 @@ class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
             raise Unavailable(SHUTTING_DOWN)
         return taking.result()
 
+    def _delivered(
+        self, delivery: Delivery, position: Position, is_active: bool | None
+    ) -> project_service_pb2.WatchProjectsResponse | None:
+        """The response for what `delivery` holds past `position` (None: nothing to send)."""
+        if delivery.first > position:
+            # A stream that was caught up: the response every such stream sends.
+            return delivery.response(
+                is_active, lambda rows: self._response(rows, delivery.last) if rows else None
+            )
+        rows = [
+            row
+            for row in delivery.rows
+            if row.position > position and (is_active is None or row.is_active == is_active)
+        ]
+        return self._response(rows, delivery.last) if rows else None
+
     @answers_stream_errors
     async def WatchProjects(
         self, request: project_service_pb2.WatchProjectsRequest, context: WatchContext
@@ -250,6 +275,10 @@ class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
         position = await self._start(request)
         is_active = request.is_active if request.HasField("is_active") else None
         with self._slots.hold(current_client.get()):
+            if not request.cursor and not request.from_beginning:
+                # "From now" is a place only the gateway knows: say where it is at once, so that
+                # a stream cut before its first change resumes from there, missing nothing.
+                yield project_service_pb2.WatchProjectsResponse(cursor=self._cursor(position))
             try:
                 while True:
                     # Subscribed before reading the database: what is committed while it
@@ -262,18 +291,19 @@ class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
                                 rows = await self._store.changes_after(
                                     position, is_active, READ_BATCH
                                 )
-                                for row in rows:
-                                    position = row.position
-                                    yield _change(row, self._cursor(position))
+                                if rows:
+                                    position = rows[-1].position
+                                    yield self._response(rows, position)
                                 if len(rows) < READ_BATCH:
                                     break
                             while True:
-                                for row in await self._next(subscription):
-                                    if row.position <= position:
+                                for delivery in await self._next(subscription):
+                                    if delivery.last <= position:
                                         continue
-                                    position = row.position
-                                    if is_active is None or row.is_active == is_active:
-                                        yield _change(row, self._cursor(position))
+                                    response = self._delivered(delivery, position, is_active)
+                                    position = delivery.last
+                                    if response is not None:
+                                        yield response
                         except Overflowed:
                             log.info("a watch stream fell behind; it reads the database again")
             except Unavailable as exc:

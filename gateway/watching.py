@@ -2,11 +2,11 @@
 
 One `ProjectFeed` per process reads the database once per wake-up (an event from a worker, see
 `core.events`, or its slow timer when events are lost) for the rows committed after its head,
-and offers them to every subscribed stream. A stream catches up from the database at its own
-pace first, then takes what the feed offers; one that falls more than WATCH_BUFFER_CHANGES
-behind is dropped from the feed and goes back to reading the database from its own cursor, so
-a slow reader never grows the gateway's memory. So 1,000 idle watchers cost one query per
-wake-up, not 1,000.
+and offers them, as one `Delivery`, to every subscribed stream. A stream catches up from the
+database at its own pace first, then takes what the feed offers; one that falls more than
+WATCH_BUFFER_CHANGES behind is dropped from the feed and goes back to reading the database from
+its own cursor, so a slow reader never grows the gateway's memory. So 1,000 idle watchers cost
+one query and one response built per wake-up, not 1,000.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TypeVar, cast
 
 from core.events import Event, ProjectsChanged, TaskChanged
 from gateway.errors import Unavailable
@@ -25,10 +26,38 @@ log = logging.getLogger(__name__)
 # Rows read in one query, by the feed and by a stream catching up.
 READ_BATCH = 500
 RETRY_SECONDS = 1.0
+T = TypeVar("T")
 
 
 class Overflowed(Exception):
     """The stream fell too far behind the feed: read on from the database."""
+
+
+class Delivery:
+    """The rows one read of the feed found, offered alike to every stream.
+
+    Streams that were caught up when it came (nearly all of them) send the same response: it is
+    built once per filter and kept here (`response`), so 1,000 streams cost one build.
+    """
+
+    __slots__ = ("_responses", "first", "last", "rows")
+
+    def __init__(self, rows: list[StoredProject]) -> None:
+        self.rows = rows
+        self.first = rows[0].position
+        self.last = rows[-1].position
+        self._responses: dict[bool | None, object] = {}
+
+    def response(self, is_active: bool | None, build: Callable[[list[StoredProject]], T]) -> T:
+        """`build` of the rows that pass `is_active`, made once per filter for every stream."""
+        try:
+            return cast(T, self._responses[is_active])
+        except KeyError:
+            rows = self.rows
+            if is_active is not None:
+                rows = [row for row in rows if row.is_active == is_active]
+            built = self._responses[is_active] = build(rows)
+            return built
 
 
 class Subscription:
@@ -36,28 +65,30 @@ class Subscription:
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._rows: list[StoredProject] = []
+        self._deliveries: list[Delivery] = []
+        self._rows = 0
         self._ready = asyncio.Event()
         self.overflowed = False
 
-    def offer(self, rows: list[StoredProject]) -> bool:
-        """Queue `rows`; False (and overflowed from now on) when they do not fit."""
-        if len(self._rows) + len(rows) > self._capacity:
+    def offer(self, delivery: Delivery) -> bool:
+        """Queue `delivery`; False (and overflowed from now on) when it does not fit."""
+        if self._rows + len(delivery.rows) > self._capacity:
             self.overflowed = True
-            self._rows.clear()
+            self._deliveries.clear()
         else:
-            self._rows.extend(rows)
+            self._deliveries.append(delivery)
+            self._rows += len(delivery.rows)
         self._ready.set()
         return not self.overflowed
 
-    async def take(self) -> list[StoredProject]:
+    async def take(self) -> list[Delivery]:
         """Everything offered since the last take, once there is something; raises Overflowed."""
         await self._ready.wait()
         if self.overflowed:
             raise Overflowed
-        rows, self._rows = self._rows, []
+        deliveries, self._deliveries, self._rows = self._deliveries, [], 0
         self._ready.clear()
-        return rows
+        return deliveries
 
 
 class ProjectFeed:
@@ -108,9 +139,10 @@ class ProjectFeed:
             rows = await self._store.changes_after(self._head, None, READ_BATCH)
             if not rows:
                 return
-            self._head = rows[-1].position
+            delivery = Delivery(rows)
+            self._head = delivery.last
             for subscription in list(self._subscribers):
-                if not subscription.offer(rows):
+                if not subscription.offer(delivery):
                     self._subscribers.discard(subscription)
             if len(rows) < READ_BATCH:
                 return

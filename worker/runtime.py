@@ -4,7 +4,8 @@ Built when the worker process starts and closed when it shuts down (`worker.app`
 to the task through its base class (`worker.task.HarvestTask`); nothing here is a global.
 
 Celery runs tasks on a pool of threads; each hands its page's work (fetch, parse, store) to this
-one loop, which runs in a thread of its own for the life of the process, and waits. So a process
+one loop, which runs in a thread of its own for the life of the process, and waits (its record's
+writes go to a second loop, `TaskRecords`). So a process
 keeps many pages in flight while each waits on the network, and the pooled engine and HTTP
 connections always live on the loop that made them (an `asyncio.run` per task would make a new
 loop each time and break them).
@@ -17,18 +18,21 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.batching import Batcher
 from core.db import create_engine
-from core.events import EventPublisher
+from core.events import EventPublisher, TaskChanged
 from core.settings import Settings
 from worker.fetch import FetchLimits, make_client
 from worker.politeness import BudgetLimits, HostBudget
 from worker.robots import RobotsCache
 from worker.source import PoliteSource, SourcePolicy, robots_fetcher
+from worker.store import TaskStart, start_tasks
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +42,112 @@ T = TypeVar("T")
 POOL_WAIT_SECONDS = 5.0
 
 
-class WorkerRuntime:
+class LoopThread:
+    """An event loop that runs in a thread of its own for the life of the process."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coroutine` on this loop and wait for it from the calling thread."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+@dataclass(slots=True)
+class _Start:
+    task_id: str
+    start: TaskStart | None = None
+
+
+class TaskRecords(LoopThread):
+    """The tasks' own records (start, retry, end) and their events, on a loop of their own.
+
+    A page's parse runs on the work loop and holds it for the parse's length; many pages
+    fetched together parse back to back. A task's state change queued behind them would reach
+    its record, and its watchers, only after all of them. On this loop it waits for the GIL
+    at most, and for WORKER_RECORD_CONNECTIONS connections that only these short writes use.
+
+    Tasks start in bursts (a worker's slots fill at once): the starts that arrive together are
+    written by one UPDATE and said by one pipeline of events (`start`).
+    """
+
     def __init__(self, settings: Settings, events_url: str) -> None:
+        super().__init__("task-records-loop")
+        self.engine: AsyncEngine = create_engine(
+            settings.resolved_database_url,
+            pool_size=settings.worker_record_connections,
+            max_overflow=0,
+            pre_ping=False,
+            pool_timeout=POOL_WAIT_SECONDS,
+        )
+        self.events: EventPublisher = self.run(_make_publisher(events_url, settings))
+        self._starts = Batcher(self._write_starts, max_size=settings.worker_concurrency)
+
+    async def start(self, task_id: str) -> TaskStart:
+        """Count a start of `task_id` and mark it STARTED (`worker.store.start_tasks`), then say
+        so; with the other starts that arrive meanwhile."""
+        start = _Start(task_id)
+        await self._starts.submit(start)
+        assert start.start is not None
+        return start.start
+
+    async def _write_starts(self, starts: list[_Start]) -> None:
+        # Two deliveries of one task in one burst are two starts: each is counted, in turn.
+        waiting = starts
+        while waiting:
+            distinct: dict[str, _Start] = {}
+            again: list[_Start] = []
+            for start in waiting:
+                if start.task_id in distinct:
+                    again.append(start)
+                else:
+                    distinct[start.task_id] = start
+            written = await start_tasks(self.engine, list(distinct))
+            for task_id, start in distinct.items():
+                start.start = written.get(task_id, TaskStart(0))
+            waiting = again
+        await self.events.publish_all(
+            [TaskChanged(start.task_id, start.start.batch_id) for start in starts if start.start]
+        )
+
+    def close(self) -> None:
+        try:
+            self.run(self.events.close(), timeout=5)
+            self.run(self.engine.dispose(), timeout=5)
+        finally:
+            self.stop()
+
+
+async def _make_publisher(url: str, settings: Settings) -> EventPublisher:
+    return EventPublisher(url, settings.redis_key_prefix)
+
+
+class WorkerRuntime(LoopThread):
+    """The work loop (fetch, parse, store) with its clients, and the tasks' `records`."""
+
+    def __init__(self, settings: Settings, events_url: str) -> None:
+        super().__init__("harvest-event-loop")
         self.settings = settings
         self.fetch_limits = FetchLimits(
             timeout=settings.fetch_timeout_seconds,
             max_bytes=settings.fetch_max_bytes,
             max_redirects=settings.fetch_max_redirects,
         )
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="harvest-event-loop", daemon=True
-        )
-        self._thread.start()
         self.http: httpx.AsyncClient = self.run(self._make_client(settings.source_url))
-        self.events: EventPublisher = self.run(self._make_publisher(events_url))
+        self.events: EventPublisher = self.run(_make_publisher(events_url, settings))
         # The fleet's budget for the source lives on the same Redis as the events.
         self.budget: HostBudget = self.run(self._make_budget(events_url))
         self.source = PoliteSource(
@@ -62,12 +157,13 @@ class WorkerRuntime:
             self._robots_cache() if settings.source_obey_robots else None,
             SourcePolicy(settings.source_user_agent, settings.retry_after_cap_seconds),
         )
-        # A task holds a connection only for a statement or two (its start, then its store),
-        # so a few serve many tasks in flight: a task waits its turn for one, briefly, rather
-        # than each opening its own. Worker processes x WORKER_DB_CONNECTIONS is all the
-        # workers ask of the database's max_connections, whatever their concurrency. The wait
-        # is bounded (POOL_WAIT_SECONDS, then worker.store retries twice), so a database that
-        # holds every connection delays a task's start by seconds, not by minutes.
+        # A task holds a connection only for a statement or two (its cancel check, then its
+        # store), so a few serve many tasks in flight: a task waits its turn for one, briefly,
+        # rather than each opening its own. Worker processes x (WORKER_DB_CONNECTIONS +
+        # WORKER_RECORD_CONNECTIONS) is all the workers ask of the database's max_connections,
+        # whatever their concurrency. The wait is bounded (POOL_WAIT_SECONDS, then
+        # worker.store retries twice), so a database that holds every connection delays a
+        # task by seconds, not by minutes.
         # No ping before each use: a connection that died idle fails its statement as a
         # transient error, which `worker.store` retries on a fresh one (SQLAlchemy drops the
         # pool's stale connections on such an error), and the ping was a round trip per
@@ -79,6 +175,7 @@ class WorkerRuntime:
             pre_ping=False,
             pool_timeout=POOL_WAIT_SECONDS,
         )
+        self.records = TaskRecords(settings, events_url)
 
     async def _make_client(self, source_url: str) -> httpx.AsyncClient:
         return make_client(
@@ -87,9 +184,6 @@ class WorkerRuntime:
             self.settings.worker_concurrency,
             self.settings.source_user_agent,
         )
-
-    async def _make_publisher(self, url: str) -> EventPublisher:
-        return EventPublisher(url, self.settings.redis_key_prefix)
 
     async def _make_budget(self, url: str) -> HostBudget:
         settings = self.settings
@@ -108,15 +202,6 @@ class WorkerRuntime:
             robots_fetcher(self.http, self.fetch_limits, self.budget),
         )
 
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run `coroutine` on the process's loop and wait for it from the calling thread."""
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise
-
     def close(self) -> None:
         log.info(
             "requests to the source that could not leave on time for their turn: %d moved to "
@@ -125,12 +210,10 @@ class WorkerRuntime:
             self.source.late_turns,
         )
         try:
+            self.records.close()
             self.run(self.http.aclose(), timeout=5)
             self.run(self.events.close(), timeout=5)
             self.run(self.budget.close(), timeout=5)
             self.run(self.engine.dispose(), timeout=5)
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
-            if not self._thread.is_alive():
-                self.loop.close()
+            self.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from google.protobuf import json_format
 from core.celery_config import HARVEST_TASK_NAME
 from core.events import ProjectsChanged, TaskChanged
 from core.gc_tuning import collector_paused
-from core.ledger import Outcome
+from core.ledger import Finished, Outcome
 from projects.v1 import task_pb2
 from worker import failpoints
 from worker.errors import Cancelled, PermanentError, RetryableError
@@ -26,7 +27,7 @@ from worker.fetch import Validators
 from worker.parse import parse_listing
 from worker.politeness import TurnNotGiven
 from worker.retry import RetryPolicy
-from worker.runtime import WorkerRuntime
+from worker.runtime import TaskRecords, WorkerRuntime
 from worker.store import (
     TaskStart,
     cancel_requested,
@@ -36,7 +37,6 @@ from worker.store import (
     record_retry,
     refresh_seen,
     remember_page,
-    start_task,
     store_projects,
 )
 
@@ -164,19 +164,34 @@ class HarvestTask(Task):  # type: ignore[type-arg]
         return runtime
 
 
+# A task's state changes: each is recorded and then said (an event for its watchers) in one
+# visit to the records' loop (worker.runtime.TaskRecords), not two; starts are its own.
+
+
+async def _retry_and_say(records: TaskRecords, task_id: str, error: str) -> None:
+    batch_id = await record_retry(records.engine, task_id, error)
+    await records.events.publish(TaskChanged(task_id, batch_id))
+
+
+async def _end_and_say(
+    records: TaskRecords, task_id: str, outcome: Outcome, window: int
+) -> Finished:
+    finished = await finish_task(records.engine, task_id, outcome, window)
+    await records.events.publish(TaskChanged(task_id, finished.batch_id))
+    return finished
+
+
 def _ended(task: HarvestTask, outcome: Outcome) -> None:
     """Record the task's final state (counted once for its batch) and say so; publish the pages
     an "until known" batch enqueued as it did."""
     runtime = task.runtime
-    task_id = str(task.request.id)
-    finished = runtime.run(
-        finish_task(runtime.engine, task_id, outcome, runtime.settings.until_known_window)
-    )
+    records = runtime.records
+    window = runtime.settings.until_known_window
+    finished = records.run(_end_and_say(records, str(task.request.id), outcome, window))
     for new in finished.new_tasks:
         task.app.send_task(HARVEST_TASK_NAME, args=[new.page], task_id=new.id)
     if finished.new_tasks:
-        runtime.run(mark_published(runtime.engine, [new.id for new in finished.new_tasks]))
-    runtime.run(runtime.events.publish(TaskChanged(task_id, finished.batch_id)))
+        records.run(mark_published(records.engine, [new.id for new in finished.new_tasks]))
 
 
 def _ended_or_retry(task: HarvestTask, outcome: Outcome) -> None:
@@ -207,7 +222,7 @@ def run_harvest(task: HarvestTask, page: int, turns_missed: int = 0) -> dict[str
     try:
         start: TaskStart | None = getattr(task.request, "start", None)
         if start is None:  # the prerun hook could not reach the database: try again here
-            start = runtime.run(start_task(runtime.engine, task_id))
+            start = runtime.records.run(runtime.records.start(task_id))
         if start.finished:
             log.info("page %d: task %s has ended already (cancelled); not run", page, task_id)
             return _result(task_pb2.UploadResult(page=page))
@@ -273,13 +288,11 @@ def run_harvest(task: HarvestTask, page: int, turns_missed: int = 0) -> dict[str
 
 
 def _retrying(task: HarvestTask, error: str) -> None:
-    runtime = task.runtime
-    task_id = str(task.request.id)
-    try:
-        batch_id = runtime.run(record_retry(runtime.engine, task_id, error))
-    except RetryableError:
-        return  # the retry goes ahead; its status shows in Celery's result backend meanwhile
-    runtime.run(runtime.events.publish(TaskChanged(task_id, batch_id)))
+    records = task.runtime.records
+    # When the record cannot be written, the retry goes ahead all the same; its status shows
+    # in Celery's result backend meanwhile.
+    with contextlib.suppress(RetryableError):
+        records.run(_retry_and_say(records, str(task.request.id), error))
 
 
 def register(app: Celery) -> HarvestTask:
@@ -291,10 +304,8 @@ def register(app: Celery) -> HarvestTask:
     @signals.task_prerun.connect(sender=harvest_page, weak=False)
     def record_delivery(task: HarvestTask, task_id: str, **_: Any) -> None:
         # Runs before Celery stores STARTED, so a task seen STARTED always has its start time.
-        runtime = task.runtime
-        start = runtime.run(start_task(runtime.engine, task_id))
+        start = task.runtime.records.run(task.runtime.records.start(task_id))
         # Celery's request Context takes any attribute; the task body reads this one back.
         task.request.start = start  # type: ignore[attr-defined]
-        runtime.run(runtime.events.publish(TaskChanged(task_id, start.batch_id)))
 
     return harvest_page

@@ -14,7 +14,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,10 @@ from sqlalchemy import bindparam, text
 from core.db import UtcDateTime, create_engine
 from core.migrate import upgrade_to_head
 from gateway.tokens import TokenSigner
-from projects.v1 import project_pb2, project_service_pb2
+from projects.v1 import project_pb2, project_service_pb2, project_service_pb2_grpc
 from sample_site.pages import render_listing, sample_page
 from tests.conftest import own_redis_server, stacks_in
+from tests.support.idle_proxy import IdleCuttingProxy
 from tests.support.processes import Gateway, Site, start_site
 from tests.support.projects import project_item
 from tests.support.services import postgres_database
@@ -261,11 +262,15 @@ class Watcher:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.cursor = ""
-        self.changes: list[project_service_pb2.WatchProjectsResponse] = []
+        self.changes: list[project_service_pb2.ProjectChange] = []
         self.ended: list[grpc.StatusCode] = []
 
     def watch(self, until: int, from_beginning: bool = False, timeout: float = 120) -> None:
-        """Read until `until` changes are held in all, then cut the stream (or until it ends)."""
+        """Read until `until` changes are held in all, then cut the stream (or until it ends).
+
+        A response carries every change the gateway had for the stream when it sent it, so a
+        cut comes after a response, at `until` changes or past it.
+        """
         call = self.gateway.projects.WatchProjects(
             project_service_pb2.WatchProjectsRequest(
                 cursor=self.cursor, from_beginning=from_beginning and not self.cursor
@@ -274,9 +279,10 @@ class Watcher:
             timeout=timeout,
         )
         try:
-            for change in call:
-                self.changes.append(change)
-                self.cursor = change.cursor
+            for response in call:
+                assert response.changes, "a response with no changes"
+                self.changes.extend(response.changes)
+                self.cursor = response.cursor
                 if len(self.changes) >= until:
                     call.cancel()  # type: ignore[no-untyped-call]
                     return
@@ -373,6 +379,13 @@ def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
 
 def first_of(stream: Any) -> Any:
     return next(iter(stream))
+
+
+def each_change(
+    responses: Iterable[project_service_pb2.WatchProjectsResponse],
+) -> Iterator[project_service_pb2.ProjectChange]:
+    for response in responses:
+        yield from response.changes
 
 
 def test_every_status_code_of_project_service(sqlite_stack: Callable[..., Stack]) -> None:
@@ -492,7 +505,7 @@ def test_changes_updates_and_a_watcher_that_lags_behind_the_feed(
     lagging = gateway.projects.WatchProjects(
         project_service_pb2.WatchProjectsRequest(from_beginning=True), metadata=METADATA, timeout=60
     )
-    changes = iter(lagging)
+    changes = each_change(lagging)
     for page in (1, 2, 3):
         wait_for_task(gateway, upload(gateway, page).id)
     seen = [next(changes) for _ in range(3 * PER_PAGE)]
@@ -517,18 +530,11 @@ def test_sigterm_ends_open_streams_unavailable_with_the_way_to_resume(
     stack = sqlite_stack()
     gateway = stack.start_gateway()
 
-    async def one_project() -> None:
-        engine = create_engine(stack.database_url)
-        try:
-            await store_projects(engine, [project_item(1)], 10)
-        finally:
-            await engine.dispose()
-
-    run(one_project())
+    store_one(stack, 1)
     stream = gateway.projects.WatchProjects(
         project_service_pb2.WatchProjectsRequest(from_beginning=True), metadata=METADATA, timeout=60
     )
-    changes = iter(stream)
+    changes = each_change(stream)
     next(changes)  # the stream is open at the gateway, and now idle
     started = time.monotonic()
     gateway.process.send(signal.SIGTERM)
@@ -538,3 +544,81 @@ def test_sigterm_ends_open_streams_unavailable_with_the_way_to_resume(
     assert "shutting down; resume from your cursor" in (caught.value.details() or "")
     assert time.monotonic() - started < 5.0  # within GATEWAY_GRACE_SECONDS
     assert gateway.process.popen.wait(30) == 0
+
+
+@pytest.mark.parametrize(("keepalive", "survives"), [("0.5", True), ("60", False)])
+def test_an_idle_watch_stream_survives_a_proxy_that_cuts_quiet_connections(
+    sqlite_stack: Callable[..., Stack], keepalive: str, survives: bool
+) -> None:
+    # The proxy closes a connection that carried nothing for 2 s. The gateway's pings
+    # (GATEWAY_KEEPALIVE_SECONDS) keep an idle stream's connection busy enough; without them
+    # (60 s) the same stream is cut, which shows what the pings do.
+    stack = sqlite_stack()
+    gateway = stack.start_gateway(
+        GATEWAY_KEEPALIVE_SECONDS=keepalive, WATCH_POLL_INTERVAL_SECONDS="0.2"
+    )
+    host, port = gateway.address.rsplit(":", 1)
+    idle_limit = 2.0
+
+    store_one(stack, 1)
+    with (
+        IdleCuttingProxy((host, int(port)), idle_limit) as proxy,
+        grpc.insecure_channel(proxy.address) as channel,
+    ):
+        stream = project_service_pb2_grpc.ProjectServiceStub(channel).WatchProjects(
+            project_service_pb2.WatchProjectsRequest(from_beginning=True),
+            metadata=METADATA,
+            timeout=30,
+        )
+        changes = each_change(stream)
+        assert next(changes).project.url == project_item(1).url  # open, caught up, now idle
+        # Quiet for three of the proxy's idle limits (or until the proxy cut it).
+        quiet_until = time.monotonic() + 3 * idle_limit
+        while time.monotonic() < quiet_until and not proxy.cuts:
+            time.sleep(0.1)
+        store_one(stack, 7)
+        if survives:
+            change = next(changes)
+            assert change.project.url == project_item(7).url
+            assert (proxy.connections, proxy.cuts) == (1, 0)
+        else:
+            with pytest.raises(grpc.RpcError) as caught:
+                next(changes)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert proxy.cuts == 1
+        stream.cancel()  # type: ignore[no-untyped-call]
+
+
+def test_a_stream_from_now_says_where_now_is_and_resumes_from_there(
+    sqlite_stack: Callable[..., Stack],
+) -> None:
+    stack = sqlite_stack()
+    gateway = stack.start_gateway(WATCH_POLL_INTERVAL_SECONDS="0.2")
+    store_one(stack, 1)  # before the stream: not part of it
+
+    stream = gateway.projects.WatchProjects(
+        project_service_pb2.WatchProjectsRequest(), metadata=METADATA, timeout=30
+    )
+    first = next(iter(stream))
+    stream.cancel()  # type: ignore[no-untyped-call]
+    assert list(first.changes) == [] and first.cursor
+    # Cut before any change came: what is committed meanwhile is there on resuming.
+    store_one(stack, 2)
+    resumed = gateway.projects.WatchProjects(
+        project_service_pb2.WatchProjectsRequest(cursor=first.cursor), metadata=METADATA, timeout=30
+    )
+    assert [change.project.url for change in next(iter(resumed)).changes] == [project_item(2).url]
+    resumed.cancel()  # type: ignore[no-untyped-call]
+
+
+def store_one(stack: Stack, number: int) -> None:
+    """Store project `number` as a worker would (no event: the gateway's poll finds it)."""
+
+    async def one_project() -> None:
+        engine = create_engine(stack.database_url)
+        try:
+            await store_projects(engine, [project_item(number)], 10)
+        finally:
+            await engine.dispose()
+
+    run(one_project())

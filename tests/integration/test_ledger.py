@@ -26,7 +26,7 @@ from core.migrate import upgrade_to_head
 from gateway.batches import BatchRecords, StoredBatch
 from gateway.records import IssuedTask, TaskRecords
 from tests.support.services import postgres_database
-from worker.store import start_task
+from worker.store import TaskStart, start_task, start_tasks
 
 POSTGRES = pytest.param("postgresql", marks=pytest.mark.postgres)
 CLIENT = "alice"
@@ -426,3 +426,46 @@ async def test_a_worker_taking_a_cancelled_page_starts_neither_it_nor_its_batch(
     assert (row.status, row.started_at, row.deliveries) == ("REVOKED", None, 1)
     counted = await batch_row(engine, batch.id)
     assert counted.started_at is None and counted.finished_at is not None
+
+
+async def test_a_batch_started_when_its_first_page_did_and_later_starts_keep_that_time(
+    engine: AsyncEngine,
+) -> None:
+    batch, pages = await make_batch(engine, 1, 3)
+    assert (await batch_row(engine, batch.id)).started_at is None
+
+    await start_task(engine, pages[2], now=T0)
+    await start_task(engine, pages[1], now=T0 + dt.timedelta(seconds=5))
+    await start_task(engine, pages[2], now=T0 + dt.timedelta(seconds=9))  # a redelivery
+
+    assert (await batch_row(engine, batch.id)).started_at == T0
+    rows = await task_rows(engine, batch.id)
+    assert (rows[1].started_at, rows[2].started_at, rows[3].started_at) == (
+        T0 + dt.timedelta(seconds=5),
+        T0,
+        None,
+    )
+
+
+async def test_starts_written_together_count_each_task_once_and_leave_out_the_unknown(
+    engine: AsyncEngine,
+) -> None:
+    batch, pages = await make_batch(engine, 1, 4)
+    await BatchRecords(engine, LIFETIME).cancel(CLIENT, batch.id)  # every page REVOKED unstarted
+    lone, other_batch = await make_batch(engine, 10, 12)
+    ids = [*other_batch.values(), pages[1], "no-such-task"]
+
+    started = await start_tasks(engine, ids, now=T0)
+
+    assert set(started) == {*other_batch.values(), pages[1]}
+    for task_id in other_batch.values():
+        assert started[task_id] == TaskStart(1, batch_id=lone.id)
+    assert started[pages[1]] == TaskStart(1, cancelled=True, finished=True, batch_id=batch.id)
+    rows = await task_rows(engine, lone.id)
+    assert {(row.status, row.started_at, row.deliveries) for row in rows.values()} == {
+        ("STARTED", T0, 1)
+    }
+    assert (await batch_row(engine, lone.id)).started_at == T0
+    assert (await batch_row(engine, batch.id)).started_at is None
+    with pytest.raises(ValueError, match="counted once"):
+        await start_tasks(engine, [pages[2], pages[2]])

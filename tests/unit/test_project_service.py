@@ -7,6 +7,7 @@ real TokenSigner; a fake context turns the handler's abort into an exception to 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,20 +19,31 @@ from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway.errors import InvalidArgument, ResourceExhausted
+from gateway.messages import project_message
 from gateway.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from gateway.paging import page_size as _page_size
 from gateway.project_service import (
     CURSOR_KIND,
     MAX_QUERY_LENGTH,
     PAGE_TOKEN_KIND,
+    ChangeType,
     ProjectService,
     StreamSlots,
     _described_filters,
     _filters,
     _order,
 )
-from gateway.project_store import DEFAULT_ORDER, ORDERS, Filters, Order, StoredProject
+from gateway.project_store import (
+    BEGINNING,
+    DEFAULT_ORDER,
+    ORDERS,
+    Filters,
+    Order,
+    Position,
+    StoredProject,
+)
 from gateway.tokens import TokenSigner
+from gateway.watching import Delivery
 from projects.v1 import project_service_pb2
 
 ListRequest = project_service_pb2.ListProjectsRequest
@@ -440,3 +452,60 @@ async def test_invalid_requests_are_answered_before_the_store_is_asked() -> None
     assert "'url'" in (await refused(projects, order_by="title")).details
     await refused(projects, query="q" * (MAX_QUERY_LENGTH + 1))
     assert store.pages == []
+
+
+# --- WatchProjects' responses -------------------------------------------------------------------
+
+
+def opened_cursor(cursor: str) -> Position:
+    payload = SIGNER.open(CURSOR_KIND, cursor)
+    return Position(int(payload["revision"]), int(payload["id"]))
+
+
+def test_streams_caught_up_with_a_delivery_share_one_response_per_filter() -> None:
+    projects = service()
+    delivery = Delivery(ROWS[:6])
+
+    everything = projects._delivered(delivery, BEGINNING, None)
+    active = projects._delivered(delivery, BEGINNING, True)
+
+    assert everything is projects._delivered(delivery, BEGINNING, None)
+    assert active is projects._delivered(delivery, Position(0, 0), True)
+    assert everything is not None and active is not None
+    assert [change.project.id for change in everything.changes] == [1, 2, 3, 4, 5, 6]
+    assert [change.project.id for change in active.changes] == [2, 4, 6]
+    # Both resume after the delivery's last row, whichever row each sent last.
+    assert opened_cursor(everything.cursor) == opened_cursor(active.cursor) == delivery.last
+
+
+def test_a_stream_that_read_part_of_a_delivery_gets_only_the_rest() -> None:
+    projects = service()
+    delivery = Delivery(ROWS[:6])
+    shared = projects._delivered(delivery, BEGINNING, None)
+
+    rest = projects._delivered(delivery, ROWS[3].position, None)
+
+    assert rest is not None and rest is not shared
+    assert [change.project.id for change in rest.changes] == [5, 6]
+    assert opened_cursor(rest.cursor) == delivery.last
+
+
+def test_a_delivery_with_nothing_for_the_filter_sends_nothing() -> None:
+    projects = service()
+    inactive_only = Delivery([row for row in ROWS if not row.is_active])
+
+    assert projects._delivered(inactive_only, BEGINNING, True) is None
+    assert projects._delivered(inactive_only, inactive_only.first, True) is None
+
+
+def test_a_change_says_whether_its_project_is_new_and_carries_its_fields() -> None:
+    created = dataclasses.replace(ROWS[0], updated_at=ROWS[0].first_seen_at)
+    changed = dataclasses.replace(ROWS[1], updated_at=ROWS[1].first_seen_at + dt.timedelta(1))
+    response = service()._delivered(Delivery([created, changed]), BEGINNING, None)
+
+    assert response is not None
+    first, second = response.changes
+    assert first.change_type == ChangeType.CHANGE_TYPE_CREATED
+    assert second.change_type == ChangeType.CHANGE_TYPE_UPDATED
+    assert first.project == project_message(created)
+    assert second.project.update_time.ToDatetime(dt.UTC) == changed.updated_at

@@ -7,6 +7,7 @@ already stored stands.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ from typing import Any, cast
 
 import pytest
 
+from core.events import TaskChanged
 from core.ledger import Finished, Outcome
 from core.settings import Settings
 from projects.v1 import task_pb2
@@ -47,29 +49,35 @@ class FakeBackend:
 
 
 class FakeEvents:
-    def publish(self, event: Any) -> tuple[str, Any]:
-        return ("publish", event)
+    def __init__(self, ran: list[Any]) -> None:
+        self._ran = ran
+
+    async def publish(self, event: Any) -> None:
+        self._ran.append(("publish", event))
 
 
 class FakeRuntime:
     """What run_harvest uses of a WorkerRuntime: settings, engine, events, and run() for the
-    record's writes (start_task, finish_task, record_retry, faked as tuples naming them)."""
+    record's writes (start_task, finish_task, record_retry, mark_published: the `harvest`
+    fixture fakes them, each adding a tuple naming it to `ran`, as publish does)."""
 
     def __init__(self, settings: Settings, deliveries: int = 1) -> None:
         self.settings = settings
         self.engine = object()
-        self.events = FakeEvents()
-        self.deliveries = deliveries
         self.ran: list[Any] = []
+        self.events = FakeEvents(self.ran)
+        self.deliveries = deliveries
+        # The records' loop, engine and events: the same fakes, so `ran` holds every write.
+        self.records = self
 
     def run(self, work: Any, timeout: float | None = None) -> Any:
-        self.ran.append(work)
-        if work[0] == "start_task":
-            return TaskStart(self.deliveries, cancelled=self.cancelled, finished=self.finished)
-        if work[0] == "finish_task":
-            return Finished(counted=True)
-        assert work[0] in ("record_retry", "publish", "mark_published"), work
-        return None
+        return asyncio.run(work)
+
+    async def start(self, task_id: str) -> TaskStart:
+        """As TaskRecords.start: the record's start, then its event."""
+        self.ran.append(("start_task",))
+        await self.events.publish(TaskChanged(task_id))
+        return TaskStart(self.deliveries, self.cancelled, self.finished)
 
     cancelled = False
     finished = False
@@ -139,18 +147,19 @@ def runtime(settings: Settings) -> FakeRuntime:
 
 
 @pytest.fixture
-def harvest(monkeypatch: pytest.MonkeyPatch) -> FakeHarvest:
+def harvest(monkeypatch: pytest.MonkeyPatch, runtime: FakeRuntime) -> FakeHarvest:
     fake = FakeHarvest()
     monkeypatch.setattr(task_module, "harvest", fake)
-    monkeypatch.setattr(task_module, "start_task", lambda engine, task_id: ("start_task",))
-    monkeypatch.setattr(
-        task_module,
-        "finish_task",
-        lambda engine, task_id, outcome, window: ("finish_task", outcome),
-    )
-    monkeypatch.setattr(
-        task_module, "record_retry", lambda engine, task_id, error: ("record_retry",)
-    )
+
+    async def finish_task(engine: Any, task_id: str, outcome: Outcome, window: int) -> Finished:
+        runtime.ran.append(("finish_task", outcome))
+        return Finished(counted=True)
+
+    async def record_retry(engine: Any, task_id: str, error: str) -> None:
+        runtime.ran.append(("record_retry",))
+
+    monkeypatch.setattr(task_module, "finish_task", finish_task)
+    monkeypatch.setattr(task_module, "record_retry", record_retry)
     return fake
 
 

@@ -18,7 +18,7 @@ import pytest
 from gateway import watching
 from gateway.errors import StoreUnavailable
 from gateway.project_store import BEGINNING, Position, StoredProject
-from gateway.watching import READ_BATCH, Overflowed, ProjectFeed, Subscription
+from gateway.watching import READ_BATCH, Delivery, Overflowed, ProjectFeed, Subscription
 
 T0 = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 # Long enough that only the test's wake-ups make the feed read, short enough for a test.
@@ -42,7 +42,12 @@ def row(revision: int, project_id: int, is_active: bool = True) -> StoredProject
     )
 
 
-def ids(rows: list[StoredProject]) -> list[tuple[int, int]]:
+def rows_of(deliveries: list[Delivery]) -> list[StoredProject]:
+    return [row for delivery in deliveries for row in delivery.rows]
+
+
+def ids(taken: list[Delivery] | list[StoredProject]) -> list[tuple[int, int]]:
+    rows = [row for item in taken for row in (item.rows if isinstance(item, Delivery) else [item])]
     return [(r.revision, r.id) for r in rows]
 
 
@@ -52,11 +57,11 @@ def ids(rows: list[StoredProject]) -> list[tuple[int, int]]:
 async def test_take_returns_everything_offered_since_the_last_take_in_order() -> None:
     subscription = Subscription(capacity=10)
 
-    assert subscription.offer([row(1, 1), row(1, 2)])
-    assert subscription.offer([row(2, 3)])
+    assert subscription.offer(Delivery([row(1, 1), row(1, 2)]))
+    assert subscription.offer(Delivery([row(2, 3)]))
 
     assert ids(await subscription.take()) == [(1, 1), (1, 2), (2, 3)]
-    assert subscription.offer([row(3, 4)])
+    assert subscription.offer(Delivery([row(3, 4)]))
     assert ids(await subscription.take()) == [(3, 4)]
 
 
@@ -66,7 +71,7 @@ async def test_take_waits_until_something_is_offered() -> None:
     await asyncio.sleep(0.01)
     assert not taking.done()
 
-    subscription.offer([row(1, 1)])
+    subscription.offer(Delivery([row(1, 1)]))
 
     async with asyncio.timeout(WAIT):
         assert ids(await taking) == [(1, 1)]
@@ -79,25 +84,25 @@ async def test_take_waits_until_something_is_offered() -> None:
 async def test_an_offer_up_to_the_capacity_fits() -> None:
     subscription = Subscription(capacity=3)
 
-    assert subscription.offer([row(1, 1), row(1, 2)])
-    assert subscription.offer([row(2, 3)])
+    assert subscription.offer(Delivery([row(1, 1), row(1, 2)]))
+    assert subscription.offer(Delivery([row(2, 3)]))
 
     assert not subscription.overflowed
-    assert len(await subscription.take()) == 3
+    assert len(rows_of(await subscription.take())) == 3
 
 
 async def test_an_offer_past_the_capacity_overflows_for_good() -> None:
     subscription = Subscription(capacity=3)
-    assert subscription.offer([row(1, 1), row(1, 2)])
+    assert subscription.offer(Delivery([row(1, 1), row(1, 2)]))
 
-    assert not subscription.offer([row(2, 3), row(2, 4)])
+    assert not subscription.offer(Delivery([row(2, 3), row(2, 4)]))
 
     assert subscription.overflowed
     with pytest.raises(Overflowed):
         await subscription.take()
     # Nothing it held is kept, and nothing offered later is taken: it reads the database now.
-    assert subscription._rows == []
-    assert not subscription.offer([row(3, 5)])
+    assert subscription._deliveries == []
+    assert not subscription.offer(Delivery([row(3, 5)]))
     with pytest.raises(Overflowed):
         await subscription.take()
 
@@ -107,11 +112,27 @@ async def test_a_waiting_take_is_woken_by_the_overflow() -> None:
     taking = asyncio.ensure_future(subscription.take())
     await asyncio.sleep(0)
 
-    subscription.offer([row(1, 1), row(1, 2)])
+    subscription.offer(Delivery([row(1, 1), row(1, 2)]))
 
     with pytest.raises(Overflowed):
         async with asyncio.timeout(WAIT):
             await taking
+
+
+async def test_a_delivery_builds_each_filter_s_response_once_for_every_stream() -> None:
+    delivery = Delivery([row(1, 1), row(1, 2, is_active=False), row(2, 3)])
+    built: list[list[tuple[int, int]]] = []
+
+    def build(rows: list[StoredProject]) -> list[tuple[int, int]]:
+        built.append(ids(rows))
+        return ids(rows)
+
+    for _stream in range(3):
+        assert delivery.response(None, build) == [(1, 1), (1, 2), (2, 3)]
+        assert delivery.response(True, build) == [(1, 1), (2, 3)]
+        assert delivery.response(False, build) == [(1, 2)]
+    assert built == [[(1, 1), (1, 2), (2, 3)], [(1, 1), (2, 3)], [(1, 2)]]
+    assert (delivery.first, delivery.last) == (Position(1, 1), Position(2, 3))
 
 
 # --- ProjectFeed ------------------------------------------------------------------------------
@@ -176,7 +197,7 @@ def make_feed(
 
 async def take(subscription: Subscription) -> list[StoredProject]:
     async with asyncio.timeout(WAIT):
-        return await subscription.take()
+        return rows_of(await subscription.take())
 
 
 async def nothing_offered(subscription: Subscription) -> bool:
@@ -283,7 +304,7 @@ async def test_a_subscriber_that_overflows_is_dropped_and_the_others_go_on() -> 
         store.commit(row(3, 5))
         wakeups.send()
         assert ids(await take(quick)) == [(3, 5)]
-        assert slow._rows == []  # no longer offered anything
+        assert slow._deliveries == []  # no longer offered anything
     assert feed.watchers == 0
 
 

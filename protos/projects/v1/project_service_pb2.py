@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from projects.v1 import project_pb2 as projects_dot_v1_dot_project__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!projects/v1/project_service.proto\x12\x0bprojects.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19projects/v1/project.proto\"\xb6\x01\n\x13ListProjectsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x16\n\tis_active\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x31\n\rupdated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05query\x18\x05 \x01(\t\x12\x10\n\x08order_by\x18\x06 \x01(\tB\x0c\n\n_is_active\"W\n\x14ListProjectsResponse\x12&\n\x08projects\x18\x01 \x03(\x0b\x32\x14.projects.v1.Project\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x11GetProjectRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x42\t\n\x07project\";\n\x12GetProjectResponse\x12%\n\x07project\x18\x01 \x01(\x0b\x32\x14.projects.v1.Project\"d\n\x14WatchProjectsRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x16\n\x0e\x66rom_beginning\x18\x02 \x01(\x08\x12\x16\n\tis_active\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_is_active\"|\n\x15WatchProjectsResponse\x12%\n\x07project\x18\x01 \x01(\x0b\x32\x14.projects.v1.Project\x12,\n\x0b\x63hange_type\x18\x02 \x01(\x0e\x32\x17.projects.v1.ChangeType\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t2\x8e\x02\n\x0eProjectService\x12S\n\x0cListProjects\x12 .projects.v1.ListProjectsRequest\x1a!.projects.v1.ListProjectsResponse\x12M\n\nGetProject\x12\x1e.projects.v1.GetProjectRequest\x1a\x1f.projects.v1.GetProjectResponse\x12X\n\rWatchProjects\x12!.projects.v1.WatchProjectsRequest\x1a\".projects.v1.WatchProjectsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!projects/v1/project_service.proto\x12\x0bprojects.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19projects/v1/project.proto\"\xb6\x01\n\x13ListProjectsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x16\n\tis_active\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x31\n\rupdated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05query\x18\x05 \x01(\t\x12\x10\n\x08order_by\x18\x06 \x01(\tB\x0c\n\n_is_active\"W\n\x14ListProjectsResponse\x12&\n\x08projects\x18\x01 \x03(\x0b\x32\x14.projects.v1.Project\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x11GetProjectRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x42\t\n\x07project\";\n\x12GetProjectResponse\x12%\n\x07project\x18\x01 \x01(\x0b\x32\x14.projects.v1.Project\"d\n\x14WatchProjectsRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x16\n\x0e\x66rom_beginning\x18\x02 \x01(\x08\x12\x16\n\tis_active\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_is_active\"T\n\x15WatchProjectsResponse\x12+\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x1a.projects.v1.ProjectChange\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"d\n\rProjectChange\x12%\n\x07project\x18\x01 \x01(\x0b\x32\x14.projects.v1.Project\x12,\n\x0b\x63hange_type\x18\x02 \x01(\x0e\x32\x17.projects.v1.ChangeType2\x8e\x02\n\x0eProjectService\x12S\n\x0cListProjects\x12 .projects.v1.ListProjectsRequest\x1a!.projects.v1.ListProjectsResponse\x12M\n\nGetProject\x12\x1e.projects.v1.GetProjectRequest\x1a\x1f.projects.v1.GetProjectResponse\x12X\n\rWatchProjects\x12!.projects.v1.WatchProjectsRequest\x1a\".projects.v1.WatchProjectsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,7 +44,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHPROJECTSREQUEST']._serialized_start=506
   _globals['_WATCHPROJECTSREQUEST']._serialized_end=606
   _globals['_WATCHPROJECTSRESPONSE']._serialized_start=608
-  _globals['_WATCHPROJECTSRESPONSE']._serialized_end=732
-  _globals['_PROJECTSERVICE']._serialized_start=735
-  _globals['_PROJECTSERVICE']._serialized_end=1005
+  _globals['_WATCHPROJECTSRESPONSE']._serialized_end=692
+  _globals['_PROJECTCHANGE']._serialized_start=694
+  _globals['_PROJECTCHANGE']._serialized_end=794
+  _globals['_PROJECTSERVICE']._serialized_start=797
+  _globals['_PROJECTSERVICE']._serialized_end=1067
 # @@protoc_insertion_point(module_scope)

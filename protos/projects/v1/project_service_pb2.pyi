@@ -163,7 +163,7 @@ class WatchProjectsRequest(_message.Message):
     """Resume after this cursor (from a WatchProjectsResponse); empty: see from_beginning."""
     from_beginning: _builtins.bool
     """With no cursor: true starts from the first project ever stored; false (the default)
-    streams only what is committed after the call.
+    streams only what is committed after the call, and the first response says where that is.
     """
     is_active: _builtins.bool
     """Only projects that are (true) or are not (false) active in their new state; unset: both."""
@@ -186,17 +186,48 @@ Global___WatchProjectsRequest: _TypeAlias = WatchProjectsRequest  # noqa: Y015
 
 @_typing.final
 class WatchProjectsResponse(_message.Message):
-    """WatchProjectsResponse is one project as a harvest created or changed it."""
+    """WatchProjectsResponse carries the changes committed since the watcher's previous response,
+    in commit order: one message for all that a wake-up finds, so that a burst of changes costs a
+    stream one write, not one per change (as etcd's WatchResponse does).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Resume after the last of these changes by sending it as WatchProjectsRequest.cursor."""
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProjectChange]:
+        """The changes, oldest first. Empty only in the first response of a stream that asked for
+        neither a cursor nor from_beginning: that one says where "now" was, so that a stream cut
+        before its first change can resume from its cursor.
+        """
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___ProjectChange] | None = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "cursor", b"cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchProjectsResponse: _TypeAlias = WatchProjectsResponse  # noqa: Y015
+
+@_typing.final
+class ProjectChange(_message.Message):
+    """ProjectChange is one project as a harvest created or changed it."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECT_FIELD_NUMBER: _builtins.int
     CHANGE_TYPE_FIELD_NUMBER: _builtins.int
-    CURSOR_FIELD_NUMBER: _builtins.int
     change_type: _project_pb2.ChangeType.ValueType
     """Whether the project is new or changed."""
-    cursor: _builtins.str
-    """Resume after this response by sending it as WatchProjectsRequest.cursor."""
     @_builtins.property
     def project(self) -> _project_pb2.Project:
         """The project's state after the change (a later change may already have replaced it: the
@@ -208,12 +239,11 @@ class WatchProjectsResponse(_message.Message):
         *,
         project: _project_pb2.Project | None = ...,
         change_type: _project_pb2.ChangeType.ValueType = ...,
-        cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_type", b"change_type", "cursor", b"cursor", "project", b"project"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_type", b"change_type", "project", b"project"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchProjectsResponse: _TypeAlias = WatchProjectsResponse  # noqa: Y015
+Global___ProjectChange: _TypeAlias = ProjectChange  # noqa: Y015

@@ -76,7 +76,7 @@ class ProjectServiceServicer:
 
     def WatchProjects(self, request, context):
         """WatchProjects streams projects as harvests create or change them, in commit order; each
-        response carries a cursor to resume after it.
+        response carries the changes a wake-up found and a cursor to resume after them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,7 @@ class ProjectServiceStub:
     """GetProject returns one project by its id or by its url."""
     WatchProjects: _grpc.UnaryStreamMultiCallable[_project_service_pb2.WatchProjectsRequest, _project_service_pb2.WatchProjectsResponse]
     """WatchProjects streams projects as harvests create or change them, in commit order; each
-    response carries a cursor to resume after it.
+    response carries the changes a wake-up found and a cursor to resume after them.
     """
 
 @_typing.type_check_only
@@ -59,7 +59,7 @@ class ProjectServiceAsyncStub(ProjectServiceStub):
     """GetProject returns one project by its id or by its url."""
     WatchProjects: _aio.UnaryStreamMultiCallable[_project_service_pb2.WatchProjectsRequest, _project_service_pb2.WatchProjectsResponse]  # type: ignore[assignment]
     """WatchProjects streams projects as harvests create or change them, in commit order; each
-    response carries a cursor to resume after it.
+    response carries the changes a wake-up found and a cursor to resume after them.
     """
 
 class ProjectServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -91,7 +91,7 @@ class ProjectServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_project_service_pb2.WatchProjectsResponse], _abc.AsyncIterator[_project_service_pb2.WatchProjectsResponse]]:
         """WatchProjects streams projects as harvests create or change them, in commit order; each
-        response carries a cursor to resume after it.
+        response carries the changes a wake-up found and a cursor to resume after them.
         """
 
 def add_ProjectServiceServicer_to_server(servicer: ProjectServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
