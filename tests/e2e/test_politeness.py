@@ -101,7 +101,10 @@ def test_four_workers_keep_to_the_sites_rate_and_concurrency(
             database_url=database_url,
             SOURCE_MAX_REQUESTS_PER_SECOND="10",
             SOURCE_MAX_CONCURRENCY="4",
-            WORKER_DB_CONNECTIONS="4",
+            # Lean on the machine's shared PostgreSQL (max_connections 100): 10 pages a second
+            # need few connections.
+            WORKER_DB_CONNECTIONS="2",
+            WORKER_RECORD_CONNECTIONS="2",
         )
         gateway = stack.start_gateway()
         for n in range(4):
