@@ -39,6 +39,7 @@ SECTIONS = (
     "parse",
     "upsert",
     "upload",
+    "observability",
     "harvest",
     "list_projects",
     "watch_fanout",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Coroutine
@@ -60,10 +61,25 @@ class LoopThread:
             raise
 
     def stop(self) -> None:
+        """Cancel what still runs on the loop, then stop it.
+
+        A task thread may still be waiting in `run` (a cold shutdown does not wait for the
+        tasks): cancelled, its wait ends with CancelledError. Left pending on a stopped loop, it
+        would wait forever, and the process, which joins its task threads on exit, with it.
+        """
+        with contextlib.suppress(RuntimeError, concurrent.futures.TimeoutError):
+            asyncio.run_coroutine_threadsafe(_cancel_the_others(), self.loop).result(timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+async def _cancel_the_others() -> None:
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from worker import metrics
 from worker.errors import RetryableError
 from worker.fetch import FetchedPage, FetchLimits, Validators, fetch_page, fetch_robots
 from worker.politeness import HostBudget, LateForTurn
@@ -75,7 +76,11 @@ class PoliteSource:
                         self._budget.turn(host, crawl_delay=crawl_delay, max_wait=max_wait)
                     )
                 try:
-                    return await fetch_page(self._http, url, self._limits, validators, turn.trace)
+                    # The exchange only: the wait for the turn is not the fetch's time.
+                    with metrics.FETCH_SECONDS.time():
+                        return await fetch_page(
+                            self._http, url, self._limits, validators, turn.trace
+                        )
                 except LateForTurn as exc:
                     self.late_turns += 1
                     log.debug("%s not sent: %s; asking for another turn", url, exc)

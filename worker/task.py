@@ -16,12 +16,13 @@ from typing import Any
 from celery import Celery, Task, signals
 from google.protobuf import json_format
 
+from core import logs, tracing
 from core.celery_config import HARVEST_TASK_NAME
 from core.events import ProjectsChanged, TaskChanged
 from core.gc_tuning import collector_paused
 from core.ledger import Finished, Outcome
 from projects.v1 import task_pb2
-from worker import failpoints
+from worker import failpoints, metrics
 from worker.errors import Cancelled, PermanentError, RetryableError
 from worker.fetch import Validators
 from worker.parse import parse_listing
@@ -68,22 +69,45 @@ async def _fetch_parse_store(
     fetched = await runtime.source.fetch(
         url, validators, limit=limit, max_wait=settings.task_soft_time_limit_seconds
     )
+    metrics.FETCHED_BYTES.inc(len(fetched.body))
     if fetched.not_modified and memo is not None:
         # The page lists what it listed last time: those projects were seen again, no more.
         if await cancel_requested(engine, task_id):
             raise Cancelled(f"page {page} was cancelled before it stored")
         await refresh_seen(engine, memo.links, settings.upsert_batch_size)
         return task_pb2.UploadResult(page=page, found=len(memo.links), not_modified=True)
-    with collector_paused():
+    with (
+        tracing.tracer().start_as_current_span("parse page") as span,
+        collector_paused(),
+        metrics.PARSE_SECONDS.time(),
+    ):
         parsed = parse_listing(fetched.body, fetched.url, settings.source_profile, fetched.encoding)
+        span.set_attributes(
+            {
+                tracing.PAGE: page,
+                tracing.ITEMS_FOUND: len(parsed.items),
+                tracing.ITEMS_SKIPPED: parsed.skipped,
+            }
+        )
     # The checkpoint of a cancel: after the slow part, before anything is stored.
     if await cancel_requested(engine, task_id):
         raise Cancelled(f"page {page} was cancelled before it stored")
-    counts = await store_projects(engine, parsed.items, settings.upsert_batch_size)
+    with (
+        tracing.tracer().start_as_current_span("store projects") as span,
+        metrics.STORE_SECONDS.time(),
+    ):
+        counts = await store_projects(engine, parsed.items, settings.upsert_batch_size)
+        span.set_attributes(
+            {
+                tracing.PAGE: page,
+                tracing.PROJECTS_CREATED: counts.created,
+                tracing.PROJECTS_UPDATED: counts.updated,
+            }
+        )
     # After the store: a memo never promises rows that were not stored.
-    validators = fetched.validators
+    fresh = fetched.validators
     links = [item.url for item in parsed.items]
-    await remember_page(engine, url, validators.etag, validators.last_modified, links)
+    await remember_page(engine, url, fresh.etag, fresh.last_modified, links)
     if counts.revision:
         await runtime.events.publish(ProjectsChanged(counts.revision))
     return task_pb2.UploadResult(
@@ -98,6 +122,8 @@ async def _fetch_parse_store(
 async def _within_soft_limit(
     runtime: WorkerRuntime, page: int, task_id: str, deadline: float
 ) -> task_pb2.UploadResult:
+    # This runs in an asyncio task of its own on the runtime's loop: its own log context.
+    logs.task_context(task_id, page)
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())) as limit:
@@ -118,12 +144,17 @@ def harvest(
     # the work, and two waits for a turn (robots.txt's and the page's) of at most the limit.
     guard = deadline - time.monotonic() + 2 * settings.task_soft_time_limit_seconds + 5.0
     try:
-        result = runtime.run(_within_soft_limit(runtime, page, task_id, deadline), guard)
+        result = runtime.run(
+            tracing.on_loop(_within_soft_limit(runtime, page, task_id, deadline)), guard
+        )
     except concurrent.futures.TimeoutError as exc:
         raise RetryableError(
             f"page {page}: the worker's event loop did not finish it within {guard:.0f} s"
         ) from exc
     failpoints.hit(settings.failpoints, "after_store", page, settings.data_dir)
+    metrics.page_counted(
+        found=result.found, skipped=result.skipped, created=result.created, updated=result.updated
+    )
     return result
 
 
@@ -192,6 +223,7 @@ def _ended(task: HarvestTask, outcome: Outcome) -> None:
         task.app.send_task(HARVEST_TASK_NAME, args=[new.page], task_id=new.id)
     if finished.new_tasks:
         records.run(mark_published(records.engine, [new.id for new in finished.new_tasks]))
+    metrics.task_ended(outcome.status.lower())
 
 
 def _ended_or_retry(task: HarvestTask, outcome: Outcome) -> None:
@@ -219,6 +251,8 @@ def run_harvest(task: HarvestTask, page: int, turns_missed: int = 0) -> dict[str
     policy = RetryPolicy.from_settings(settings)
     tries_done = task.request.retries - turns_missed
     task_id = str(task.request.id)
+    logs.task_context(task_id, page)
+    tracing.set_attributes({tracing.PAGE: page, tracing.TRY: tries_done + 1})
     try:
         start: TaskStart | None = getattr(task.request, "start", None)
         if start is None:  # the prerun hook could not reach the database: try again here
@@ -288,6 +322,7 @@ def run_harvest(task: HarvestTask, page: int, turns_missed: int = 0) -> dict[str
 
 
 def _retrying(task: HarvestTask, error: str) -> None:
+    metrics.task_ended(metrics.RETRY)
     records = task.runtime.records
     # When the record cannot be written, the retry goes ahead all the same; its status shows
     # in Celery's result backend meanwhile.

@@ -11,6 +11,7 @@ import subprocess
 from contextlib import ExitStack
 from pathlib import Path
 
+import httpx
 import psutil
 
 from tests.support.processes import BIN, PYTHON, Process, clean_environment, free_port, poll_until
@@ -71,6 +72,13 @@ def test_devstack_runs_a_harvest_and_stops_everything(tmp_path: Path) -> None:
         )
         assert harvester.returncode == 0, harvester.stderr
         assert json.loads(harvester.stdout.splitlines()[-1])["batch"]["pages_succeeded"] == 5
+        # make run serves metrics on both sides and says where.
+        endpoints = launcher.wait_for_line(r"^  metrics +gateway (http://\S+), worker (http://\S+)")
+        gateway_metrics = httpx.get(endpoints.group(1), timeout=5).text
+        assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="Upload"' in gateway_metrics
+        worker_metrics = httpx.get(endpoints.group(2), timeout=5).text
+        # Page 1's Upload and the 5 pages of the harvester's batch above.
+        assert 'harvester_worker_tasks_total{outcome="success"} 6.0' in worker_metrics
         redis_pid = int((tmp_path / "data" / "redis.pid").read_text())
     finally:
         launcher.send(signal.SIGINT)

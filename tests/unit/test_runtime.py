@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +18,7 @@ from core.migrate import upgrade_to_head
 from core.settings import Settings
 from worker import runtime as runtime_module
 from worker.errors import RetryableError
-from worker.runtime import WorkerRuntime
+from worker.runtime import LoopThread, WorkerRuntime
 from worker.store import TaskStart, record_start
 
 
@@ -110,3 +112,28 @@ async def _issue(engine: Any, ids: list[str]) -> None:
                 for task_id in ids
             ],
         )
+
+
+def test_stopping_a_loop_ends_the_waits_of_threads_whose_work_still_runs_on_it() -> None:
+    # As at a cold shutdown: a task thread waits in run() for work the loop never finishes.
+    loop_thread = LoopThread("test-loop")
+    waited: list[BaseException] = []
+
+    def task_thread() -> None:
+        try:
+            loop_thread.run(asyncio.sleep(3600))
+        except BaseException as exc:
+            waited.append(exc)
+
+    thread = threading.Thread(target=task_thread, daemon=True)
+    thread.start()
+    poll = time.monotonic() + 5
+    while len(asyncio.all_tasks(loop_thread.loop)) == 0 and time.monotonic() < poll:
+        time.sleep(0.01)
+
+    loop_thread.stop()
+    thread.join(timeout=5)
+
+    assert not thread.is_alive(), "the waiting thread was left waiting on a stopped loop"
+    assert [type(exc) for exc in waited] == [concurrent.futures.CancelledError]
+    assert loop_thread.loop.is_closed()
