@@ -6,7 +6,8 @@
 
 Sections: parse, upsert, upload (throughput, latency and the gateway's RSS growth), harvest,
 list_projects (paging ListProjects), watch_fanout (WatchProjects to 1,000 streams) and
-batches (UploadPages against single Uploads, WatchStatus latency).
+batches (UploadPages against single Uploads, WatchStatus latency) and polite_efficiency (the
+share of a 20 requests/s budget the fleet uses).
 The table goes to stdout, progress to stderr, the figures to bench/results.json and what the
 run was (machine, runs, sections) to bench/results.meta.json. A run of less than the full spec
 (--only, --quick or fewer than 5 runs) writes bench/results.partial.json instead, so it never
@@ -43,6 +44,7 @@ SECTIONS = (
     "list_projects",
     "watch_fanout",
     "batches",
+    "polite_efficiency",
 )
 
 

@@ -68,6 +68,9 @@ def environment(
         "REDIS_KEY_PREFIX": prefix,
         "TASK_QUEUE": f"{prefix}harvest",
         "DATABASE_URL": database_url,
+        # The bench's own site needs no protecting; polite_efficiency sets a real budget.
+        "SOURCE_MAX_REQUESTS_PER_SECOND": "100000",
+        "SOURCE_MAX_CONCURRENCY": "100000",
         # Bench processes import `bench` (the baseline worker), which is not installed.
         "PYTHONPATH": os.pathsep.join(
             filter(None, [os.environ.get("PYTHONPATH"), str(REPOSITORY)])

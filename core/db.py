@@ -154,6 +154,8 @@ class TaskRecord(Base):
     created: Mapped[int | None] = mapped_column(Integer, nullable=True)
     updated: Mapped[int | None] = mapped_column(Integer, nullable=True)
     skipped: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The source answered 304 to a conditional re-harvest (nothing parsed).
+    not_modified: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     # Set by CancelTask or CancelBatch: the worker checks it at start and before it stores.
     cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
@@ -192,6 +194,20 @@ class BatchRecord(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
     cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class PageMemo(Base):
+    """What the worker remembers of a listing page for its next harvest: the validators of
+    its last answer (for a conditional GET) and the links it listed (refreshed on a 304)."""
+
+    __tablename__ = "page_memos"
+
+    url: Mapped[str] = mapped_column(String(MAX_URL_LENGTH), primary_key=True)
+    etag: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_modified: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # A JSON array of the project links the page listed, in its order.
+    links: Mapped[str] = mapped_column(Text)
+    fetched_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
 
 
 # SQLSTATE classes of a database that cannot serve now but may in a moment: connection

@@ -41,6 +41,7 @@ class Outcome:
     updated: int | None = None
     skipped: int | None = None
     error: str | None = None
+    not_modified: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,7 @@ async def finish(
                 created=outcome.created,
                 updated=outcome.updated,
                 skipped=outcome.skipped,
+                not_modified=outcome.not_modified,
             )
             .returning(TaskRecord.batch_id, TaskRecord.page)
         )

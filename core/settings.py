@@ -7,6 +7,7 @@ result (or the parts they need) down. Validators fail fast and name the variable
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import re
 import secrets
@@ -22,6 +23,12 @@ from core.db import MAX_CLIENT_LENGTH  # the width of tasks.client
 DEFAULT_GATEWAY_ADDRESS = "127.0.0.1:50051"
 DEFAULT_SAMPLE_SITE_ADDRESS = "127.0.0.1:8081"
 DEFAULT_DATA_DIR = Path("data")
+# Name, version and a contact, as RFC 9110 and robots.txt etiquette ask; put a real contact in
+# SOURCE_USER_AGENT when harvesting someone else's site.
+DEFAULT_USER_AGENT = (
+    f"projects-harvester/{importlib.metadata.version('projects-harvester')} "
+    "(+https://example.invalid/contact)"
+)
 
 
 class SourceProfile(BaseModel):
@@ -336,6 +343,44 @@ class Settings(BaseSettings):
         description="Redirects a fetch follows, only ever to the source's own host; a "
         "redirect elsewhere fails the task.",
     )
+    # --- politeness to the source (worker/politeness.py) ---
+    source_max_requests_per_second: float = Field(
+        default=5.0,
+        gt=0,
+        description="Requests per second the whole fleet of workers sends to one source host, "
+        "robots.txt included, kept through Redis (the broker's, or the result backend's when "
+        "the broker is AMQP); a robots.txt Crawl-delay can only slow it further.",
+    )
+    source_max_concurrency: int = Field(
+        default=8,
+        ge=1,
+        description="Requests the whole fleet has in flight at once on one source host.",
+    )
+    source_lease_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a worker holds one of the host's `SOURCE_MAX_CONCURRENCY` slots "
+        "at most: a worker that dies holding one lowers the fleet's concurrency for this long. "
+        "It must exceed `FETCH_TIMEOUT_SECONDS`.",
+    )
+    source_obey_robots: bool = Field(
+        default=True,
+        description="Read the source's robots.txt and obey it: a page it disallows fails "
+        "without being fetched, and its Crawl-delay slows the rate.",
+    )
+    robots_ttl_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How long the fleet keeps a host's robots.txt (in Redis) before one worker "
+        "fetches it again; a robots.txt that could not be read (5xx, unreachable) is tried "
+        "again after a tenth of this, at most 5 minutes.",
+    )
+    source_user_agent: str = Field(
+        default=DEFAULT_USER_AGENT,
+        min_length=1,
+        description="User-Agent of every request to the source, robots.txt included, and the "
+        "name matched against robots.txt's User-agent lines (the part before the first `/`).",
+    )
     retry_max_tries: int = Field(
         default=4,
         ge=1,
@@ -513,6 +558,9 @@ class Settings(BaseSettings):
                 "DEPENDENCY_TIMEOUT_SECONDS must be at most half of PUBLISH_TIMEOUT_SECONDS "
                 f"({self.publish_timeout_seconds / 2:g})"
             )
+        if self.source_lease_seconds <= self.fetch_timeout_seconds:
+            # A slot that expires while its fetch still runs lets one more request in at once.
+            raise ValueError("SOURCE_LEASE_SECONDS must exceed FETCH_TIMEOUT_SECONDS")
         if (self.gateway_tls_cert_file is None) != (self.gateway_tls_key_file is None):
             raise ValueError("GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE go together")
         if self.gateway_tls_client_ca_file is not None and self.gateway_tls_cert_file is None:

@@ -42,6 +42,7 @@ class IssuedTask:
     created: int | None = None
     updated: int | None = None
     skipped: int | None = None
+    not_modified: bool | None = None
     cancel_requested_at: dt.datetime | None = None
 
     @classmethod
@@ -85,6 +86,7 @@ class IssuedTask:
             created=row.created,
             updated=row.updated,
             skipped=row.skipped,
+            not_modified=row.not_modified,
             cancel_requested_at=row.cancel_requested_at,
         )
 

@@ -113,6 +113,7 @@ def describe(task: IssuedTask, state: CeleryState | None) -> task_pb2.Task:
                     created=task.created or 0,
                     updated=task.updated or 0,
                     skipped=task.skipped or 0,
+                    not_modified=bool(task.not_modified),
                 )
             )
         else:

@@ -40,10 +40,12 @@ class SampleProject:
     start_date: datetime.date | None
 
 
-def sample_page(page: int, per_page: int = DEFAULT_PER_PAGE) -> list[SampleProject]:
-    """The projects of `page` (1..SAMPLE_PAGES): the same every call, numbered across pages."""
-    if not 1 <= page <= SAMPLE_PAGES:
-        raise ValueError(f"page must be within 1..{SAMPLE_PAGES}, not {page}")
+def sample_page(
+    page: int, per_page: int = DEFAULT_PER_PAGE, pages: int = SAMPLE_PAGES
+) -> list[SampleProject]:
+    """The projects of `page` (1..pages): the same every call, numbered across pages."""
+    if not 1 <= page <= pages:
+        raise ValueError(f"page must be within 1..{pages}, not {page}")
     if per_page < 1:
         raise ValueError(f"per_page must be at least 1, not {per_page}")
     first = (page - 1) * per_page + 1

@@ -30,6 +30,9 @@ from core.db import create_engine
 from core.events import EventPublisher, TaskChanged
 from core.settings import Settings
 from worker.fetch import FetchLimits, make_client
+from worker.politeness import BudgetLimits, HostBudget
+from worker.robots import RobotsCache
+from worker.source import PoliteSource, SourcePolicy, robots_fetcher
 from worker.store import TaskStart, start_tasks
 
 log = logging.getLogger(__name__)
@@ -176,6 +179,15 @@ class WorkerRuntime(LoopThread):
         )
         self.http: httpx.AsyncClient = self.run(self._make_client(settings.source_url))
         self.events: EventPublisher = self.run(_make_publisher(events_url, settings))
+        # The fleet's budget for the source lives on the same Redis as the events.
+        self.budget: HostBudget = self.run(self._make_budget(events_url))
+        self.source = PoliteSource(
+            self.http,
+            self.fetch_limits,
+            self.budget,
+            self._robots_cache() if settings.source_obey_robots else None,
+            SourcePolicy(settings.source_user_agent, settings.retry_after_cap_seconds),
+        )
         # A task holds a connection only for a statement or two (its cancel check, then its
         # store), so a few serve many tasks in flight: a task waits its turn for one, briefly,
         # rather than each opening its own. Worker processes x (WORKER_DB_CONNECTIONS +
@@ -191,13 +203,42 @@ class WorkerRuntime(LoopThread):
         self.records = TaskRecords(settings, events_url)
 
     async def _make_client(self, source_url: str) -> httpx.AsyncClient:
-        return make_client(self.fetch_limits, source_url, self.settings.worker_concurrency)
+        return make_client(
+            self.fetch_limits,
+            source_url,
+            self.settings.worker_concurrency,
+            self.settings.source_user_agent,
+        )
+
+    async def _make_budget(self, url: str) -> HostBudget:
+        settings = self.settings
+        limits = BudgetLimits(
+            requests_per_second=settings.source_max_requests_per_second,
+            concurrency=settings.source_max_concurrency,
+            lease_seconds=settings.source_lease_seconds,
+        )
+        return HostBudget.from_url(url, settings.redis_key_prefix, limits)
+
+    def _robots_cache(self) -> RobotsCache:
+        return RobotsCache(
+            self.budget.client,
+            self.settings.redis_key_prefix,
+            self.settings.robots_ttl_seconds,
+            robots_fetcher(self.http, self.fetch_limits, self.budget),
+        )
 
     def close(self) -> None:
+        log.info(
+            "requests to the source that could not leave on time for their turn: %d moved to "
+            "a later start, %d not sent",
+            self.source.moved_turns,
+            self.source.late_turns,
+        )
         try:
             self.records.close()
             self.run(self.http.aclose(), timeout=5)
             self.run(self.events.close(), timeout=5)
+            self.run(self.budget.close(), timeout=5)
             self.run(self.engine.dispose(), timeout=5)
         finally:
             self.stop()

@@ -1,4 +1,5 @@
-"""What the worker writes to the database: projects (upserted by link) and task starts.
+"""What the worker writes to the database: projects (upserted by link), task starts and ends,
+and each page's memo for its next, conditional, harvest.
 
 One INSERT ... ON CONFLICT DO UPDATE per batch, never a round trip per row; rows are sorted by
 link so concurrent workers lock them in the same order and do not deadlock. A batch that
@@ -13,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import case, func, literal, or_, select, update
+from sqlalchemy import case, delete, func, literal, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -26,6 +28,7 @@ from core.db import (
     MAX_URL_LENGTH,
     BatchRecord,
     Feed,
+    PageMemo,
     Project,
     TaskRecord,
     UtcDateTime,
@@ -307,3 +310,73 @@ async def mark_published(engine: AsyncEngine, task_ids: list[str]) -> None:
         )
 
     await _with_retries(engine, mark)
+
+
+@dataclass(frozen=True, slots=True)
+class RememberedPage:
+    """A page's memo: the validators of its last answer and the links it listed then."""
+
+    etag: str | None
+    last_modified: str | None
+    links: list[str]
+
+
+async def load_page_memo(engine: AsyncEngine, url: str) -> RememberedPage | None:
+    async def read(conn: AsyncConnection) -> RememberedPage | None:
+        memo = (
+            await conn.execute(
+                select(PageMemo.etag, PageMemo.last_modified, PageMemo.links).where(
+                    PageMemo.url == url
+                )
+            )
+        ).first()
+        if memo is None:
+            return None
+        return RememberedPage(memo.etag, memo.last_modified, list(json.loads(memo.links)))
+
+    return await _with_retries(engine, read)
+
+
+async def remember_page(
+    engine: AsyncEngine, url: str, etag: str | None, last_modified: str | None, links: list[str]
+) -> None:
+    """Keep what the page's answer said to send next time; forget the page when it said
+    nothing (no validators: its next harvest is a plain GET anyway)."""
+
+    async def write(conn: AsyncConnection) -> None:
+        if not (etag or last_modified):
+            await conn.execute(delete(PageMemo).where(PageMemo.url == url))
+            return
+        values = {
+            "url": url,
+            "etag": etag,
+            "last_modified": last_modified,
+            "links": json.dumps(links),
+            "fetched_at": utcnow(),
+        }
+        statement = dialect_insert(engine.dialect.name)(PageMemo).values(values)
+        await conn.execute(
+            statement.on_conflict_do_update(
+                index_elements=[PageMemo.url],
+                set_={name: statement.excluded[name] for name in values if name != "url"},
+            )
+        )
+
+    if len(url.encode()) <= MAX_URL_LENGTH:
+        await _with_retries(engine, write)
+
+
+async def refresh_seen(engine: AsyncEngine, links: Sequence[str], batch_size: int) -> None:
+    """Mark these projects seen now (a 304: the page lists what it listed last time). Being
+    seen again is no change: no revision, nothing for the feed."""
+    now = utcnow()
+    unique = sorted(set(links))  # locked in link order, like the upsert
+    for start in range(0, len(unique), batch_size):
+        chunk = unique[start : start + batch_size]
+
+        async def touch(conn: AsyncConnection, chunk: list[str] = chunk) -> None:
+            await conn.execute(
+                update(Project).where(Project.url.in_(chunk)).values(last_seen_at=now)
+            )
+
+        await _with_retries(engine, touch, transaction=True)

@@ -6,6 +6,7 @@ back into the same message and no dict mirrors the contract by hand.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import logging
@@ -24,17 +25,20 @@ from core.ledger import Finished, Outcome
 from projects.v1 import task_pb2
 from worker import failpoints, metrics
 from worker.errors import Cancelled, PermanentError, RetryableError
-from worker.fetch import fetch_page
-from worker.parse import ParsedPage, parse_listing
+from worker.fetch import Validators
+from worker.parse import parse_listing
+from worker.politeness import TurnNotGiven
 from worker.retry import RetryPolicy
 from worker.runtime import TaskRecords, WorkerRuntime
 from worker.store import (
-    StoreCounts,
     TaskStart,
     cancel_requested,
     finish_task,
+    load_page_memo,
     mark_published,
     record_retry,
+    refresh_seen,
+    remember_page,
     store_projects,
 )
 
@@ -47,21 +51,32 @@ MAX_WORKER_DEATHS = 3
 
 
 async def _fetch_parse_store(
-    runtime: WorkerRuntime, page: int, task_id: str
-) -> tuple[ParsedPage, StoreCounts]:
-    """The page's work, all of it on the process's event loop.
+    runtime: WorkerRuntime, page: int, task_id: str, limit: asyncio.Timeout
+) -> task_pb2.UploadResult:
+    """The page's work, all of it on the process's event loop, within `limit` (the soft time
+    limit, whose clock stops while the task waits for its turn on the source).
 
     The parse runs on the loop too, between the awaits: only one thread of a process runs
     Python at a time anyway, and a parse in the task's own thread made that thread, the loop
     and Celery's threads pass the GIL back and forth (slower, and more CPU per page: see
     bench/README.md). It holds up the loop's other I/O for the length of one parse.
     """
-    # This runs in an asyncio task of its own on the runtime's loop: its own log context.
-    logs.task_context(task_id, page)
     settings = runtime.settings
-    with metrics.FETCH_SECONDS.time():
-        fetched = await fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits)
+    engine = runtime.engine
+    url = settings.page_url(page)
+    memo = await load_page_memo(engine, url)
+    validators = Validators(memo.etag, memo.last_modified) if memo else None
+    # No database connection is held from here to the store: the wait for a turn may be long.
+    fetched = await runtime.source.fetch(
+        url, validators, limit=limit, max_wait=settings.task_soft_time_limit_seconds
+    )
     metrics.FETCHED_BYTES.inc(len(fetched.body))
+    if fetched.not_modified and memo is not None:
+        # The page lists what it listed last time: those projects were seen again, no more.
+        if await cancel_requested(engine, task_id):
+            raise Cancelled(f"page {page} was cancelled before it stored")
+        await refresh_seen(engine, memo.links, settings.upsert_batch_size)
+        return task_pb2.UploadResult(page=page, found=len(memo.links), not_modified=True)
     with (
         tracing.tracer().start_as_current_span("parse page") as span,
         collector_paused(),
@@ -76,13 +91,13 @@ async def _fetch_parse_store(
             }
         )
     # The checkpoint of a cancel: after the slow part, before anything is stored.
-    if await cancel_requested(runtime.engine, task_id):
+    if await cancel_requested(engine, task_id):
         raise Cancelled(f"page {page} was cancelled before it stored")
     with (
         tracing.tracer().start_as_current_span("store projects") as span,
         metrics.STORE_SECONDS.time(),
     ):
-        counts = await store_projects(runtime.engine, parsed.items, settings.upsert_batch_size)
+        counts = await store_projects(engine, parsed.items, settings.upsert_batch_size)
         span.set_attributes(
             {
                 tracing.PAGE: page,
@@ -90,41 +105,54 @@ async def _fetch_parse_store(
                 tracing.PROJECTS_UPDATED: counts.updated,
             }
         )
+    # After the store: a memo never promises rows that were not stored.
+    fresh = fetched.validators
+    links = [item.url for item in parsed.items]
+    await remember_page(engine, url, fresh.etag, fresh.last_modified, links)
     if counts.revision:
         await runtime.events.publish(ProjectsChanged(counts.revision))
-    return parsed, counts
-
-
-def harvest(
-    runtime: WorkerRuntime, page: int, deadline: float, task_id: str
-) -> task_pb2.UploadResult:
-    settings = runtime.settings
-
-    def remaining() -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RetryableError(
-                f"page {page} took longer than TASK_SOFT_TIME_LIMIT_SECONDS "
-                f"({settings.task_soft_time_limit_seconds:g} s)"
-            )
-        return left
-
-    failpoints.hit(settings.failpoints, "before_fetch", page, settings.data_dir)
-    try:
-        parsed, counts = runtime.run(
-            tracing.on_loop(_fetch_parse_store(runtime, page, task_id)), remaining()
-        )
-    except concurrent.futures.TimeoutError:
-        remaining()  # raises the soft-limit error
-        raise
-    failpoints.hit(settings.failpoints, "after_store", page, settings.data_dir)
-    result = task_pb2.UploadResult(
+    return task_pb2.UploadResult(
         page=page,
         found=len(parsed.items),
         created=counts.created,
         updated=counts.updated,
         skipped=parsed.skipped + counts.unstorable,
     )
+
+
+async def _within_soft_limit(
+    runtime: WorkerRuntime, page: int, task_id: str, deadline: float
+) -> task_pb2.UploadResult:
+    # This runs in an asyncio task of its own on the runtime's loop: its own log context.
+    logs.task_context(task_id, page)
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())) as limit:
+            return await _fetch_parse_store(runtime, page, task_id, limit)
+    except TimeoutError as exc:
+        raise RetryableError(
+            f"page {page} took longer than TASK_SOFT_TIME_LIMIT_SECONDS "
+            f"({runtime.settings.task_soft_time_limit_seconds:g} s)"
+        ) from exc
+
+
+def harvest(
+    runtime: WorkerRuntime, page: int, deadline: float, task_id: str
+) -> task_pb2.UploadResult:
+    settings = runtime.settings
+    failpoints.hit(settings.failpoints, "before_fetch", page, settings.data_dir)
+    # The loop's own limit is the soft limit; this one only guards against a loop that hangs:
+    # the work, and two waits for a turn (robots.txt's and the page's) of at most the limit.
+    guard = deadline - time.monotonic() + 2 * settings.task_soft_time_limit_seconds + 5.0
+    try:
+        result = runtime.run(
+            tracing.on_loop(_within_soft_limit(runtime, page, task_id, deadline)), guard
+        )
+    except concurrent.futures.TimeoutError as exc:
+        raise RetryableError(
+            f"page {page}: the worker's event loop did not finish it within {guard:.0f} s"
+        ) from exc
+    failpoints.hit(settings.failpoints, "after_store", page, settings.data_dir)
     metrics.page_counted(
         found=result.found, skipped=result.skipped, created=result.created, updated=result.updated
     )
@@ -234,12 +262,14 @@ def _result(result: task_pb2.UploadResult) -> dict[str, Any]:
     )
 
 
-def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
+def run_harvest(task: HarvestTask, page: int, turns_missed: int = 0) -> dict[str, Any]:
+    """Run the page's task. `turns_missed` counts the deliveries that gave their message back
+    for want of a turn on the source: Celery counts them as retries, the policy does not."""
     started = time.monotonic()
     runtime = task.runtime
     settings = runtime.settings
     policy = RetryPolicy.from_settings(settings)
-    tries_done = task.request.retries
+    tries_done = task.request.retries - turns_missed
     task_id = str(task.request.id)
     logs.task_context(task_id, page)
     tracing.set_attributes({tracing.PAGE: page, tracing.TRY: tries_done + 1})
@@ -252,7 +282,7 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
             return _result(task_pb2.UploadResult(page=page))
         if start.cancelled:
             raise Cancelled(f"page {page} was cancelled before it started")
-        deaths = start.deliveries - (tries_done + 1)
+        deaths = start.deliveries - (task.request.retries + 1)
         if deaths >= MAX_WORKER_DEATHS:
             raise PermanentError(
                 f"gave up on page {page}: the worker process running it died {deaths} times"
@@ -266,8 +296,19 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
                 created=result.created,
                 updated=result.updated,
                 skipped=result.skipped,
+                not_modified=result.not_modified,
             ),
         )
+    except TurnNotGiven as exc:
+        # The fleet has more pages in flight than the source's budget serves in a soft limit:
+        # this one goes back to the queue, behind the others, without using up a try.
+        log.info("page %d: %s; back to the queue", page, exc)
+        raise task.retry(
+            exc=exc,
+            countdown=0,
+            max_retries=None,
+            kwargs={"turns_missed": turns_missed + 1},
+        ) from exc
     except Cancelled as exc:
         log.info("%s", exc)
         _ended_or_retry(task, Outcome("REVOKED", error="cancelled"))
@@ -312,8 +353,8 @@ def _retrying(task: HarvestTask, error: str) -> None:
 def register(app: Celery) -> HarvestTask:
     # `throws`: a PermanentError is an expected outcome, logged without a traceback.
     @app.task(bind=True, base=HarvestTask, name=HARVEST_TASK_NAME, throws=(PermanentError,))
-    def harvest_page(self: HarvestTask, page: int) -> dict[str, Any]:
-        return run_harvest(self, page)
+    def harvest_page(self: HarvestTask, page: int, turns_missed: int = 0) -> dict[str, Any]:
+        return run_harvest(self, page, turns_missed)
 
     @signals.task_prerun.connect(sender=harvest_page, weak=False)
     def record_delivery(task: HarvestTask, task_id: str, **_: Any) -> None:

@@ -106,7 +106,8 @@ def test_prometheus_scrapes_what_the_stack_did(redis_stack: Stack, tmp_path: Pat
             ("sum by (code) (harvester_worker_fetches_total)", "code"): {
                 "200": 2.0,
                 "503": 1.0,
-                "404": 1.0,
+                # The missing page, and the site's robots.txt (it has none: no rules).
+                "404": 2.0,
             },
             ("sum by (job) (harvester_worker_projects_created_total)", "job"): {
                 "worker": float(created)

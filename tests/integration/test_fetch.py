@@ -26,7 +26,16 @@ from tests.support.http_servers import (
 )
 from tests.support.processes import free_port
 from worker.errors import PermanentError, RetryableError
-from worker.fetch import FetchedPage, FetchLimits, OffHostRedirect, fetch_page, make_client
+from worker.fetch import (
+    FetchedPage,
+    FetchLimits,
+    OffHostRedirect,
+    Validators,
+    fetch_page,
+    fetch_robots,
+    make_client,
+)
+from worker.robots import MAX_ROBOTS_BYTES, RobotsAnswer
 
 HOST = "127.0.0.1"
 OTHER_HOST = "127.0.0.2"  # the whole of 127.0.0.0/8 is loopback on Linux
@@ -63,7 +72,9 @@ def fetch(
     async def run() -> FetchedPage:
         # The source is the fetched URL's origin, on `source_host`.
         source = str(httpx.URL(url).copy_with(host=source_host))
-        async with make_client(limits, source, max_connections=4) as client:
+        async with make_client(
+            limits, source, max_connections=4, user_agent="test-agent/1"
+        ) as client:
             return await fetch_page(client, url, limits)
 
     return asyncio.run(run())
@@ -445,9 +456,91 @@ async def test_the_client_asks_only_for_codings_it_inflates_and_keeps_no_cookies
     with raw_http_server(answer) as server:
         limits = FetchLimits(timeout=5, max_bytes=MB, max_redirects=1)
         url = f"{server.base_url}/projects?page=1"
-        async with make_client(limits, url, max_connections=1) as client:
+        async with make_client(limits, url, max_connections=1, user_agent="test-agent/1") as client:
             await fetch_page(client, url, limits)
             await fetch_page(client, url, limits)
 
     assert [h.get("accept-encoding") for h in seen] == ["gzip, x-gzip, deflate"] * 2
     assert "cookie" not in seen[1], "a site's cookie was kept and sent back"
+
+
+# --- conditional GET, robots.txt, the User-Agent ------------------------------------------------
+
+
+def behave(site: SampleSite, **behaviour: object) -> None:
+    response = site.control.put("/_control/behaviour", json=behaviour)
+    assert response.status_code == 204, response.text
+
+
+def site_log(site: SampleSite) -> list[dict[str, object]]:
+    log: list[dict[str, object]] = site.control.get("/_control/log").json()
+    return log
+
+
+async def fetch_with(url: str, validators: Validators | None = None) -> FetchedPage:
+    limits = FetchLimits(timeout=5, max_bytes=MB, max_redirects=1)
+    async with make_client(limits, url, max_connections=1, user_agent="test-agent/1") as client:
+        return await fetch_page(client, url, limits, validators)
+
+
+async def test_validators_are_kept_and_sent_back_and_a_304_is_not_modified(
+    site: SampleSite,
+) -> None:
+    behave(site, validators=True)
+    first = await fetch_with(site.page_url(2))
+    assert first.validators.etag and first.validators.last_modified and not first.not_modified
+
+    again = await fetch_with(site.page_url(2), first.validators)
+
+    assert again.not_modified and again.body == b""
+    assert again.validators == first.validators
+    sent = site_log(site)
+    assert [entry["status"] for entry in sent] == [200, 304]
+    assert sent[1]["if_none_match"] == first.validators.etag
+    assert sent[1]["if_modified_since"] == first.validators.last_modified
+    assert {entry["user_agent"] for entry in sent} == {"test-agent/1"}
+    # A stale ETag: the page is sent again, whole.
+    stale = Validators(etag='"not-the-page"')
+    assert (await fetch_with(site.page_url(2), stale)).body == first.body
+
+
+async def test_a_304_to_an_unconditional_get_is_permanent(site: SampleSite) -> None:
+    site.script(1, {"status": 304})
+    with pytest.raises(PermanentError, match="304 to an unconditional GET"):
+        await fetch_with(site.page_url(1))
+
+
+async def robots(url: str, deadline: float = 5.0) -> RobotsAnswer:
+    limits = FetchLimits(timeout=deadline, max_bytes=MB, max_redirects=1)
+    async with make_client(limits, url, max_connections=1, user_agent="test-agent/1") as client:
+        return await fetch_robots(client, url, limits)
+
+
+async def test_robots_txt_answers_each_have_a_meaning(site: SampleSite) -> None:
+    url = f"{site.base_url}/robots.txt"
+    assert await robots(url) == RobotsAnswer(404, reason="Not Found")
+    for status in (200, 503):
+        document = {"status": status, "body": "User-agent: *\nDisallow: /x\n"}
+        assert site.control.put("/_control/robots", json=document).status_code == 204
+        answer = await robots(url)
+        assert answer.status == status
+        assert answer.body == (document["body"] if status == 200 else "")
+    document = {"status": 200, "body": "", "delay": 2}
+    assert site.control.put("/_control/robots", json=document).status_code == 204
+    slow = await robots(url, deadline=0.3)
+    assert slow.status == 0 and "no answer within 0.3 s" in slow.reason
+    refused = await robots(f"http://{HOST}:{free_port()}/robots.txt")
+    assert refused.status == 0 and "ConnectError" in refused.reason
+
+
+async def test_robots_txt_is_read_up_to_500_kib() -> None:
+    line = b"Disallow: /" + b"x" * 1000 + b"\n"
+    body = b"User-agent: *\n" + line * 1000  # about 1 MB
+
+    def answer(exchange: RawExchange) -> None:
+        exchange.send_head(headers={"Content-Type": "text/plain", "Content-Length": str(len(body))})
+        exchange.send(body)
+
+    with raw_http_server(answer) as server:
+        read = await robots(f"{server.base_url}/robots.txt")
+    assert read.status == 200 and len(read.body) == MAX_ROBOTS_BYTES

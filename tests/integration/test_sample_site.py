@@ -160,6 +160,9 @@ def test_reset_forgets_pages_scripts_and_hits(control_site: httpx.Client) -> Non
         ("POST", "/_control/script"),
         ("GET", "/_control/hits"),
         ("POST", "/_control/reset"),
+        ("PUT", "/_control/robots"),
+        ("PUT", "/_control/behaviour"),
+        ("GET", "/_control/log"),
     ],
 )
 def test_control_routes_are_404_when_control_is_off(
@@ -167,6 +170,92 @@ def test_control_routes_are_404_when_control_is_off(
 ) -> None:
     assert plain_site.request(method, path, content=b"{}").status_code == 404
     assert plain_site.get("/projects", params={"page": 1}).status_code == 200
+
+
+# --- politeness: robots.txt, validators, caps, the log -------------------------------------------
+
+
+def test_robots_txt_is_404_until_set_then_what_was_set(control_site: httpx.Client) -> None:
+    assert control_site.get("/robots.txt").status_code == 404
+    robots = {"status": 200, "body": "User-agent: *\nDisallow: /x\n"}
+    assert control_site.put("/_control/robots", json=robots).status_code == 204
+    response = control_site.get("/robots.txt")
+    assert (response.status_code, response.text) == (200, robots["body"])
+    assert control_site.put("/_control/robots", json={"status": 503}).status_code == 204
+    assert control_site.get("/robots.txt").status_code == 503
+
+
+def test_more_pages_and_a_delay(control_site: httpx.Client) -> None:
+    assert control_site.get("/projects", params={"page": 200}).status_code == 404
+    behaviour = {"pages": 200, "delay": 0.2}
+    assert control_site.put("/_control/behaviour", json=behaviour).status_code == 204
+    response = control_site.get("/projects", params={"page": 200})
+    assert response.text == render_listing(sample_page(200, pages=200))
+    entry = control_site.get("/_control/log").json()[-1]
+    assert entry["departure"] - entry["arrival"] >= 0.2
+
+
+def test_validators_and_304(control_site: httpx.Client) -> None:
+    control_site.put("/_control/behaviour", json={"validators": True})
+    first = control_site.get("/projects", params={"page": 1})
+    etag, modified = first.headers["ETag"], first.headers["Last-Modified"]
+    by_etag = control_site.get("/projects?page=1", headers={"If-None-Match": etag})
+    by_date = control_site.get("/projects?page=1", headers={"If-Modified-Since": modified})
+    other = control_site.get("/projects?page=1", headers={"If-None-Match": '"other"'})
+    assert (by_etag.status_code, by_etag.content, by_etag.headers["ETag"]) == (304, b"", etag)
+    assert by_date.status_code == 304
+    # If-None-Match decides when present (RFC 9110 13.2.2), whatever If-Modified-Since says.
+    assert other.status_code == 200 and other.text == first.text
+    control_site.put("/_control/pages/1", content=b"<p>new</p>")
+    changed = control_site.get("/projects?page=1", headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["ETag"] != etag
+
+
+def test_requests_past_the_rate_are_429_with_retry_after(control_site: httpx.Client) -> None:
+    behaviour = {"max_requests_per_second": 3, "retry_after": 7}
+    control_site.put("/_control/behaviour", json=behaviour)
+    answers = [control_site.get("/projects", params={"page": 1}) for _ in range(5)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429, 429]
+    assert answers[3].headers["Retry-After"] == "7"
+    log = control_site.get("/_control/log").json()
+    assert [entry["status"] for entry in log] == [200, 200, 200, 429, 429]
+    assert all(entry["arrival"] <= entry["departure"] for entry in log)
+    assert log[0]["user_agent"].startswith("python-httpx/")
+
+
+def test_requests_past_the_concurrency_cap_are_429(control_site: httpx.Client) -> None:
+    control_site.put("/_control/behaviour", json={"max_concurrency": 2, "delay": 0.5})
+    base = str(control_site.base_url)
+    statuses: list[int] = []
+
+    def get() -> None:
+        with httpx.Client(base_url=base, trust_env=False, timeout=5) as client:
+            statuses.append(client.get("/projects", params={"page": 1}).status_code)
+
+    threads = [threading.Thread(target=get) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [200, 200, 429]
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [{"pages": -1}, {"max_concurrency": 0}, {"validators": "yes"}, {"speed": 1}, [1]],
+)
+def test_bad_behaviour_is_400(control_site: httpx.Client, behaviour: object) -> None:
+    assert control_site.put("/_control/behaviour", json=behaviour).status_code == 400
+
+
+def test_reset_forgets_robots_behaviour_and_the_log(control_site: httpx.Client) -> None:
+    control_site.put("/_control/robots", json={"status": 200, "body": "x"})
+    control_site.put("/_control/behaviour", json={"pages": 1})
+    control_site.get("/robots.txt")
+    assert control_site.post("/_control/reset").status_code == 204
+    assert control_site.get("/_control/log").json() == []
+    assert control_site.get("/robots.txt").status_code == 404
+    assert control_site.get("/projects", params={"page": SAMPLE_PAGES}).status_code == 200
 
 
 @pytest.fixture

@@ -193,6 +193,37 @@ class Site:
         response.raise_for_status()
         return {int(k): v for k, v in json.loads(response.text).items()}
 
+    def set_robots(self, status: int, body: str = "", delay: float = 0.0) -> None:
+        document = {"status": status, "body": body, "delay": delay}
+        httpx.put(f"{self.url}/_control/robots", json=document).raise_for_status()
+
+    def behave(self, **behaviour: Any) -> None:
+        """Set how the site serves (pages, delay, max_requests_per_second, max_concurrency,
+        retry_after, validators: see sample_site/server.py)."""
+        httpx.put(f"{self.url}/_control/behaviour", json=behaviour).raise_for_status()
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/_control/reset").raise_for_status()
+
+    def requests(self) -> list[SiteRequest]:
+        """Every request the site has had (the control API's aside), in arrival order."""
+        response = httpx.get(f"{self.url}/_control/log")
+        response.raise_for_status()
+        return [SiteRequest(**entry) for entry in json.loads(response.text)]
+
+
+@dataclass(frozen=True)
+class SiteRequest:
+    """One request as the site logged it; times are the site's time.time()."""
+
+    path: str
+    arrival: float
+    departure: float
+    status: int
+    user_agent: str
+    if_none_match: str | None
+    if_modified_since: str | None
+
 
 def start_site(cwd: Path, name: str = "site") -> Site:
     process = Process(

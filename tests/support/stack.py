@@ -44,6 +44,10 @@ def base_environment(directory: Path, site: Site) -> dict[str, str]:
         "RETRY_MAX_DELAY_SECONDS": "1",
         "RETRY_AFTER_CAP_SECONDS": "5",
         "BROKER_CHECK_INTERVAL_SECONDS": "0.5",
+        # The tests' own site needs no protecting: only the politeness tests set a real budget
+        # (the budget's script still runs before every request).
+        "SOURCE_MAX_REQUESTS_PER_SECOND": "10000",
+        "SOURCE_MAX_CONCURRENCY": "1000",
         "LOG_LEVEL": "INFO",
     }
 

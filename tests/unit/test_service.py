@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import uuid
+from typing import Any
 
 import pytest
 from google.protobuf import json_format
@@ -28,7 +29,7 @@ ENQUEUED = dt.datetime(2026, 3, 1, 12, 0, 0, 250_000, tzinfo=dt.UTC)
 STARTED = ENQUEUED + dt.timedelta(seconds=2)
 FINISHED = ENQUEUED + dt.timedelta(seconds=5)
 LOST = "lost by the broker: enqueued at 2026-03-01 12:00:00 UTC, never started; Upload again"
-RESULT = {"page": 3, "found": 10, "created": 7, "updated": 2, "skipped": 1}
+RESULT: dict[str, Any] = {"page": 3, "found": 10, "created": 7, "updated": 2, "skipped": 1}
 
 
 def issued(*, started_at: dt.datetime | None = None, lost_reason: str | None = None) -> IssuedTask:

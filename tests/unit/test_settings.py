@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,45 @@ def test_nested_variable_overrides_one_selector_of_the_profile(env: pytest.Monke
 
 
 # --- time limits and the broker -----------------------------------------------------------------
+
+
+# --- politeness ----------------------------------------------------------------------------------
+
+
+def test_politeness_defaults_are_the_issues(env: pytest.MonkeyPatch) -> None:
+    defaults = settings(env)
+
+    assert defaults.source_max_requests_per_second == 5.0
+    assert defaults.source_max_concurrency == 8
+    assert defaults.source_obey_robots is True
+    assert defaults.source_lease_seconds > defaults.fetch_timeout_seconds
+    # Name, version (the installed distribution's) and a contact.
+    version = importlib.metadata.version("projects-harvester")
+    assert defaults.source_user_agent == (
+        f"projects-harvester/{version} (+https://example.invalid/contact)"
+    )
+
+
+@pytest.mark.parametrize(("lease", "fetch"), [("10", "10"), ("5", "10")])
+def test_a_slot_lease_must_outlast_a_fetch(env: pytest.MonkeyPatch, lease: str, fetch: str) -> None:
+    error = rejected(env, SOURCE_LEASE_SECONDS=lease, FETCH_TIMEOUT_SECONDS=fetch)
+
+    assert "SOURCE_LEASE_SECONDS must exceed FETCH_TIMEOUT_SECONDS" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SOURCE_MAX_REQUESTS_PER_SECOND", "0"),
+        ("SOURCE_MAX_CONCURRENCY", "0"),
+        ("ROBOTS_TTL_SECONDS", "0"),
+        ("SOURCE_USER_AGENT", ""),
+    ],
+)
+def test_politeness_settings_are_bounded(
+    env: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    assert variable in str(rejected(env, **{variable: value})).upper()
 
 
 @pytest.mark.parametrize(("soft", "hard"), [("150", "150"), ("200", "150")])

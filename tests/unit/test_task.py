@@ -22,6 +22,7 @@ from projects.v1 import task_pb2
 from tests.unit.helpers import clear_settings_environment
 from worker import task as task_module
 from worker.errors import PermanentError, RetryableError
+from worker.politeness import TurnNotGiven
 from worker.runtime import WorkerRuntime
 from worker.store import TaskStart
 from worker.task import MAX_WORKER_DEATHS, HarvestTask, run_harvest
@@ -162,8 +163,8 @@ def harvest(monkeypatch: pytest.MonkeyPatch, runtime: FakeRuntime) -> FakeHarves
     return fake
 
 
-def run(task: FakeTask) -> dict[str, Any]:
-    return run_harvest(cast(HarvestTask, task), PAGE)
+def run(task: FakeTask, turns_missed: int = 0) -> dict[str, Any]:
+    return run_harvest(cast(HarvestTask, task), PAGE, turns_missed)
 
 
 # --- a try that succeeds ------------------------------------------------------------------------
@@ -178,7 +179,14 @@ def test_a_harvest_returns_its_result_with_every_field(
     result = run(task)
 
     # Zeros included: the gateway reads every field back.
-    assert result == {"page": PAGE, "found": 10, "created": 7, "updated": 2, "skipped": 0}
+    assert result == {
+        "page": PAGE,
+        "found": 10,
+        "created": 7,
+        "updated": 2,
+        "skipped": 0,
+        "not_modified": False,
+    }
     ((given_runtime, page, deadline),) = harvest.calls
     assert (given_runtime, page) == (runtime, PAGE)
     assert before + SOFT_LIMIT <= deadline <= time.monotonic() + SOFT_LIMIT
@@ -256,6 +264,41 @@ def test_deliveries_recorded_by_the_prerun_hook_are_not_recorded_again(
     run(FakeTask(runtime, deliveries=1))
 
     assert runtime.did("start_task") == []
+
+
+# --- a task that found no turn on the source ----------------------------------------------------
+
+
+def test_a_task_without_a_turn_goes_back_to_the_queue_without_using_a_try(
+    runtime: FakeRuntime, harvest: FakeHarvest
+) -> None:
+    harvest.error = TurnNotGiven("no turn on site within 120 s")
+    # The last try, by the policy's count: a RetryableError here would give up.
+    task = FakeTask(runtime, retries=MAX_TRIES - 1 + 2, deliveries=MAX_TRIES + 2)
+
+    with pytest.raises(Retried):
+        run(task, turns_missed=2)
+
+    (call,) = task.retry_calls
+    assert call["countdown"] == 0 and call["max_retries"] is None
+    assert call["kwargs"] == {"turns_missed": 3}
+    assert runtime.did("record_retry") == []  # no failed try to record
+    assert runtime.outcomes() == []
+
+
+def test_turns_missed_are_not_tries(runtime: FakeRuntime, harvest: FakeHarvest) -> None:
+    harvest.error = RetryableError("503 from the source")
+    # Celery counts MAX_TRIES retries, two of which were turns missed: two tries are left.
+    task = FakeTask(runtime, retries=MAX_TRIES, deliveries=MAX_TRIES + 1)
+
+    with pytest.raises(Retried):
+        run(task, turns_missed=2)
+    assert runtime.outcomes() == []
+
+    # Without the turns missed, the same count is the last try: it gives up.
+    task = FakeTask(runtime, retries=MAX_TRIES - 1, deliveries=MAX_TRIES)
+    with pytest.raises(PermanentError, match=f"after {MAX_TRIES} tries"):
+        run(task)
 
 
 # --- a try that fails ---------------------------------------------------------------------------
@@ -404,7 +447,9 @@ def test_a_success_is_recorded_once_with_its_counts(
 ) -> None:
     run(FakeTask(runtime))
 
-    assert runtime.outcomes() == [Outcome("SUCCESS", found=10, created=7, updated=2, skipped=0)]
+    assert runtime.outcomes() == [
+        Outcome("SUCCESS", found=10, created=7, updated=2, skipped=0, not_modified=False)
+    ]
     assert [work[1].task_id for work in runtime.did("publish")] == [TASK_ID]
 
 

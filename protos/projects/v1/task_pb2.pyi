@@ -69,6 +69,7 @@ class UploadResult(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     UPDATED_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
+    NOT_MODIFIED_FIELD_NUMBER: _builtins.int
     page: _builtins.int
     """The listing page that was harvested (1-based)."""
     found: _builtins.int
@@ -79,6 +80,11 @@ class UploadResult(_message.Message):
     """Projects already stored whose fields changed."""
     skipped: _builtins.int
     """Items without a title or a link, which were not stored."""
+    not_modified: _builtins.bool
+    """True when the source answered 304 Not Modified to a re-harvest: nothing was parsed, and
+    the projects the page listed last time (counted in found) had their last_seen_time
+    refreshed.
+    """
     def __init__(
         self,
         *,
@@ -87,10 +93,11 @@ class UploadResult(_message.Message):
         created: _builtins.int = ...,
         updated: _builtins.int = ...,
         skipped: _builtins.int = ...,
+        not_modified: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "found", b"found", "page", b"page", "skipped", b"skipped", "updated", b"updated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "found", b"found", "not_modified", b"not_modified", "page", b"page", "skipped", b"skipped", "updated", b"updated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
