@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from typing import Any
 
 import click
@@ -27,6 +28,8 @@ from core.gc_tuning import freeze_long_lived_objects
 from core.migrate import migrate
 from core.settings import settings_or_exit
 from worker import kombu_fixes
+from worker.page_tree import ProfileError
+from worker.parse import check_profile
 from worker.runtime import WorkerRuntime
 from worker.task import register
 
@@ -58,6 +61,12 @@ def _start_runtime(**_: Any) -> None:
     # One INFO line per fetched page costs more than it tells; failures are logged by the task.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = settings_or_exit()
+    try:
+        check_profile(settings.source_profile, settings.source_parser)
+    except ProfileError as error:
+        # As a bad setting: said once, and the worker does not start.
+        print(error, file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     # Before the runtime's loop exists, so the migration's own loop never meets its connections.
     asyncio.run(migrate(settings.resolved_database_url))
     events = events_url(app.conf.broker_url, app.conf.result_backend)

@@ -104,14 +104,14 @@ def _xpath(name: str, selector: str, prefix: str, *, first: bool) -> etree.XPath
         )
 
     try:
-        parsed = css.parse(selector)
-        for one in parsed:
-            unlike = _unlike_soupsieve(one.parsed_tree)
-            if unlike is not None:
-                raise refuse(f"{unlike} may match otherwise than BeautifulSoup's soupsieve")
-        expression = " | ".join(_TRANSLATOR.selector_to_xpath(one, prefix=prefix) for one in parsed)
+        # A group's selectors joined by " | ", each with the prefix; pseudo-elements refused.
+        expression = _TRANSLATOR.css_to_xpath(selector, prefix=prefix)
     except cssselect.SelectorError as error:
         raise refuse(f"cssselect cannot translate it to XPath ({error})") from None
+    for one in css.parse(selector):
+        unlike = _unlike_soupsieve(one.parsed_tree)
+        if unlike is not None:
+            raise refuse(f"{unlike} may match otherwise than with BeautifulSoup (soupsieve)")
     if first:
         # The first match in document order, as select_one; a union is in document order.
         expression = f"({expression})[1]"

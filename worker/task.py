@@ -58,7 +58,13 @@ async def _fetch_parse_store(
     settings = runtime.settings
     fetched = await fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits)
     with collector_paused():
-        parsed = parse_listing(fetched.body, fetched.url, settings.source_profile, fetched.encoding)
+        parsed = parse_listing(
+            fetched.body,
+            fetched.url,
+            settings.source_profile,
+            fetched.encoding,
+            settings.source_parser,
+        )
     # The checkpoint of a cancel: after the slow part, before anything is stored.
     if await cancel_requested(runtime.engine, task_id):
         raise Cancelled(f"page {page} was cancelled before it stored")
