@@ -124,7 +124,8 @@ def _xpath(name: str, selector: str, prefix: str, *, first: bool) -> etree.XPath
 def _unlike_soupsieve(tree: Any) -> str | None:
     """The first part of a parsed selector whose meaning differs in soupsieve, else None."""
     if isinstance(tree, css.Element):
-        return None
+        # soupsieve needs the namespaces declared to read a prefix; cssselect prints it as is.
+        return None if tree.namespace is None else f"the namespaced element {tree.namespace}|"
     if isinstance(tree, css.Class | css.Hash):
         return _unlike_soupsieve(tree.selector)
     if isinstance(tree, css.Attrib):
@@ -221,11 +222,33 @@ def _root(markup: bytes, encoding: str | None) -> etree._Element | None:
     )
     for candidate in detector.encodings:
         try:
-            # Made inside the try, as bs4 makes it: an unknown name is a LookupError here.
-            parser = etree.HTMLParser(recover=True, huge_tree=False, encoding=candidate)
-            parser.feed(detector.markup)
-            root: etree._Element | None = parser.close()
+            return _tree(detector.markup, candidate)
         except (UnicodeDecodeError, LookupError, etree.ParserError):
+            # bs4 takes these as a rejection of the encoding, and tries the next one.
             continue
-        return root
     return None
+
+
+def _tree(markup: bytes, encoding: str) -> etree._Element | None:
+    try:
+        return _feed(markup, etree.HTMLParser(recover=True, huge_tree=False, encoding=encoding))
+    except etree.XMLSyntaxError:
+        pass
+    # libxml2 stopped part way (a charset conversion that failed, say): lxml's tree parser then
+    # raises and keeps nothing, while bs4's parser, which takes libxml2's events as a target,
+    # keeps the elements that came before and raises nothing. A TreeBuilder target gets those
+    # same events; it is slower than the tree parser, so only this rare page pays for it.
+    builder = etree.TreeBuilder()
+    parser = etree.HTMLParser(target=builder, recover=True, huge_tree=False, encoding=encoding)
+    try:
+        return _feed(markup, parser)
+    except etree.XMLSyntaxError:
+        # Not one element came before it stopped ("missing toplevel element").
+        return None
+
+
+def _feed(markup: bytes, parser: etree.HTMLParser) -> etree._Element | None:
+    # One feed of the whole markup and a close, as bs4's LXMLTreeBuilder.feed.
+    parser.feed(markup)
+    root: etree._Element | None = parser.close()
+    return root
