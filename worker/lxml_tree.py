@@ -15,9 +15,16 @@ holds the two to identical items:
 - class names: soupsieve splits a class attribute on ASCII whitespace, form feed included, and
   XPath's `normalize-space` does not know the form feed, so `~=` and `.class` translate it to a
   space first;
-- selectors: a field's is looked for below the item, not in the item itself, as `select_one`
-  does; only selector features whose meaning is the same in soupsieve and cssselect are taken
-  (`_SAME_IN_BOTH`), any other fails at `compile_profile`, at worker start.
+- selectors: soupsieve matches a selector against the whole document and takes the matches
+  among the candidates, the item's descendants for a field (not the item itself), so `.a .b`
+  finds a `.b` in an item that is itself `.a`; each field's selector is therefore evaluated once
+  per page, from the root, and each item gets its first match in document order;
+- templates: to soupsieve a template's content is no part of the document: `select` does not
+  enter a template (nor does `select_one`, but into the item itself), and a selector's
+  combinators stop at one; so the matches here leave out elements inside a template, and a
+  template item's fields are matched within its content only;
+- only selector features whose meaning is the same in soupsieve and cssselect are taken
+  (`_unlike_soupsieve`), any other fails at `compile_profile`, at worker start.
 """
 
 from __future__ import annotations
@@ -69,14 +76,28 @@ class _Translator(cssselect.HTMLTranslator):
 
 
 _TRANSLATOR = _Translator()
+_PLAIN_TRANSLATOR = cssselect.HTMLTranslator()
+# Whether any attribute of the page holds a form feed: only then does a class list need it
+# translated, which costs every class test an EXSLT call.
+_HAS_FORM_FEED = etree.XPath(f"boolean(//@*[contains(., {_FORM_FEED})])", namespaces=_NAMESPACES)
+
+
+@dataclass(frozen=True, slots=True)
+class Selectors:
+    """A profile's selectors as XPath, each evaluated from the root, templates' contents left
+    out; and the fields' again, for the content of a template item (from the item)."""
+
+    item: etree.XPath
+    fields: dict[ItemField, etree.XPath]
+    fields_in_template: dict[ItemField, etree.XPath]
 
 
 @dataclass(frozen=True, slots=True)
 class CompiledProfile:
-    """A profile's selectors as XPath: the items from the root, each field below an item."""
+    """The profile's selectors for a page with a form feed in an attribute, and for others."""
 
-    item: etree.XPath
-    fields: dict[ItemField, etree.XPath]
+    splitting_form_feeds: Selectors
+    plain: Selectors
 
 
 def compile_profile(profile: SourceProfile) -> CompiledProfile:
@@ -86,16 +107,38 @@ def compile_profile(profile: SourceProfile) -> CompiledProfile:
 
 @functools.lru_cache(maxsize=8)
 def _compile(item: str, *fields: str) -> CompiledProfile:
+    named = list(zip(ItemField, fields, strict=True))
+
+    def selectors(translator: cssselect.HTMLTranslator) -> Selectors:
+        return Selectors(
+            item=_xpath(translator, "item", item, "descendant-or-self::", _OUTSIDE_TEMPLATES),
+            fields={
+                field: _xpath(
+                    translator, field.value, selector, "descendant-or-self::", _OUTSIDE_TEMPLATES
+                )
+                for field, selector in named
+            },
+            fields_in_template={
+                field: _xpath(translator, field.value, selector, "descendant::", "")
+                for field, selector in named
+            },
+        )
+
+    # Without a form feed in the page the two translations match the same elements.
     return CompiledProfile(
-        item=_xpath("item", item, "descendant-or-self::", first=False),
-        fields={
-            field: _xpath(field.value, selector, "descendant::", first=True)
-            for field, selector in zip(ItemField, fields, strict=True)
-        },
+        splitting_form_feeds=selectors(_TRANSLATOR), plain=selectors(_PLAIN_TRANSLATOR)
     )
 
 
-def _xpath(name: str, selector: str, prefix: str, *, first: bool) -> etree.XPath:
+# A selector's matches, as soupsieve finds them, are never in a template's content.
+_OUTSIDE_TEMPLATES = "[not(ancestor::template)]"
+
+
+def _xpath(
+    translator: cssselect.HTMLTranslator, name: str, selector: str, prefix: str, where: str
+) -> etree.XPath:
+    """`selector` translated, each match from `prefix` on, filtered by the predicate `where`."""
+
     def refuse(reason: str) -> ProfileError:
         return ProfileError(
             f"SOURCE_PROFILE__{name.upper()}={selector!r} cannot be used with "
@@ -105,16 +148,15 @@ def _xpath(name: str, selector: str, prefix: str, *, first: bool) -> etree.XPath
 
     try:
         # A group's selectors joined by " | ", each with the prefix; pseudo-elements refused.
-        expression = _TRANSLATOR.css_to_xpath(selector, prefix=prefix)
+        expression = translator.css_to_xpath(selector, prefix=prefix)
     except cssselect.SelectorError as error:
         raise refuse(f"cssselect cannot translate it to XPath ({error})") from None
     for one in css.parse(selector):
         unlike = _unlike_soupsieve(one.parsed_tree)
         if unlike is not None:
             raise refuse(f"{unlike} may match otherwise than with BeautifulSoup (soupsieve)")
-    if first:
-        # The first match in document order, as select_one; a union is in document order.
-        expression = f"({expression})[1]"
+    # A union is in document order, as soupsieve's matches are.
+    expression = f"({expression}){where}"
     try:
         return etree.XPath(expression, namespaces=_NAMESPACES)
     except etree.XPathSyntaxError as error:
@@ -153,11 +195,20 @@ def _unlike_soupsieve(tree: Any) -> str | None:
 class LxmlTree:
     """A page as libxml2 builds it, read as `worker.soup_tree.SoupTree` reads bs4's tree."""
 
-    __slots__ = ("_compiled", "_root")
+    __slots__ = ("_firsts", "_items", "_near_containers", "_root", "_selectors")
 
     def __init__(self, root: etree._Element | None, compiled: CompiledProfile) -> None:
         self._root = root
-        self._compiled = compiled
+        self._selectors = (
+            compiled.splitting_form_feeds
+            if root is not None and _HAS_FORM_FEED(root)
+            else compiled.plain
+        )
+        self._items: set[etree._Element] = set()
+        # Per field, each item's first match; made on the field's first lookup.
+        self._firsts: dict[ItemField, dict[etree._Element, etree._Element]] = {}
+        # Made on the first `text`; see `_containers_around`.
+        self._near_containers: set[etree._Element] | None = None
 
     @classmethod
     def parse(cls, markup: bytes | None, encoding: str | None, profile: SourceProfile) -> LxmlTree:
@@ -167,22 +218,53 @@ class LxmlTree:
     def items(self) -> list[etree._Element]:
         if self._root is None:
             return []
-        found: list[etree._Element] = self._compiled.item(self._root)
+        found: list[etree._Element] = self._selectors.item(self._root)
+        # Held, so that an element met again is the same proxy object (lxml keeps one per
+        # element while it is referenced) and set lookups find it.
+        self._items = set(found)
         return found
 
     def first(self, field: ItemField, item: etree._Element) -> etree._Element | None:
-        found: list[etree._Element] = self._compiled.fields[field](item)
-        return found[0] if found else None
+        if item.tag == "template":
+            return self._first_in_template(field, item)
+        firsts = self._firsts.get(field)
+        if firsts is None:
+            firsts = self._firsts[field] = self._first_matches(field)
+        return firsts.get(item)
+
+    def _first_matches(self, field: ItemField) -> dict[etree._Element, etree._Element]:
+        """Each item's first match of the field's selector among its descendants."""
+        firsts: dict[etree._Element, etree._Element] = {}
+        matches: list[etree._Element] = self._selectors.fields[field](self._root)
+        items = self._items
+        for match in matches:  # in document order: the first one an item meets is its first
+            for ancestor in match.iterancestors():
+                if ancestor in items and ancestor not in firsts:
+                    firsts[ancestor] = match
+        return firsts
+
+    def _first_in_template(
+        self, field: ItemField, template: etree._Element
+    ) -> etree._Element | None:
+        """The first match in a template item's own content (not in a template inside it)."""
+        matches: list[etree._Element] = self._selectors.fields_in_template[field](template)
+        for match in matches:
+            if next(match.iterancestors("template")) is template:
+                return match
+        return None
 
     def text(self, node: etree._Element) -> str:
+        if self._near_containers is None:
+            self._near_containers = _containers_around(self._root)
+        if node not in self._near_containers:
+            # No container in it or around it: every string is a plain one.
+            return "".join(node.itertext())
         tag = node.tag
         if tag in _STRING_CONTAINERS:
             return "".join(_strings(node, tag, tag))
         if next(node.iterancestors(*_STRING_CONTAINERS), None) is not None:
             # Every string below a container is the container's class, never the plain one.
             return ""
-        if next(node.iterdescendants(*_STRING_CONTAINERS), None) is None:
-            return "".join(node.itertext())
         return "".join(_strings(node, None, None))
 
     def attribute(self, node: etree._Element, name: str) -> str | None:
@@ -190,8 +272,28 @@ class LxmlTree:
         return value if isinstance(value, str) else None
 
     def close(self) -> None:
-        # libxml2's tree has no reference cycles: dropping the root frees it.
+        # libxml2's tree has no reference cycles: dropping the root and the held elements
+        # frees it.
         self._root = None
+        self._items = set()
+        self._firsts = {}
+        self._near_containers = None
+
+
+def _containers_around(root: etree._Element | None) -> set[etree._Element]:
+    """The containers of `root`, the elements inside them and the elements around them.
+
+    The elements whose text needs more than `itertext()`; a page's few scripts and styles make
+    it a small set, mostly head and body. Holding the elements keeps their proxies alive, so a
+    later lookup of the same element finds the same object.
+    """
+    near: set[etree._Element] = set()
+    if root is not None:
+        for container in root.iter(*_STRING_CONTAINERS):
+            near.add(container)
+            near.update(container.iterancestors())
+            near.update(container.iterdescendants())
+    return near
 
 
 def _strings(element: etree._Element, container: str | None, wanted: str | None) -> Iterator[str]:

@@ -350,6 +350,45 @@ def test_a_field_is_looked_for_inside_the_item_not_in_the_item_itself() -> None:
     assert [item.title for item in parsed.items] == ["In"]
 
 
+def test_a_field_selector_matches_against_the_whole_page_not_only_the_item() -> None:
+    # soupsieve: `.project-title a` inside an item that is itself the .project-title.
+    profile = SourceProfile(item="h2.project-title", title="a", link=".project-title a")
+    parsed = both(page('<h2 class="project-title"><a href="/1">T</a></h2>'), profile)
+
+    assert [item.url for item in parsed.items] == ["https://example.org/1"]
+
+
+def test_a_templates_content_is_no_part_of_the_page() -> None:
+    # soupsieve neither selects inside a template nor lets a combinator cross one.
+    article = '<article class="project"><h2 class="project-title"><a href="/{n}">T{n}</a></h2>'
+    parsed = both(
+        page(
+            f"<template>{article.format(n=1)}</article></template>{article.format(n=2)}"
+            f"<template>x</template></article>"
+        ),
+        PROFILES[0],
+    )
+    assert [item.title for item in parsed.items] == ["T2"]
+
+    # A template item's fields are matched inside it, not across a template in it, and its
+    # strings are all template strings: a title is a template's text or none.
+    profile = SourceProfile(item="template", title="template", link="template a, i a")
+    parsed = both(
+        page(
+            '<template><template>one</template><i><a href="/1">x</a></i></template>'
+            '<template><template>two</template><a href="/2">x</a></template>'
+            "<template><template><template>three</template></template>"
+            '<i><a href="/3">x</a></i></template>'
+        ),
+        profile,
+    )
+    assert [(item.title, item.url) for item in parsed.items] == [
+        ("one", "https://example.org/1"),
+        ("three", "https://example.org/3"),
+    ]
+    assert parsed.skipped == 1
+
+
 def test_the_encodings_are_tried_in_bs4s_order() -> None:
     # The HTTP charset first, then a BOM, the <meta>, detection, utf-8, windows-1252: a header
     # naming a charset lxml does not know moves on to the <meta>.
