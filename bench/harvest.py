@@ -7,8 +7,9 @@ Redis, with 2 worker processes each:
 - ours: `python -m gateway` and 2 `celery -A worker.app worker` processes (threads sharing one
   event loop per process, WORKER_CONCURRENCY tasks in flight each); 400 pages are Uploaded
   through the gateway, and the run ends at the last task's finish time as GetStatus reports it;
-- ours with lxml: the same with `SOURCE_PARSER=lxml`, a gateway and 2 workers of its own on a
-  queue of its own (both sets run all along; the one not harvesting is idle);
+- ours with lxml: the same with `SOURCE_PARSER=lxml`: the same gateway, and 2 workers started
+  with that setting in place of the others (only one set runs at a time: both at once, idle
+  or not, held more database connections than a shared PostgreSQL's 100 allowed);
 - baseline: `celery -A bench.baseline_worker worker --pool prefork --concurrency 2`, the
   original design (see bench/baseline_worker.py), driven by `.delay()`; it ends at the last
   task's `date_done`.
@@ -49,15 +50,7 @@ from bench.services import environment, gateway, postgres_database, redis_namesp
 from core.db import Project, create_engine
 from core.settings import Settings, SourceParser
 from projects.v1 import queue_service_pb2, queue_service_pb2_grpc, task_pb2
-from tests.support.processes import (
-    BIN,
-    Process,
-    Site,
-    clean_environment,
-    free_port,
-    start_site,
-    start_worker,
-)
+from tests.support.processes import BIN, Process, Site, clean_environment, start_site
 from tests.support.stack import TEST_TOKEN
 from worker.parse import parse_listing
 from worker.store import store_projects
@@ -280,6 +273,41 @@ async def _create_baseline_table(engine: AsyncEngine) -> None:
         await conn.run_sync(Base.metadata.create_all)
 
 
+class _Workers:
+    """Our 2 worker processes, started with the parser a run needs (the others stopped)."""
+
+    def __init__(self, directory: Path, env: dict[str, str]) -> None:
+        self.directory = directory
+        self.env = env
+        self.parser: SourceParser | None = None
+        self.processes: list[Process] = []
+
+    def use(self, parser: SourceParser) -> None:
+        if parser == self.parser:
+            return
+        self.stop()
+        env = {**self.env, "SOURCE_PARSER": parser}
+        # Started together, then waited for: half the wait of one after the other.
+        for index in range(WORKERS):
+            args = [
+                str(BIN / "celery"), "-A", "worker.app", "worker",
+                "--loglevel", "INFO", "--concurrency", str(WORKER_CONCURRENCY),
+                "--hostname", f"worker-{parser}-{index}-{os.getpid()}-{time.monotonic_ns()}@%h",
+                "--without-mingle", "--without-gossip",
+            ]  # fmt: skip
+            name = f"worker-{parser}-{index}"
+            self.processes.append(Process(name, args, clean_environment(env), self.directory))
+        for process in self.processes:
+            process.wait_for_line(r"ready\.")
+        self.parser = parser
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+        self.processes = []
+        self.parser = None
+
+
 @dataclass
 class _Harvest:
     """Everything one harvest section runs on; `run_*` do one timed run of a side."""
@@ -289,21 +317,18 @@ class _Harvest:
     floor_engine: AsyncEngine
     batch_size: int
     pages: _Pages
+    workers: _Workers
     ours: _Ours
-    ours_lxml: _Ours
     baseline: _Baseline
 
     def _prepare(self, table: str, numbers: Sequence[int]) -> None:
         self.loop.run_until_complete(_empty(self.engine, table))
         self.pages.script(numbers)
 
-    def run_ours(self, numbers: Sequence[int]) -> float:
+    def run_ours(self, numbers: Sequence[int], parser: SourceParser) -> float:
+        self.workers.use(parser)
         self._prepare("projects", numbers)
         return self.loop.run_until_complete(self.ours.harvest(numbers))
-
-    def run_ours_lxml(self, numbers: Sequence[int]) -> float:
-        self._prepare("projects", numbers)
-        return self.loop.run_until_complete(self.ours_lxml.harvest(numbers))
 
     def run_baseline(self, numbers: Sequence[int]) -> float:
         self._prepare("baseline_projects", numbers)
@@ -326,6 +351,7 @@ def _measure(
         for page in range(1, max(len(our_pages), len(base_pages)) + 1)
     }
     processes: list[Process] = []
+    workers: _Workers | None = None
     loop = asyncio.new_event_loop()
     engine = create_engine(database_url)
     # As the worker's engine is (no ping before each statement), with the one connection
@@ -350,23 +376,9 @@ def _measure(
             database_url=database_url,
             source_url=site.source_url,
         )
-        lxml_env = {
-            **env,
-            "SOURCE_PARSER": "lxml",
-            "TASK_QUEUE": f"{env['TASK_QUEUE']}-lxml",
-            "GATEWAY_ADDRESS": f"127.0.0.1:{free_port()}",
-        }
-        with (
-            gateway(directory, env) as (_, address),
-            gateway(directory, lxml_env) as (_, lxml_address),
-        ):
-            for index in range(WORKERS):
-                processes.append(
-                    start_worker(directory, env, f"worker-{index}", WORKER_CONCURRENCY)
-                )
-                processes.append(
-                    start_worker(directory, lxml_env, f"worker-lxml-{index}", WORKER_CONCURRENCY)
-                )
+        workers = _Workers(directory, env)
+        with gateway(directory, env) as (_, address):
+            workers.use("beautifulsoup")
             processes.append(_start_baseline_worker(directory, env))
             loop.run_until_complete(_create_baseline_table(engine))
             say(
@@ -381,16 +393,16 @@ def _measure(
                 floor_engine,
                 settings.upsert_batch_size,
                 _Pages(site, bodies),
+                workers,
                 _Ours(loop, address, engine),
-                _Ours(loop, lxml_address, engine),
                 _Baseline(loop, settings, engine),
             )
             try:
                 samples = interleaved(
                     options.runs,
                     {
-                        "ours": lambda: harvest.run_ours(our_pages),
-                        "ours lxml": lambda: harvest.run_ours_lxml(our_pages),
+                        "ours": lambda: harvest.run_ours(our_pages, "beautifulsoup"),
+                        "ours lxml": lambda: harvest.run_ours(our_pages, "lxml"),
                         "baseline": lambda: harvest.run_baseline(base_pages),
                         "CPU s/page alone": lambda: harvest.cpu_per_page("beautifulsoup"),
                         "CPU s/page alone lxml": lambda: harvest.cpu_per_page("lxml"),
@@ -398,9 +410,10 @@ def _measure(
                 )
             finally:
                 harvest.ours.close()
-                harvest.ours_lxml.close()
                 harvest.baseline.close()
     finally:
+        if workers is not None:
+            workers.stop()
         for process in reversed(processes):
             process.stop()
         loop.run_until_complete(engine.dispose())

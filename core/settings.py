@@ -295,8 +295,10 @@ class Settings(BaseSettings):
         default="beautifulsoup",
         description="Which parser reads a listing page by `SOURCE_PROFILE`'s selectors: "
         "`beautifulsoup` (BeautifulSoup on lxml, selectors by soupsieve) or `lxml` (lxml's own "
-        "tree, selectors translated to XPath by cssselect; the same items, about a fifth of the "
-        "CPU). With `lxml` a worker whose selectors cssselect cannot translate does not start.",
+        "tree, selectors translated to XPath by cssselect: the same items for less CPU, see "
+        "bench/README.md). With `lxml` a worker does not start, and says which selector, when "
+        "cssselect cannot translate one or it uses a feature that may match otherwise than in "
+        "soupsieve (`:hover`, `:empty`, `[type=…]`, namespaces and the like).",
     )
     worker_concurrency: int = Field(
         default=32,
