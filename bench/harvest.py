@@ -356,14 +356,16 @@ class _Scrapy:
             for share in shares
         ]  # fmt: skip
         reports = []
+        errors = ""
         for run in runs:
             out, err = run.communicate(timeout=RUN_TIMEOUT_SECONDS)
+            errors += err[-2000:]
             if run.returncode != 0 or not out.strip():
-                raise AssertionError(f"scrapy_peer exited {run.returncode}:\n{err[-2000:]}")
+                raise AssertionError(f"scrapy_peer exited {run.returncode}:\n{errors}")
             reports.append(json.loads(out.strip().splitlines()[-1]))
         stored = sum(report["stored"] for report in reports)
         if stored != len(pages) * ITEMS_PER_PAGE:
-            raise AssertionError(f"scrapy: {stored} items stored from {len(pages)} pages")
+            raise AssertionError(f"scrapy: {stored} items from {len(pages)} pages:\n{errors}")
         return (
             min(report["started"] for report in reports),
             max(report["finished"] for report in reports),

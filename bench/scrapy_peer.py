@@ -15,6 +15,7 @@ Bench-only: Scrapy is not a dependency of the service (`pip install scrapy` for 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -23,6 +24,8 @@ from typing import Any
 import scrapy
 from scrapy.crawler import CrawlerProcess
 from scrapy.http import Response
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from bench import data
 from core.db import create_engine
@@ -94,7 +97,7 @@ class UpsertPipeline:
         return cls(crawler)
 
     def open_spider(self) -> None:
-        self.engine = create_engine(self.database_url, pre_ping=False)
+        self.engine = create_engine(self.database_url, pool_size=2, pre_ping=False)
 
     async def process_item(self, item: dict[str, ProjectItem]) -> Any:
         self.pending.append(item["item"])
@@ -104,10 +107,20 @@ class UpsertPipeline:
 
     async def _flush(self) -> None:
         batch, self.pending = self.pending, []
-        if batch:
-            await store_projects(self.engine, batch, BATCH)
-            self.stored += len(batch)
-            self.last_commit = time.time()
+        if not batch:
+            return
+        for attempt in range(1, 21):
+            try:
+                await store_projects(self.engine, batch, BATCH)
+                break
+            except (DBAPIError, PoolTimeout, OSError):
+                # A PostgreSQL shared with others' tests runs out of connections at times; a
+                # user's pipeline would retry too (as our worker's task does).
+                if attempt == 20:
+                    raise
+                await asyncio.sleep(0.5)
+        self.stored += len(batch)
+        self.last_commit = time.time()
 
     async def close_spider(self) -> None:
         spider: ListingSpider = self.crawler.spider
