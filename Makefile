@@ -6,18 +6,21 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/projects/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto run test lint typecheck faults bench clean
+.PHONY: help setup proto run flower test tools lint typecheck faults bench clean
 
 help:
 	@echo "make run    - run the embedded broker, the gateway, a worker and the sample site"
 	@echo "make test   - lint, type-check and run the whole test suite"
 	@echo "make proto  - regenerate the Python stubs from protos/"
 	@echo "make bench  - run the benchmarks (bench/results.json)"
+	@echo "make flower - run Flower, the Celery monitor, against the configured broker"
 
-$(STAMP): pyproject.toml constraints.txt
+# Three distributions, installed together: the generated stubs (protos/), the client and the
+# `harvester` command (clients/python/, what a service that calls us installs), the server.
+$(STAMP): pyproject.toml constraints.txt protos/pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,embedded,bench]"
+	$(BIN)/pip install --quiet -c constraints.txt -e protos -e clients/python -e ".[dev,embedded,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -36,6 +39,14 @@ proto: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m devstack
 
+# Flower (the optional extra `.[flower]`) on FLOWER_ADDRESS:FLOWER_PORT, localhost by default; it
+# logs "Visit me at http://...". The dev install has it; elsewhere this target installs it.
+FLOWER_ADDRESS ?= 127.0.0.1
+FLOWER_PORT ?= 5555
+flower: $(STAMP)
+	@$(BIN)/python -c "import flower" 2>/dev/null || $(BIN)/pip install --quiet -c constraints.txt -e ".[embedded,flower]"
+	$(BIN)/celery -A worker.app flower --address=$(FLOWER_ADDRESS) --port=$(FLOWER_PORT)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -43,7 +54,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+# System tools the tests drive (Debian's prometheus and chromium), installed when missing.
+tools: $(STAMP)
+	$(BIN)/python -m tests.support.tools
+
+test: lint typecheck tools
 	$(BIN)/pytest
 
 faults: $(STAMP)

@@ -34,7 +34,16 @@ from bench.report import (
 )
 from bench.services import ServiceMissing
 
-SECTIONS = ("parse", "upsert", "upload", "harvest", "list_projects", "watch_fanout", "batches")
+SECTIONS = (
+    "parse",
+    "upsert",
+    "upload",
+    "observability",
+    "harvest",
+    "list_projects",
+    "watch_fanout",
+    "batches",
+)
 
 
 def _section(name: str) -> Section:

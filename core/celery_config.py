@@ -95,4 +95,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_pool": "threads",
         "worker_concurrency": settings.worker_concurrency,
         "worker_prefetch_multiplier": 1,
+        # Task events (sent, received, started, succeeded, ...) for `celery events`, Flower and
+        # other monitors; a sent event costs the gateway a message per task, in the same
+        # pipeline as the task's own.
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
     }

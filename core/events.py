@@ -17,9 +17,9 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -59,7 +59,10 @@ def events_url(broker_url: str, backend_url: str) -> str:
     url = broker_url if broker_url.startswith(("redis", "rediss")) else backend_url
     parts = urlsplit(url)
     if parts.scheme == "redis+socket":
-        return urlunsplit(("unix", "", parts.path, parts.query, ""))
+        # Spelled out: urlunsplit drops the "//" of an empty host, and redis-py reads only
+        # "unix://" URLs (the embedded broker's event listener died on "unix:/...").
+        query = f"?{parts.query}" if parts.query else ""
+        return f"unix://{parts.path}{query}"
     if not parts.scheme.startswith("redis"):
         raise ValueError(f"events need a Redis broker or result backend, not {parts.scheme}://")
     return url
@@ -97,9 +100,19 @@ class EventPublisher:
 
     async def publish(self, event: Event) -> None:
         """Publish `event`; a failure is logged (once per outage) and otherwise ignored."""
+        await self.publish_all([event])
+
+    async def publish_all(self, events: Sequence[Event]) -> None:
+        """Publish `events` in order, in one round trip; failures as for `publish`."""
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
-                await self._client.publish(self._channel, _encode(event))
+                if len(events) == 1:
+                    await self._client.publish(self._channel, _encode(events[0]))
+                else:
+                    async with self._client.pipeline(transaction=False) as pipeline:
+                        for event in events:
+                            pipeline.publish(self._channel, _encode(event))
+                        await pipeline.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             if not self._failing:
                 log.warning("could not publish events (watchers catch up by timer): %s", exc)

@@ -410,6 +410,44 @@ class Settings(BaseSettings):
         "worker takes `celery worker --loglevel`).",
     )
 
+    # --- observability ---
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="How gateway and worker write their logs: `text`, one readable line per "
+        "record, or `json`, one JSON object per line (time, level, logger, message, and the task "
+        "id, page and trace id where there is one), for a log collector.",
+    )
+    gateway_metrics_address: str | None = Field(
+        default=None,
+        description="host:port where the gateway serves Prometheus metrics (`/metrics`). With "
+        "`GATEWAY_PROCESSES` above 1, process *i* (from 0) serves on port + *i*: one port per "
+        "process, which Prometheus scrapes and `sum()` adds up. Unset: no metrics.",
+    )
+    worker_metrics_address: str | None = Field(
+        default=None,
+        description="host:port where a worker process serves Prometheus metrics (`/metrics`); "
+        "each worker process on a host needs a port of its own (one scrape target per "
+        "process, added up by `sum()`). Unset: no metrics.",
+    )
+    task_events: bool = Field(
+        default=True,
+        description="Celery task events (sent by the gateway; received, started, succeeded, "
+        "failed, retried by the workers), which `celery -A worker.app events`, Flower and other "
+        "monitors show. `false` saves a broker message per task state.",
+    )
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None,
+        description="OpenTelemetry's standard variable: set, gateway and worker export traces "
+        "over OTLP/HTTP to it (`/v1/traces` is added), one trace from the Upload to the rows "
+        "stored. The SDK reads the other `OTEL_*` variables itself (`OTEL_TRACES_SAMPLER`, "
+        "`OTEL_SERVICE_NAME`, `OTEL_EXPORTER_OTLP_HEADERS`, ...). Unset: no tracing, at no cost.",
+    )
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        default=None,
+        description="OpenTelemetry's standard variable: the full URL traces are exported to, "
+        "instead of `OTEL_EXPORTER_OTLP_ENDPOINT`; set, it turns tracing on too.",
+    )
+
     @field_validator("api_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
@@ -422,9 +460,16 @@ class Settings(BaseSettings):
             raise ValueError("SOURCE_URL must be an http(s) URL template containing {page}")
         return value
 
-    @field_validator("gateway_address", "sample_site_address")
+    @field_validator(
+        "gateway_address",
+        "sample_site_address",
+        "gateway_metrics_address",
+        "worker_metrics_address",
+    )
     @classmethod
-    def _check_address(cls, value: str) -> str:
+    def _check_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"{value!r} must look like host:port")
@@ -471,6 +516,15 @@ class Settings(BaseSettings):
         if self.gateway_processes > 1 and self.gateway_address.endswith(":0"):
             # Each process would be given a port of its own by the system.
             raise ValueError("GATEWAY_PROCESSES above 1 needs a fixed port in GATEWAY_ADDRESS")
+        if (
+            self.gateway_processes > 1
+            and self.gateway_metrics_address is not None
+            and self.gateway_metrics_address.endswith(":0")
+        ):
+            # Port + i for process i: a system-chosen port would leave Prometheus guessing.
+            raise ValueError(
+                "GATEWAY_PROCESSES above 1 needs a fixed port in GATEWAY_METRICS_ADDRESS"
+            )
         if self.celery_result_backend is None and (self.celery_broker_url or "").startswith(
             ("amqp", "pyamqp")
         ):
@@ -478,6 +532,11 @@ class Settings(BaseSettings):
                 "CELERY_RESULT_BACKEND must be set (a redis:// URL) when CELERY_BROKER_URL is AMQP"
             )
         return self
+
+    @property
+    def otlp_endpoint_configured(self) -> bool:
+        """Whether traces are to be exported (the SDK reads the endpoint itself)."""
+        return bool(self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint)
 
     @property
     def sqlite_default_url(self) -> str:

@@ -38,6 +38,9 @@ BIN = Path(sys.executable).parent
 STOP_TIMEOUT_SECONDS = 20.0
 START_TIMEOUT_SECONDS = 60.0
 WORKER_NODE_NAME = "devstack-worker@%h"
+# What gateway and worker log once they serve metrics (core.metrics); make run turns them on.
+METRICS_LINE = re.compile(r" metrics on (http://\S+)")
+METRICS_WAIT_SECONDS = 5.0
 IN_USE_HINT = "is another make run up?"
 _PR_SET_PDEATHSIG = 1
 
@@ -54,6 +57,7 @@ class Child:
     ready_line: re.Pattern[str]  # what the child prints once it is ready
     ready: threading.Event = field(default_factory=threading.Event)
     ready_match: re.Match[str] | None = None
+    metrics_url: str | None = None  # where it serves Prometheus metrics, once it said so
 
     def pump(self) -> None:
         assert self.popen.stdout is not None
@@ -63,6 +67,8 @@ class Child:
             if not self.ready.is_set() and (match := self.ready_line.search(line)):
                 self.ready_match = match
                 self.ready.set()
+            if self.metrics_url is None and (match := METRICS_LINE.search(line)):
+                self.metrics_url = match.group(1)
 
     def stop(self) -> int:
         if self.popen.poll() is None:
@@ -107,8 +113,16 @@ def banner(settings: Settings, address: str, token: str | None, site_started: bo
         lines.append(
             f"  token        {token}  (client 'default'; set API_TOKENS to choose your own)"
         )
+    harvester = os.path.relpath(BIN / "harvester")
+    environment = f"HARVESTER_ADDRESS={address} HARVESTER_TOKEN={token or '<token>'}"
+    if settings.gateway_tls_cert_file:
+        environment += " HARVESTER_TLS_CA_FILE=<CA file>"
     lines += [
-        "Try:",
+        "Try (in another terminal):",
+        f"  export {environment}",
+        f"  {harvester} upload 1-5 --wait",
+        f"  {harvester} projects --limit 5",
+        "or with grpcurl:",
         f"  {grpcurl} {transport} {address} list",
         f"  {grpcurl} {transport} {auth} -d '{{\"page\": 1}}' {address} "
         "projects.v1.QueueService/Upload",
@@ -117,6 +131,17 @@ def banner(settings: Settings, address: str, token: str | None, site_started: bo
         "",
     ]
     return "\n".join(lines)
+
+
+def metrics_lines(children: list[Child], stopping: threading.Event) -> str:
+    """Where the gateway and the worker serve their metrics (each logs it as it starts)."""
+    serving = [child for child in children if child.name in ("gateway", "worker")]
+    deadline = time.monotonic() + METRICS_WAIT_SECONDS
+    while any(c.metrics_url is None for c in serving) and time.monotonic() < deadline:
+        if stopping.wait(0.05):
+            break
+    found = ", ".join(f"{c.name} {c.metrics_url or '(not yet serving)'}" for c in serving)
+    return f"  metrics      {found}  (Prometheus text format)\n"
 
 
 def ports_in_use(settings: Settings) -> list[str]:
@@ -211,6 +236,11 @@ def run(settings: Settings, environ: Mapping[str, str]) -> int:
         # This launcher is the embedded Redis's user for its children (they are given the URL).
         env["CELERY_BROKER_URL"] = embedded_redis.ensure_running(settings.data_dir)
         log.info("embedded Redis broker at %s", env["CELERY_BROKER_URL"])
+    # Metrics on, on ports the system picks (printed below), unless set to ports of your own.
+    if settings.gateway_metrics_address is None:
+        env["GATEWAY_METRICS_ADDRESS"] = "127.0.0.1:0"
+    if settings.worker_metrics_address is None:
+        env["WORKER_METRICS_ADDRESS"] = "127.0.0.1:0"
     token = None
     if not settings.api_tokens:
         token = generate_token()
@@ -250,6 +280,7 @@ def run(settings: Settings, environ: Mapping[str, str]) -> int:
         if address is None:
             return 0  # stopped while starting
         print(banner(settings, address, token, site_started), flush=True)
+        print(metrics_lines(children, stopping), flush=True)
         while not stopping.wait(0.5):
             exited = [c for c in children if c.popen.poll() is not None]
             if exited:

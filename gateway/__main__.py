@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
+from core.logs import configure as configure_logging
 from core.settings import settings_or_exit
 from gateway.processes import cannot_listen_message, listen_problem, run_processes
 from gateway.server import serve
@@ -41,10 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     parse_args(argv)
     settings = settings_or_exit()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_format, settings.log_level)
     address = settings.gateway_address
     # Before the migrations and the broker: a second gateway on a port in use says so and stops.
     reason = listen_problem(address, settings.gateway_reuse_port)

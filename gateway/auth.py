@@ -13,7 +13,7 @@ import contextvars
 import hmac
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 
 import grpc
 from grpc_reflection.v1alpha import reflection
@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from core.settings import ApiToken
 from gateway.contract import HEALTH_SERVICE_NAME
 from gateway.errors import ResourceExhausted, ServiceError, Unauthenticated, to_status
+from gateway.handlers import Behavior, Handler, Interceptor, service_of, with_behavior
 from gateway.ratelimit import RateLimiter
 
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -63,16 +64,7 @@ def authenticate(metadata: Metadata | None, table: TokenTable) -> str:
     return client
 
 
-# The stubs make these generic; the runtime classes are not subscriptable.
-if TYPE_CHECKING:
-    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
-    _Interceptor: TypeAlias = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    Handler = grpc.RpcMethodHandler
-    _Interceptor = grpc.aio.ServerInterceptor
-
-
-class BearerAuthInterceptor(_Interceptor):
+class BearerAuthInterceptor(Interceptor):
     def __init__(self, table: TokenTable, limiter: RateLimiter) -> None:
         self._table = table
         self._limiter = limiter
@@ -83,7 +75,7 @@ class BearerAuthInterceptor(_Interceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
         handler = await continuation(handler_call_details)
-        if handler is None or _service_of(handler_call_details.method) in OPEN_SERVICES:
+        if handler is None or service_of(handler_call_details.method) in OPEN_SERVICES:
             return handler
         try:
             client = authenticate(handler_call_details.invocation_metadata, self._table)
@@ -95,32 +87,6 @@ class BearerAuthInterceptor(_Interceptor):
         except ServiceError as error:
             return _refusal(handler, error)
         return _as_client(handler, client)
-
-
-def _service_of(method: str) -> str:
-    """The service's full name in a method path, '/package.Service/Method'."""
-    return method[1:].rpartition("/")[0]
-
-
-# The method-handler attribute that holds the behaviour, and the factory that rebuilds the
-# handler, for each kind: (request_streaming, response_streaming).
-_KINDS: dict[tuple[bool, bool], tuple[str, Callable[..., Handler]]] = {
-    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-}
-Behavior: TypeAlias = Callable[[Any, Any], Any]
-
-
-def _with_behavior(handler: Handler, make: Callable[[Behavior], Behavior]) -> Handler:
-    """A handler of the same kind and serializers whose behaviour is `make(the old one)`."""
-    attribute, build = _KINDS[(handler.request_streaming, handler.response_streaming)]
-    return build(
-        make(getattr(handler, attribute)),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
 
 
 def _as_client(handler: Handler, client: str) -> Handler:
@@ -142,7 +108,7 @@ def _as_client(handler: Handler, client: str) -> Handler:
 
         return behavior
 
-    return _with_behavior(handler, make)
+    return with_behavior(handler, make)
 
 
 def _refusal(handler: Handler, error: ServiceError) -> Handler:
@@ -151,4 +117,4 @@ def _refusal(handler: Handler, error: ServiceError) -> Handler:
     async def behavior(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(status.code, status.details, status.trailing_metadata)
 
-    return _with_behavior(handler, lambda _inner: behavior)
+    return with_behavior(handler, lambda _inner: behavior)

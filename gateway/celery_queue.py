@@ -21,9 +21,11 @@ from kombu.exceptions import KombuError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
 
+from core import tracing
 from core.celery_config import HARVEST_TASK_NAME
 from gateway.errors import BROKER_DOWN, RESULTS_DOWN, TOO_BUSY, QueueUnavailable, Unavailable
 from gateway.health import OnUnavailable, nobody
+from gateway.metrics import count_publishes
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Publication:
     task_id: str
     page: int
     give_up: float  # time.monotonic() past which the caller has stopped waiting
+    trace_headers: dict[str, str] | None = None  # the Upload's trace context, when traced
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +187,19 @@ class CeleryQueue:
             ignore_result=None,
             **options,
         )
-        amqp.send_task_message(producer, HARVEST_TASK_NAME, message, **options)
+        if task.trace_headers is None:
+            amqp.send_task_message(producer, HARVEST_TASK_NAME, message, **options)
+            return
+        # The publish as a span of the Upload's trace; its context rides in the message's
+        # headers, where the worker's celery instrumentation picks it up.
+        span = tracing.span_from_headers(f"publish {HARVEST_TASK_NAME}", task.trace_headers)
+        span.set_attribute(tracing.PAGE, task.page)
+        headers = dict(task.trace_headers)
+        tracing.inject_into(headers, span)
+        try:
+            amqp.send_task_message(producer, HARVEST_TASK_NAME, message, headers=headers, **options)
+        finally:
+            span.end()
 
     async def publish_many(self, tasks: list[Publication]) -> list[BaseException | None]:
         """Enqueue `tasks` in one broker round trip (more while within their deadlines).
@@ -193,13 +208,19 @@ class CeleryQueue:
         the broker failed). The call itself raises QueueUnavailable only when the broker could
         not be reached at all.
         """
-        sent: tuple[list[BaseException | None], str | None] = await self._call(
-            self._publish_many,
-            tasks,
-            executor=self._publish_executor,
-            unavailable=BROKER_DOWN,
-        )
+        try:
+            sent: tuple[list[BaseException | None], str | None] = await self._call(
+                self._publish_many,
+                tasks,
+                executor=self._publish_executor,
+                unavailable=BROKER_DOWN,
+            )
+        except QueueUnavailable:
+            count_publishes(sent=0, failed=len(tasks))
+            raise
         errors, broker_failure = sent
+        failed = sum(error is not None for error in errors)
+        count_publishes(sent=len(errors) - failed, failed=failed)
         if broker_failure is not None and any(errors):
             await self._on_unavailable()
         return errors

@@ -59,6 +59,11 @@ class DependencyHealth:
             "SERVING" if serving else "NOT_SERVING",
         )
 
+    @property
+    def serving(self) -> bool | None:
+        """The state last set: SERVING (True), NOT_SERVING (False), or not checked yet."""
+        return self._serving
+
     def watch(self, probes: list[Probe]) -> None:
         """Ping these (each True when its dependency answers) from now on."""
         self._probes = probes

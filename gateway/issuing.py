@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from gateway.batching import Batcher
+from core import tracing
+from core.batching import Batcher
 from gateway.celery_queue import CeleryQueue, Publication
 from gateway.errors import StoreUnavailable
 from gateway.records import IssuedTask, TaskRecords
@@ -33,6 +34,8 @@ class _Issue:
     task: IssuedTask
     give_up: float  # time.monotonic() past which the caller has stopped waiting
     claimed: bool  # its record exists already (a request_id's), unpublished
+    # The Upload's trace context, for its message (the group is published from another's).
+    trace_headers: dict[str, str] | None = None
 
 
 class Issuer:
@@ -47,7 +50,8 @@ class Issuer:
         Raises StoreUnavailable or QueueUnavailable (an Unavailable either way): then nothing
         was sent and the record is gone again.
         """
-        await self._groups.submit(_Issue(task, give_up, claimed), detached=claimed)
+        issue = _Issue(task, give_up, claimed, tracing.current_headers())
+        await self._groups.submit(issue, detached=claimed)
 
     async def _issue_many(self, issues: list[_Issue]) -> list[BaseException | None]:
         tasks = [issue.task for issue in issues]
@@ -56,7 +60,10 @@ class Issuer:
             if fresh:
                 await self._records.add_many(fresh)
             errors = await self._queue.publish_many(
-                [Publication(issue.task.id, issue.task.page, issue.give_up) for issue in issues]
+                [
+                    Publication(issue.task.id, issue.task.page, issue.give_up, issue.trace_headers)
+                    for issue in issues
+                ]
             )
         except BaseException as exc:
             # Whatever stopped it (the database or broker unreachable, the loop closing), the

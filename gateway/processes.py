@@ -23,6 +23,7 @@ import subprocess
 import sys
 from types import FrameType
 
+from core.metrics import with_port_offset
 from core.settings import Settings, generate_token
 from gateway.server import banner
 
@@ -69,20 +70,24 @@ def cannot_listen_message(address: str, reason: str, hint: str) -> str:
     return f"cannot listen on {address}: {reason}"
 
 
-def child_environment(token: str | None) -> dict[str, str]:
+def child_environment(
+    token: str | None, metrics_address: str | None = None, index: int = 0
+) -> dict[str, str]:
     env = dict(os.environ)
     env["GATEWAY_PROCESSES"] = "1"
     env["GATEWAY_REUSE_PORT"] = "true"
     if token is not None:
         # One token for all of them, or a client would be refused by every other process.
         env["API_TOKENS"] = f"default:{token}"
+    if metrics_address is not None:
+        # One metrics port per process (core.metrics): child i serves on port + i.
+        env["GATEWAY_METRICS_ADDRESS"] = with_port_offset(metrics_address, index)
     return env
 
 
 def run_processes(settings: Settings) -> int:
     """Run GATEWAY_PROCESSES gateways on GATEWAY_ADDRESS until signalled; the exit status."""
     token = None if settings.api_tokens else generate_token()
-    env = child_environment(token)
     children: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
 
@@ -98,9 +103,10 @@ def run_processes(settings: Settings) -> int:
     # Before the first child starts, so a signal never leaves one running without its parent.
     signal.signal(signal.SIGTERM, stop_all)
     signal.signal(signal.SIGINT, stop_all)
-    for _ in range(settings.gateway_processes):
+    for index in range(settings.gateway_processes):
         if stopping:
             break
+        env = child_environment(token, settings.gateway_metrics_address, index)
         child = subprocess.Popen([sys.executable, "-m", "gateway"], env=env)
         children[child.pid] = child
     log.info(

@@ -275,6 +275,10 @@ class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
         position = await self._start(request)
         is_active = request.is_active if request.HasField("is_active") else None
         with self._slots.hold(current_client.get()):
+            if not request.cursor and not request.from_beginning:
+                # "From now" is a place only the gateway knows: say where it is at once, so that
+                # a stream cut before its first change resumes from there, missing nothing.
+                yield project_service_pb2.WatchProjectsResponse(cursor=self._cursor(position))
             try:
                 while True:
                     # Subscribed before reading the database: what is committed while it

@@ -18,12 +18,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core import tracing
 from core.celery_config import make_celery
 from core.db import create_engine
 from core.events import EventPublisher, events_url, listen
 from core.gc_tuning import freeze_long_lived_objects
 from core.migrate import upgrade_to_head
 from core.settings import ApiToken, Settings, generate_token
+from gateway import metrics as gateway_metrics
 from gateway.auth import BearerAuthInterceptor, TokenTable
 from gateway.batches import BatchRecords
 from gateway.celery_queue import CeleryQueue, PublishingCelery
@@ -121,6 +123,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
+    tracing.configure(settings, "harvester-gateway")
     engine = create_engine(settings.resolved_database_url)
     await upgrade_to_head(engine)
     # May start the embedded Redis, which waits for it: keep that off the event loop.
@@ -149,12 +152,16 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
     )
     server = grpc.aio.server(
         interceptors=[
+            # Outermost, so that a call's span holds all the rest (and an Upload's publish).
+            *tracing.grpc_server_interceptors(),
+            # Before auth, so calls refused by the auth interceptor are counted too.
+            *gateway_metrics.interceptors(settings.gateway_metrics_address is not None),
             BearerAuthInterceptor(
                 TokenTable(tokens),
                 RateLimiter(
                     settings.gateway_rate_limit_per_second, settings.gateway_rate_limit_burst
                 ),
-            )
+            ),
         ],
         options=[
             ("grpc.max_receive_message_length", settings.gateway_max_message_bytes),
@@ -242,6 +249,13 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stopping.set)
     gateway = await build_gateway(settings, tokens)
     await gateway.start()
+    metrics = (
+        gateway_metrics.serve_gateway_metrics(
+            settings.gateway_metrics_address, lambda: gateway.health.serving
+        )
+        if settings.gateway_metrics_address is not None
+        else None
+    )
     freeze_long_lived_objects()
     host = settings.gateway_address.rpartition(":")[0]
     address = f"{host}:{gateway.port}"
@@ -257,4 +271,7 @@ async def serve(settings: Settings) -> None:
     await stopping.wait()
     log.info("stopping: draining in-flight calls for up to %.1f s", settings.gateway_grace_seconds)
     await gateway.stop(settings.gateway_grace_seconds)
+    if metrics is not None:
+        metrics.close()
+    tracing.shutdown()
     log.info("gateway stopped")

@@ -22,12 +22,14 @@ import click
 from celery import Celery, signals
 from celery.utils.nodenames import nodename, nodesplit
 
+from core import logs, tracing
 from core.celery_config import celery_config
 from core.events import events_url
 from core.gc_tuning import freeze_long_lived_objects
 from core.migrate import migrate
 from core.settings import settings_or_exit
 from worker import kombu_fixes
+from worker import metrics as worker_metrics
 from worker.page_tree import ProfileError
 from worker.parse import check_profile
 from worker.runtime import WorkerRuntime
@@ -45,7 +47,11 @@ harvest_page = register(app)
 
 @signals.celeryd_init.connect
 def _unique_default_node_name(instance: Any, **_: Any) -> None:
-    """`celery@<host>` unless `-n` was given; every such worker on a host would share it."""
+    """`celery@<host>` unless `-n` was given; every such worker on a host would share it.
+    (And no banner when the logs are JSON.)"""
+    if settings_or_exit().log_format == "json":
+        # Celery's banner is text on stdout: without it, every line out is a JSON object.
+        instance.quiet = True
     context = click.get_current_context(silent=True)
     if context is None or context.command.name != "worker":
         return  # started by code, not by `celery worker`: its caller named it
@@ -53,6 +59,13 @@ def _unique_default_node_name(instance: Any, **_: Any) -> None:
         return
     # The first signal of a worker: nothing has used its name yet but --pidfile/--statedb's %n.
     instance.hostname = nodename(f"worker-{os.getpid()}", nodesplit(instance.hostname)[1])
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    # Celery sets its handlers up (stderr or --logfile, --loglevel); LOG_FORMAT sets the format.
+    logs.use_format(logger.handlers, settings_or_exit().log_format)
 
 
 @signals.worker_init.connect
@@ -70,7 +83,12 @@ def _start_runtime(**_: Any) -> None:
     # Before the runtime's loop exists, so the migration's own loop never meets its connections.
     asyncio.run(migrate(settings.resolved_database_url))
     events = events_url(app.conf.broker_url, app.conf.result_backend)
-    harvest_page.attach(WorkerRuntime(settings, events))
+    runtime = WorkerRuntime(settings, events)
+    harvest_page.attach(runtime)
+    if settings.worker_metrics_address is not None:
+        worker_metrics.instrument(runtime.http)
+    if tracing.configure(settings, "harvester-worker"):
+        tracing.instrument_worker(runtime.http, runtime.engine)
     log.info("worker runtime ready")
 
 
@@ -79,9 +97,18 @@ def _freeze_startup_objects(**_: Any) -> None:
     freeze_long_lived_objects()
 
 
+@signals.worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    # At ready, not at init: Celery's logging is set up by then, so the address is logged.
+    settings = settings_or_exit()
+    if settings.worker_metrics_address is not None:
+        worker_metrics.serve(app, settings.worker_metrics_address, settings.task_queue)
+
+
 @signals.worker_shutdown.connect
 def _close_runtime(**_: Any) -> None:
     runtime = harvest_page.detach()
     if runtime is not None:
         runtime.close()
         log.info("worker runtime closed")
+    tracing.shutdown()

@@ -1,4 +1,4 @@
-"""Fixes to kombu's Redis transport and Celery's consumer, applied when a worker starts.
+"""Fixes to kombu's Redis transport and Celery's consumer and pool, applied when a worker starts.
 
 - A broker blip must not kill the worker. When the broker connection drops while a task is
   held, kombu closes the channel and tries to hand the held messages back at once; the
@@ -17,6 +17,17 @@
   broker goes, and closing its consumers then fails with an AttributeError (the same class of
   kombu #582), which at shutdown escaped as a traceback logged one line per write (~1,700
   lines): the consumers are dropped with the connection, and the loss is said once.
+- A cold shutdown (SIGQUIT) must end the worker. Celery cancels the running tasks through
+  their pool's `terminate_job`, which its thread pool does not have: NotImplementedError
+  escaped from the signal handler into whatever the main thread was doing, and the shutdown
+  ended with exit code 0, or not at all (celery/celery#10490). A thread cannot be killed; a
+  task of ours ends when the worker's loops stop and cancel its work (`worker.runtime`), so
+  the pool's `terminate_job` does nothing and the cold shutdown goes on as designed.
+- Nor hang it. Celery runs the cold shutdown inside the SIGQUIT handler, in the main thread,
+  which may be in the middle of handing a task to the thread pool (`ThreadPoolExecutor.submit`,
+  which holds the executor's shutdown lock while it starts a thread); the handler's
+  `pool.stop()` then waited for that same lock forever. The lock is made re-entrant, so the
+  handler's shutdown goes through; the interrupted submit finds its work item cancelled.
 """
 
 from __future__ import annotations
@@ -24,10 +35,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from celery import bootsteps
+from celery.concurrency import thread as celery_threads
 from celery.worker import state as worker_state
 from kombu.transport import redis as kombu_redis
 from kombu.utils.url import maybe_sanitize_url
@@ -104,7 +117,25 @@ def _say_broker_lost(consumer: Any) -> None:
     )
 
 
+def _threads_end_with_the_loops(self: Any, pid: Any, signal: Any = None) -> None:
+    log.info("a running task ends when the worker's loops stop (threads cannot be killed)")
+
+
+def _shutdown_lock_reentrant(init: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.executor._shutdown_lock = threading.RLock()
+
+    __init__.patched = True  # type: ignore[attr-defined]
+    return __init__
+
+
 def apply() -> None:
+    thread_pool: Any = celery_threads.TaskPool
+    thread_pool.terminate_job = _threads_end_with_the_loops
+    if not getattr(thread_pool.__init__, "patched", False):
+        thread_pool.__init__ = _shutdown_lock_reentrant(thread_pool.__init__)
     step: Any = bootsteps.ConsumerStep  # celery-types leaves out the private _close
     if not getattr(step._close, "patched", False):
         step._close = _close_without_connection(step._close)

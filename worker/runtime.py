@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.batching import Batcher
 from core.db import create_engine
-from core.events import EventPublisher
+from core.events import EventPublisher, TaskChanged
 from core.settings import Settings
 from worker.fetch import FetchLimits, make_client
+from worker.store import TaskStart, start_tasks
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +58,31 @@ class LoopThread:
             raise
 
     def stop(self) -> None:
+        """Cancel what still runs on the loop, then stop it.
+
+        A task thread may still be waiting in `run` (a cold shutdown does not wait for the
+        tasks): cancelled, its wait ends with CancelledError. Left pending on a stopped loop, it
+        would wait forever, and the process, which joins its task threads on exit, with it.
+        """
+        with contextlib.suppress(RuntimeError, concurrent.futures.TimeoutError):
+            asyncio.run_coroutine_threadsafe(_cancel_the_others(), self.loop).result(timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+async def _cancel_the_others() -> None:
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+
+
+@dataclass(slots=True)
+class _Start:
+    task_id: str
+    start: TaskStart | None = None
 
 
 class TaskRecords(LoopThread):
@@ -67,6 +92,9 @@ class TaskRecords(LoopThread):
     fetched together parse back to back. A task's state change queued behind them would reach
     its record, and its watchers, only after all of them. On this loop it waits for the GIL
     at most, and for WORKER_RECORD_CONNECTIONS connections that only these short writes use.
+
+    Tasks start in bursts (a worker's slots fill at once): the starts that arrive together are
+    written by one UPDATE and said by one pipeline of events (`start`).
     """
 
     def __init__(self, settings: Settings, events_url: str) -> None:
@@ -79,6 +107,34 @@ class TaskRecords(LoopThread):
             pool_timeout=POOL_WAIT_SECONDS,
         )
         self.events: EventPublisher = self.run(_make_publisher(events_url, settings))
+        self._starts = Batcher(self._write_starts, max_size=settings.worker_concurrency)
+
+    async def start(self, task_id: str) -> TaskStart:
+        """Count a start of `task_id` and mark it STARTED (`worker.store.start_tasks`), then say
+        so; with the other starts that arrive meanwhile."""
+        start = _Start(task_id)
+        await self._starts.submit(start)
+        assert start.start is not None
+        return start.start
+
+    async def _write_starts(self, starts: list[_Start]) -> None:
+        # Two deliveries of one task in one burst are two starts: each is counted, in turn.
+        waiting = starts
+        while waiting:
+            distinct: dict[str, _Start] = {}
+            again: list[_Start] = []
+            for start in waiting:
+                if start.task_id in distinct:
+                    again.append(start)
+                else:
+                    distinct[start.task_id] = start
+            written = await start_tasks(self.engine, list(distinct))
+            for task_id, start in distinct.items():
+                start.start = written.get(task_id, TaskStart(0))
+            waiting = again
+        await self.events.publish_all(
+            [TaskChanged(start.task_id, start.start.batch_id) for start in starts if start.start]
+        )
 
     def close(self) -> None:
         try:

@@ -168,17 +168,20 @@ class TaskStart:
     batch_id: str | None = None
 
 
-async def start_task(
-    engine: AsyncEngine, task_id: str, now: dt.datetime | None = None
-) -> TaskStart:
-    """Count one more start of `task_id` and mark it STARTED (unless it has ended)."""
+async def start_tasks(
+    engine: AsyncEngine, task_ids: Sequence[str], now: dt.datetime | None = None
+) -> dict[str, TaskStart]:
+    """Count one more start of each of `task_ids` (distinct) and mark them STARTED, unless they
+    have ended: one UPDATE for all. A task the gateway has no record of is left out."""
+    if len(set(task_ids)) != len(task_ids):
+        raise ValueError("a task started twice in one statement would be counted once")
     started = now or utcnow()
 
-    async def mark(conn: AsyncConnection) -> TaskStart:
-        row = (
+    async def mark(conn: AsyncConnection) -> dict[str, TaskStart]:
+        rows = (
             await conn.execute(
                 update(TaskRecord)
-                .where(TaskRecord.id == task_id)
+                .where(TaskRecord.id.in_(task_ids))
                 .values(
                     deliveries=TaskRecord.deliveries + 1,
                     # A task that ended before it started (cancelled) was never started.
@@ -194,6 +197,7 @@ async def start_task(
                     ),
                 )
                 .returning(
+                    TaskRecord.id,
                     TaskRecord.deliveries,
                     TaskRecord.cancel_requested_at,
                     TaskRecord.finished_at,
@@ -204,26 +208,39 @@ async def start_task(
                     .label("batch_started_at"),
                 )
             )
-        ).first()
-        if row is None:
-            return TaskStart(0)
+        ).all()
         # Only a batch's first start writes its row: the pages' ends lock that row to count
         # themselves, and every start waiting on them would queue behind the batch's ends.
-        if row.batch_id is not None and row.finished_at is None and row.batch_started_at is None:
+        unstarted_batches = {
+            row.batch_id
+            for row in rows
+            if row.batch_id is not None and row.finished_at is None and row.batch_started_at is None
+        }
+        if unstarted_batches:
             await conn.execute(
                 update(BatchRecord)
-                .where(BatchRecord.id == row.batch_id, BatchRecord.started_at.is_(None))
+                .where(BatchRecord.id.in_(unstarted_batches), BatchRecord.started_at.is_(None))
                 .values(started_at=started)
             )
-        return TaskStart(
-            int(row.deliveries),
-            row.cancel_requested_at is not None,
-            row.finished_at is not None,
-            row.batch_id,
-        )
+        return {
+            row.id: TaskStart(
+                int(row.deliveries),
+                row.cancel_requested_at is not None,
+                row.finished_at is not None,
+                row.batch_id,
+            )
+            for row in rows
+        }
 
     # Each statement commits by itself: the batch's start time is set once, whoever sets it.
     return await _with_retries(engine, mark)
+
+
+async def start_task(
+    engine: AsyncEngine, task_id: str, now: dt.datetime | None = None
+) -> TaskStart:
+    """Count one more start of `task_id` and mark it STARTED (unless it has ended)."""
+    return (await start_tasks(engine, [task_id], now)).get(task_id, TaskStart(0))
 
 
 async def record_start(engine: AsyncEngine, task_id: str, now: dt.datetime | None = None) -> int:

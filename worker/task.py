@@ -15,12 +15,13 @@ from typing import Any
 from celery import Celery, Task, signals
 from google.protobuf import json_format
 
+from core import logs, tracing
 from core.celery_config import HARVEST_TASK_NAME
 from core.events import ProjectsChanged, TaskChanged
 from core.gc_tuning import collector_paused
 from core.ledger import Finished, Outcome
 from projects.v1 import task_pb2
-from worker import failpoints
+from worker import failpoints, metrics
 from worker.errors import Cancelled, PermanentError, RetryableError
 from worker.fetch import fetch_page
 from worker.parse import ParsedPage, parse_listing
@@ -33,7 +34,6 @@ from worker.store import (
     finish_task,
     mark_published,
     record_retry,
-    start_task,
     store_projects,
 )
 
@@ -55,9 +55,17 @@ async def _fetch_parse_store(
     and Celery's threads pass the GIL back and forth (slower, and more CPU per page: see
     bench/README.md). It holds up the loop's other I/O for the length of one parse.
     """
+    # This runs in an asyncio task of its own on the runtime's loop: its own log context.
+    logs.task_context(task_id, page)
     settings = runtime.settings
-    fetched = await fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits)
-    with collector_paused():
+    with metrics.FETCH_SECONDS.time():
+        fetched = await fetch_page(runtime.http, settings.page_url(page), runtime.fetch_limits)
+    metrics.FETCHED_BYTES.inc(len(fetched.body))
+    with (
+        tracing.tracer().start_as_current_span("parse page") as span,
+        collector_paused(),
+        metrics.PARSE_SECONDS.time(),
+    ):
         parsed = parse_listing(
             fetched.body,
             fetched.url,
@@ -65,10 +73,28 @@ async def _fetch_parse_store(
             fetched.encoding,
             settings.source_parser,
         )
+        span.set_attributes(
+            {
+                tracing.PAGE: page,
+                tracing.ITEMS_FOUND: len(parsed.items),
+                tracing.ITEMS_SKIPPED: parsed.skipped,
+            }
+        )
     # The checkpoint of a cancel: after the slow part, before anything is stored.
     if await cancel_requested(runtime.engine, task_id):
         raise Cancelled(f"page {page} was cancelled before it stored")
-    counts = await store_projects(runtime.engine, parsed.items, settings.upsert_batch_size)
+    with (
+        tracing.tracer().start_as_current_span("store projects") as span,
+        metrics.STORE_SECONDS.time(),
+    ):
+        counts = await store_projects(runtime.engine, parsed.items, settings.upsert_batch_size)
+        span.set_attributes(
+            {
+                tracing.PAGE: page,
+                tracing.PROJECTS_CREATED: counts.created,
+                tracing.PROJECTS_UPDATED: counts.updated,
+            }
+        )
     if counts.revision:
         await runtime.events.publish(ProjectsChanged(counts.revision))
     return parsed, counts
@@ -90,18 +116,24 @@ def harvest(
 
     failpoints.hit(settings.failpoints, "before_fetch", page, settings.data_dir)
     try:
-        parsed, counts = runtime.run(_fetch_parse_store(runtime, page, task_id), remaining())
+        parsed, counts = runtime.run(
+            tracing.on_loop(_fetch_parse_store(runtime, page, task_id)), remaining()
+        )
     except concurrent.futures.TimeoutError:
         remaining()  # raises the soft-limit error
         raise
     failpoints.hit(settings.failpoints, "after_store", page, settings.data_dir)
-    return task_pb2.UploadResult(
+    result = task_pb2.UploadResult(
         page=page,
         found=len(parsed.items),
         created=counts.created,
         updated=counts.updated,
         skipped=parsed.skipped + counts.unstorable,
     )
+    metrics.page_counted(
+        found=result.found, skipped=result.skipped, created=result.created, updated=result.updated
+    )
+    return result
 
 
 def succeeded_meanwhile(task: Task[Any, Any], page: int) -> dict[str, Any] | None:
@@ -142,13 +174,7 @@ class HarvestTask(Task):  # type: ignore[type-arg]
 
 
 # A task's state changes: each is recorded and then said (an event for its watchers) in one
-# visit to the records' loop (worker.runtime.TaskRecords), not two.
-
-
-async def _start_and_say(records: TaskRecords, task_id: str) -> TaskStart:
-    start = await start_task(records.engine, task_id)
-    await records.events.publish(TaskChanged(task_id, start.batch_id))
-    return start
+# visit to the records' loop (worker.runtime.TaskRecords), not two; starts are its own.
 
 
 async def _retry_and_say(records: TaskRecords, task_id: str, error: str) -> None:
@@ -175,6 +201,7 @@ def _ended(task: HarvestTask, outcome: Outcome) -> None:
         task.app.send_task(HARVEST_TASK_NAME, args=[new.page], task_id=new.id)
     if finished.new_tasks:
         records.run(mark_published(records.engine, [new.id for new in finished.new_tasks]))
+    metrics.task_ended(outcome.status.lower())
 
 
 def _ended_or_retry(task: HarvestTask, outcome: Outcome) -> None:
@@ -200,10 +227,12 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
     policy = RetryPolicy.from_settings(settings)
     tries_done = task.request.retries
     task_id = str(task.request.id)
+    logs.task_context(task_id, page)
+    tracing.set_attributes({tracing.PAGE: page, tracing.TRY: tries_done + 1})
     try:
         start: TaskStart | None = getattr(task.request, "start", None)
         if start is None:  # the prerun hook could not reach the database: try again here
-            start = runtime.records.run(_start_and_say(runtime.records, task_id))
+            start = runtime.records.run(runtime.records.start(task_id))
         if start.finished:
             log.info("page %d: task %s has ended already (cancelled); not run", page, task_id)
             return _result(task_pb2.UploadResult(page=page))
@@ -258,6 +287,7 @@ def run_harvest(task: HarvestTask, page: int) -> dict[str, Any]:
 
 
 def _retrying(task: HarvestTask, error: str) -> None:
+    metrics.task_ended(metrics.RETRY)
     records = task.runtime.records
     # When the record cannot be written, the retry goes ahead all the same; its status shows
     # in Celery's result backend meanwhile.
@@ -274,7 +304,7 @@ def register(app: Celery) -> HarvestTask:
     @signals.task_prerun.connect(sender=harvest_page, weak=False)
     def record_delivery(task: HarvestTask, task_id: str, **_: Any) -> None:
         # Runs before Celery stores STARTED, so a task seen STARTED always has its start time.
-        start = task.runtime.records.run(_start_and_say(task.runtime.records, task_id))
+        start = task.runtime.records.run(task.runtime.records.start(task_id))
         # Celery's request Context takes any attribute; the task body reads this one back.
         task.request.start = start  # type: ignore[attr-defined]
 

@@ -11,6 +11,7 @@ import subprocess
 from contextlib import ExitStack
 from pathlib import Path
 
+import httpx
 import psutil
 
 from tests.support.processes import BIN, PYTHON, Process, clean_environment, free_port, poll_until
@@ -58,6 +59,26 @@ def test_devstack_runs_a_harvest_and_stops_everything(tmp_path: Path) -> None:
 
         done = poll_until(finished, 60, 0.2, "the harvest to succeed")
         assert done["result"] == {"page": 1, "found": 10, "created": 10}
+        # The banner's harvester lines work as printed, in another terminal.
+        exported = launcher.wait_for_line(r"^  export (HARVESTER_ADDRESS=\S+ HARVESTER_TOKEN=\S+)$")
+        command = launcher.wait_for_line(r"^  (\S+harvester upload 1-5 --wait)$").group(1)
+        harvester = subprocess.run(
+            [str(tmp_path / command.split()[0]), *command.split()[1:]],
+            env={**env, **dict(pair.split("=", 1) for pair in exported.group(1).split())},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert harvester.returncode == 0, harvester.stderr
+        assert json.loads(harvester.stdout.splitlines()[-1])["batch"]["pages_succeeded"] == 5
+        # make run serves metrics on both sides and says where.
+        endpoints = launcher.wait_for_line(r"^  metrics +gateway (http://\S+), worker (http://\S+)")
+        gateway_metrics = httpx.get(endpoints.group(1), timeout=5).text
+        assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="Upload"' in gateway_metrics
+        worker_metrics = httpx.get(endpoints.group(2), timeout=5).text
+        # Page 1's Upload and the 5 pages of the harvester's batch above.
+        assert 'harvester_worker_tasks_total{outcome="success"} 6.0' in worker_metrics
         redis_pid = int((tmp_path / "data" / "redis.pid").read_text())
     finally:
         launcher.send(signal.SIGINT)

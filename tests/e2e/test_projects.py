@@ -530,14 +530,7 @@ def test_sigterm_ends_open_streams_unavailable_with_the_way_to_resume(
     stack = sqlite_stack()
     gateway = stack.start_gateway()
 
-    async def one_project() -> None:
-        engine = create_engine(stack.database_url)
-        try:
-            await store_projects(engine, [project_item(1)], 10)
-        finally:
-            await engine.dispose()
-
-    run(one_project())
+    store_one(stack, 1)
     stream = gateway.projects.WatchProjects(
         project_service_pb2.WatchProjectsRequest(from_beginning=True), metadata=METADATA, timeout=60
     )
@@ -567,17 +560,7 @@ def test_an_idle_watch_stream_survives_a_proxy_that_cuts_quiet_connections(
     host, port = gateway.address.rsplit(":", 1)
     idle_limit = 2.0
 
-    def store(number: int) -> None:
-        async def one_project() -> None:
-            engine = create_engine(stack.database_url)
-            try:
-                await store_projects(engine, [project_item(number)], 10)
-            finally:
-                await engine.dispose()
-
-        run(one_project())
-
-    store(1)
+    store_one(stack, 1)
     with (
         IdleCuttingProxy((host, int(port)), idle_limit) as proxy,
         grpc.insecure_channel(proxy.address) as channel,
@@ -593,7 +576,7 @@ def test_an_idle_watch_stream_survives_a_proxy_that_cuts_quiet_connections(
         quiet_until = time.monotonic() + 3 * idle_limit
         while time.monotonic() < quiet_until and not proxy.cuts:
             time.sleep(0.1)
-        store(7)
+        store_one(stack, 7)
         if survives:
             change = next(changes)
             assert change.project.url == project_item(7).url
@@ -604,3 +587,38 @@ def test_an_idle_watch_stream_survives_a_proxy_that_cuts_quiet_connections(
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert proxy.cuts == 1
         stream.cancel()  # type: ignore[no-untyped-call]
+
+
+def test_a_stream_from_now_says_where_now_is_and_resumes_from_there(
+    sqlite_stack: Callable[..., Stack],
+) -> None:
+    stack = sqlite_stack()
+    gateway = stack.start_gateway(WATCH_POLL_INTERVAL_SECONDS="0.2")
+    store_one(stack, 1)  # before the stream: not part of it
+
+    stream = gateway.projects.WatchProjects(
+        project_service_pb2.WatchProjectsRequest(), metadata=METADATA, timeout=30
+    )
+    first = next(iter(stream))
+    stream.cancel()  # type: ignore[no-untyped-call]
+    assert list(first.changes) == [] and first.cursor
+    # Cut before any change came: what is committed meanwhile is there on resuming.
+    store_one(stack, 2)
+    resumed = gateway.projects.WatchProjects(
+        project_service_pb2.WatchProjectsRequest(cursor=first.cursor), metadata=METADATA, timeout=30
+    )
+    assert [change.project.url for change in next(iter(resumed)).changes] == [project_item(2).url]
+    resumed.cancel()  # type: ignore[no-untyped-call]
+
+
+def store_one(stack: Stack, number: int) -> None:
+    """Store project `number` as a worker would (no event: the gateway's poll finds it)."""
+
+    async def one_project() -> None:
+        engine = create_engine(stack.database_url)
+        try:
+            await store_projects(engine, [project_item(number)], 10)
+        finally:
+            await engine.dispose()
+
+    run(one_project())

@@ -18,6 +18,8 @@ class AnswerEatingProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self.dropped_frames = 0
+        # Set False to let answers through again (a test of a retry turns it off after a drop).
+        self.eating = True
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -50,7 +52,7 @@ class AnswerEatingProxy:
                     if len(buffer) < 9 + length:
                         break
                     frame, buffer = buffer[: 9 + length], buffer[9 + length :]
-                    if frame[3] in _ANSWER_FRAMES:
+                    if frame[3] in _ANSWER_FRAMES and self.eating:
                         with self._lock:
                             self.dropped_frames += 1
                     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,7 +107,13 @@ def test_worker_shutdown_with_tasks_queued(
     try:
         code = worker.popen.wait(SHUTDOWN_SECONDS)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the worker did not exit within {SHUTDOWN_SECONDS} s of {name} shutdown")
+        # Celery's SIGUSR1 handler logs every thread's stack: where the shutdown is stuck.
+        worker.send(signal.SIGUSR1)
+        time.sleep(2)
+        pytest.fail(
+            f"the worker did not exit within {SHUTDOWN_SECONDS} s of {name} shutdown; its "
+            f"threads:\n{worker.output()[-20000:]}"
+        )
     assert code == exit_code, f"{name} shutdown exited with {code}:\n{worker.output()}"
     stack.start_worker("next", concurrency=2)
     ledger.settle(gateway, 120)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from celery.concurrency import thread as celery_threads
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
 
@@ -52,3 +56,35 @@ def test_a_replaced_pool_gets_a_client_of_its_own(channel: Any) -> None:
         assert after is not before
         assert after.connection_pool is channel.pool
         assert after.hget("hash", "field") == b"value"
+
+
+def test_the_thread_pool_lets_a_cold_shutdown_cancel_its_running_tasks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Celery's cold shutdown calls terminate_job for each running task; the thread pool's own
+    # raised NotImplementedError out of the signal handler (celery/celery#10490).
+    kombu_fixes.apply()
+    pool = celery_threads.TaskPool(limit=1)
+
+    with caplog.at_level(logging.INFO, logger="worker.kombu_fixes"):
+        pool.terminate_job(12345, signal.SIGTERM)  # raised NotImplementedError before
+
+    assert "ends when the worker's loops stop" in caplog.text
+
+
+def test_the_thread_pool_stops_from_a_signal_handler_that_interrupted_a_submit() -> None:
+    # The SIGQUIT handler runs pool.stop() in the main thread, which may hold the executor's
+    # shutdown lock in submit() at that moment: stopping must not wait for that lock.
+    kombu_fixes.apply()
+    pool: Any = celery_threads.TaskPool(limit=1)
+    stopped = threading.Event()
+
+    def main_thread_in_submit_then_signalled() -> None:
+        with pool.executor._shutdown_lock:  # as submit() holds it
+            pool.on_stop()  # as the handler calls it
+            stopped.set()
+
+    thread = threading.Thread(target=main_thread_in_submit_then_signalled, daemon=True)
+    thread.start()
+
+    assert stopped.wait(5), "pool.stop() waited for the lock its own thread held"

@@ -26,7 +26,7 @@ from core.migrate import upgrade_to_head
 from gateway.batches import BatchRecords, StoredBatch
 from gateway.records import IssuedTask, TaskRecords
 from tests.support.services import postgres_database
-from worker.store import start_task
+from worker.store import TaskStart, start_task, start_tasks
 
 POSTGRES = pytest.param("postgresql", marks=pytest.mark.postgres)
 CLIENT = "alice"
@@ -445,3 +445,27 @@ async def test_a_batch_started_when_its_first_page_did_and_later_starts_keep_tha
         T0,
         None,
     )
+
+
+async def test_starts_written_together_count_each_task_once_and_leave_out_the_unknown(
+    engine: AsyncEngine,
+) -> None:
+    batch, pages = await make_batch(engine, 1, 4)
+    await BatchRecords(engine, LIFETIME).cancel(CLIENT, batch.id)  # every page REVOKED unstarted
+    lone, other_batch = await make_batch(engine, 10, 12)
+    ids = [*other_batch.values(), pages[1], "no-such-task"]
+
+    started = await start_tasks(engine, ids, now=T0)
+
+    assert set(started) == {*other_batch.values(), pages[1]}
+    for task_id in other_batch.values():
+        assert started[task_id] == TaskStart(1, batch_id=lone.id)
+    assert started[pages[1]] == TaskStart(1, cancelled=True, finished=True, batch_id=batch.id)
+    rows = await task_rows(engine, lone.id)
+    assert {(row.status, row.started_at, row.deliveries) for row in rows.values()} == {
+        ("STARTED", T0, 1)
+    }
+    assert (await batch_row(engine, lone.id)).started_at == T0
+    assert (await batch_row(engine, batch.id)).started_at is None
+    with pytest.raises(ValueError, match="counted once"):
+        await start_tasks(engine, [pages[2], pages[2]])

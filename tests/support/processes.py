@@ -55,6 +55,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def free_consecutive_ports(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive ports free now (a metrics port per gateway process)."""
+    for _ in range(50):
+        first = free_port(host)
+        if first + count > 65536:
+            continue
+        try:
+            with contextlib.ExitStack() as held:
+                for offset in range(1, count):
+                    probe = held.enter_context(socket.socket())
+                    probe.bind((host, first + offset))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports on {host}")
+
+
 class Process:
     """A child process whose merged output is collected line by line."""
 

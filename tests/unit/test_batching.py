@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.batching import Batcher
+from core.batching import Batcher
 
 
 class _Recorder:

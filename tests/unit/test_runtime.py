@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event, insert
 
+from core.db import TaskRecord, utcnow
 from core.migrate import upgrade_to_head
 from core.settings import Settings
 from worker import runtime as runtime_module
 from worker.errors import RetryableError
-from worker.runtime import WorkerRuntime
-from worker.store import record_start
+from worker.runtime import LoopThread, WorkerRuntime
+from worker.store import TaskStart, record_start
 
 
 def test_tasks_share_worker_db_connections_and_wait_a_bounded_time_for_one(
@@ -59,3 +64,76 @@ def test_tasks_share_worker_db_connections_and_wait_a_bounded_time_for_one(
         assert 3 * wait <= waited < 3 * wait + 2
     finally:
         runtime.close()
+
+
+def test_starts_that_arrive_together_are_one_update_and_a_task_started_twice_counts_twice(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        _env_file=None,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'projects.db'}",
+        source_url="http://127.0.0.1:9/projects?page={page}",
+        worker_concurrency=16,
+    )
+    runtime = WorkerRuntime(settings, "redis://127.0.0.1:9/0")  # its events go nowhere
+    records = runtime.records
+    try:
+        records.run(upgrade_to_head(records.engine))
+        ids = [str(uuid.uuid4()) for _ in range(15)]
+        records.run(_issue(records.engine, ids))
+        updates: list[str] = []
+
+        def count_updates(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            if statement.lstrip().upper().startswith("UPDATE TASKS"):
+                updates.append(statement)
+
+        event.listen(records.engine.sync_engine, "before_cursor_execute", count_updates)
+
+        async def burst() -> list[TaskStart]:
+            # Sixteen starts at once, as sixteen task threads make them; one task twice, as a
+            # redelivery that lands in the same burst would.
+            return list(await asyncio.gather(*(records.start(i) for i in [*ids, ids[0]])))
+
+        starts = records.run(burst())
+
+        assert [start.deliveries for start in starts] == [1, *[1] * 14, 2]
+        # The fifteen distinct ones in one statement, the second start of ids[0] after it.
+        assert len(updates) == 2
+    finally:
+        runtime.close()
+
+
+async def _issue(engine: Any, ids: list[str]) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(TaskRecord),
+            [
+                {"id": task_id, "client": "test", "page": 1, "enqueued_at": utcnow()}
+                for task_id in ids
+            ],
+        )
+
+
+def test_stopping_a_loop_ends_the_waits_of_threads_whose_work_still_runs_on_it() -> None:
+    # As at a cold shutdown: a task thread waits in run() for work the loop never finishes.
+    loop_thread = LoopThread("test-loop")
+    waited: list[BaseException] = []
+
+    def task_thread() -> None:
+        try:
+            loop_thread.run(asyncio.sleep(3600))
+        except BaseException as exc:
+            waited.append(exc)
+
+    thread = threading.Thread(target=task_thread, daemon=True)
+    thread.start()
+    poll = time.monotonic() + 5
+    while len(asyncio.all_tasks(loop_thread.loop)) == 0 and time.monotonic() < poll:
+        time.sleep(0.01)
+
+    loop_thread.stop()
+    thread.join(timeout=5)
+
+    assert not thread.is_alive(), "the waiting thread was left waiting on a stopped loop"
+    assert [type(exc) for exc in waited] == [concurrent.futures.CancelledError]
+    assert loop_thread.loop.is_closed()

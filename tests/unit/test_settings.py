@@ -272,3 +272,48 @@ def test_several_gateway_processes_need_a_fixed_port(env: pytest.MonkeyPatch) ->
     assert "GATEWAY_PROCESSES above 1 needs a fixed port" in str(error)
     fixed = settings(env, GATEWAY_PROCESSES="2", GATEWAY_ADDRESS="127.0.0.1:50051")
     assert fixed.gateway_processes == 2
+
+
+# --- observability ---
+
+
+def test_observability_is_off_by_default(env: pytest.MonkeyPatch) -> None:
+    read = settings(env)
+
+    assert read.gateway_metrics_address is None
+    assert read.worker_metrics_address is None
+    assert read.log_format == "text"
+    assert not read.otlp_endpoint_configured
+    assert read.task_events
+
+
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+)
+def test_either_standard_otlp_endpoint_turns_tracing_on(
+    env: pytest.MonkeyPatch, variable: str
+) -> None:
+    assert settings(env, **{variable: "http://127.0.0.1:4318"}).otlp_endpoint_configured
+
+
+@pytest.mark.parametrize("variable", ["GATEWAY_METRICS_ADDRESS", "WORKER_METRICS_ADDRESS"])
+def test_a_metrics_address_must_be_host_and_port(env: pytest.MonkeyPatch, variable: str) -> None:
+    error = rejected(env, **{variable: "9464"})
+
+    assert variable in str(error).upper()
+
+
+def test_gateway_processes_need_a_fixed_metrics_port(env: pytest.MonkeyPatch) -> None:
+    error = rejected(
+        env,
+        GATEWAY_PROCESSES="2",
+        GATEWAY_ADDRESS="127.0.0.1:50051",
+        GATEWAY_METRICS_ADDRESS="127.0.0.1:0",
+    )
+
+    assert "GATEWAY_PROCESSES above 1 needs a fixed port in GATEWAY_METRICS_ADDRESS" in str(error)
+
+
+def test_log_format_is_text_or_json(env: pytest.MonkeyPatch) -> None:
+    assert settings(env, LOG_FORMAT="json").log_format == "json"
+    assert "LOG_FORMAT" in str(rejected(env, LOG_FORMAT="yaml")).upper()

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import pytest
 
+from core.events import TaskChanged
 from core.ledger import Finished, Outcome
 from core.settings import Settings
 from projects.v1 import task_pb2
@@ -70,6 +71,12 @@ class FakeRuntime:
 
     def run(self, work: Any, timeout: float | None = None) -> Any:
         return asyncio.run(work)
+
+    async def start(self, task_id: str) -> TaskStart:
+        """As TaskRecords.start: the record's start, then its event."""
+        self.ran.append(("start_task",))
+        await self.events.publish(TaskChanged(task_id))
+        return TaskStart(self.deliveries, self.cancelled, self.finished)
 
     cancelled = False
     finished = False
@@ -143,10 +150,6 @@ def harvest(monkeypatch: pytest.MonkeyPatch, runtime: FakeRuntime) -> FakeHarves
     fake = FakeHarvest()
     monkeypatch.setattr(task_module, "harvest", fake)
 
-    async def start_task(engine: Any, task_id: str) -> TaskStart:
-        runtime.ran.append(("start_task",))
-        return TaskStart(runtime.deliveries, runtime.cancelled, runtime.finished)
-
     async def finish_task(engine: Any, task_id: str, outcome: Outcome, window: int) -> Finished:
         runtime.ran.append(("finish_task", outcome))
         return Finished(counted=True)
@@ -154,7 +157,6 @@ def harvest(monkeypatch: pytest.MonkeyPatch, runtime: FakeRuntime) -> FakeHarves
     async def record_retry(engine: Any, task_id: str, error: str) -> None:
         runtime.ran.append(("record_retry",))
 
-    monkeypatch.setattr(task_module, "start_task", start_task)
     monkeypatch.setattr(task_module, "finish_task", finish_task)
     monkeypatch.setattr(task_module, "record_retry", record_retry)
     return fake

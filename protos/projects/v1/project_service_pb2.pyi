@@ -163,7 +163,7 @@ class WatchProjectsRequest(_message.Message):
     """Resume after this cursor (from a WatchProjectsResponse); empty: see from_beginning."""
     from_beginning: _builtins.bool
     """With no cursor: true starts from the first project ever stored; false (the default)
-    streams only what is committed after the call.
+    streams only what is committed after the call, and the first response says where that is.
     """
     is_active: _builtins.bool
     """Only projects that are (true) or are not (false) active in their new state; unset: both."""
@@ -199,7 +199,10 @@ class WatchProjectsResponse(_message.Message):
     """Resume after the last of these changes by sending it as WatchProjectsRequest.cursor."""
     @_builtins.property
     def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProjectChange]:
-        """The changes, oldest first; never empty."""
+        """The changes, oldest first. Empty only in the first response of a stream that asked for
+        neither a cursor nor from_beginning: that one says where "now" was, so that a stream cut
+        before its first change can resume from its cursor.
+        """
 
     def __init__(
         self,

@@ -1,10 +1,11 @@
-"""Group calls that arrive together into one round trip: one INSERT, one broker pipeline.
+"""Group calls that arrive together into one round trip.
 
-Under load many Uploads are in flight at once; writing each one's record and message on its own
-costs a round trip and a statement each. A `Batcher` hands everything submitted while its
-previous flush ran (or during the same event-loop turn) to one `flush` call, and answers every
-submitter with that call's outcome. An idle gateway pays nothing: a lone call is flushed on the
-next loop turn, alone.
+Under load many calls are in flight at once: the gateway's Uploads (one INSERT of their
+records, one broker pipeline for their messages) and a worker's task starts (one UPDATE of
+their records, one pipeline of their events). Writing each on its own costs a round trip and a
+statement each. A `Batcher` hands everything submitted while its previous flush ran (or during
+the same event-loop turn) to one `flush` call, and answers every submitter with that call's
+outcome. An idle process pays nothing: a lone call is flushed on the next loop turn, alone.
 """
 
 from __future__ import annotations
