@@ -20,7 +20,7 @@ help:
 $(STAMP): pyproject.toml constraints.txt protos/pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e protos -e clients/python -e ".[dev,embedded]"
+	$(BIN)/pip install --quiet -c constraints.txt -e protos -e clients/python -e ".[dev,embedded,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,6 +1,6 @@
 """`python -m bench` (`make bench`): every figure beside its baseline, as a table and as JSON.
 
-    python -m bench                       the full spec (under 10 minutes on 2 cores)
+    python -m bench                       the full spec (over 10 minutes on 2 cores)
     python -m bench --only parse,upsert   some sections only
     python -m bench --quick               smaller inputs, fewer runs: for development only
 

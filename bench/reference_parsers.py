@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from bs4 import BeautifulSoup, Tag
-from lxml import etree  # type: ignore[import-untyped]
+from lxml import etree
 
 from core.settings import SourceProfile
 from worker.parse import ProjectItem, collapse_whitespace, read_start_date, resolve_link

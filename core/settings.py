@@ -31,6 +31,10 @@ DEFAULT_USER_AGENT = (
 )
 
 
+# The parsers a worker can read pages with (worker/parse.py); both give the same items.
+SourceParser = Literal["beautifulsoup", "lxml"]
+
+
 class SourceProfile(BaseModel):
     """CSS selectors that say where a listing page keeps each field of a project."""
 
@@ -303,6 +307,15 @@ class Settings(BaseSettings):
         description="How the worker reads a listing page: the CSS selectors below, each set "
         "by its own `SOURCE_PROFILE__<NAME>` variable, or several at once as a JSON object in "
         '`SOURCE_PROFILE`, e.g. `{"item": ".card"}`.',
+    )
+    source_parser: SourceParser = Field(
+        default="beautifulsoup",
+        description="Which parser reads a listing page by `SOURCE_PROFILE`'s selectors: "
+        "`beautifulsoup` (BeautifulSoup on lxml, selectors by soupsieve) or `lxml` (lxml's own "
+        "tree, selectors translated to XPath by cssselect: the same items for less CPU, see "
+        "bench/README.md). With `lxml` a worker does not start, and says which selector, when "
+        "cssselect cannot translate one or it uses a feature that may match otherwise than in "
+        "soupsieve (`:hover`, `:empty`, `[type=…]`, namespaces and the like).",
     )
     worker_concurrency: int = Field(
         default=32,

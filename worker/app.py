@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -32,6 +33,8 @@ from core.settings import settings_or_exit
 from core.waiting import LOG_EVERY_SECONDS
 from worker import kombu_fixes
 from worker import metrics as worker_metrics
+from worker.page_tree import ProfileError
+from worker.parse import check_profile
 from worker.runtime import WorkerRuntime
 from worker.task import register
 
@@ -96,6 +99,12 @@ def _start_runtime(**_: Any) -> None:
     # One INFO line per fetched page costs more than it tells; failures are logged by the task.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = settings_or_exit()
+    try:
+        check_profile(settings.source_profile, settings.source_parser)
+    except ProfileError as error:
+        # As a bad setting: said once, and the worker does not start.
+        print(error, file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     # Before the runtime's loop exists, so the migration's own loop never meets its connections.
     # A worker started before its database waits here (logging the wait once a minute), and so
     # does not consume until it can record what it runs.

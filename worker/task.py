@@ -82,7 +82,13 @@ async def _fetch_parse_store(
         collector_paused(),
         metrics.PARSE_SECONDS.time(),
     ):
-        parsed = parse_listing(fetched.body, fetched.url, settings.source_profile, fetched.encoding)
+        parsed = parse_listing(
+            fetched.body,
+            fetched.url,
+            settings.source_profile,
+            fetched.encoding,
+            settings.source_parser,
+        )
         span.set_attributes(
             {
                 tracing.PAGE: page,

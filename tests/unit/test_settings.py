@@ -14,6 +14,7 @@ from core.settings import (
     ApiToken,
     Settings,
     SourceProfile,
+    describe_settings_error,
 )
 from tests.unit.helpers import clear_settings_environment
 
@@ -166,6 +167,22 @@ def test_nested_variable_overrides_one_selector_of_the_profile(env: pytest.Monke
     read = settings(env, SOURCE_PROFILE__ITEM="article.card", source_profile__title="h2")
 
     assert read.source_profile == SourceProfile(item="article.card", title="h2")
+
+
+@pytest.mark.parametrize("parser", ["beautifulsoup", "lxml"])
+def test_source_parser_is_one_of_the_two(env: pytest.MonkeyPatch, parser: str) -> None:
+    assert settings(env).source_parser == "beautifulsoup"
+    assert settings(env, SOURCE_PARSER=parser).source_parser == parser
+
+
+def test_an_unknown_source_parser_is_rejected_naming_the_variable(
+    env: pytest.MonkeyPatch,
+) -> None:
+    lines = describe_settings_error(rejected(env, SOURCE_PARSER="html5lib"))
+
+    assert len(lines) == 1
+    assert "SOURCE_PARSER" in lines[0]
+    assert "'beautifulsoup' or 'lxml'" in lines[0]
 
 
 # --- time limits and the broker -----------------------------------------------------------------
