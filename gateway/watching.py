@@ -69,6 +69,7 @@ class Subscription:
         self._rows = 0
         self._ready = asyncio.Event()
         self.overflowed = False
+        self._failed: Unavailable | None = None
 
     def offer(self, delivery: Delivery) -> bool:
         """Queue `delivery`; False (and overflowed from now on) when it does not fit."""
@@ -81,9 +82,18 @@ class Subscription:
         self._ready.set()
         return not self.overflowed
 
+    def fail(self, error: Unavailable) -> None:
+        """The feed could not read the database: the stream ends with `error` at its next take."""
+        self._failed = error
+        self._deliveries.clear()
+        self._ready.set()
+
     async def take(self) -> list[Delivery]:
-        """Everything offered since the last take, once there is something; raises Overflowed."""
+        """Everything offered since the last take, once there is something; raises Overflowed,
+        or the feed's Unavailable."""
         await self._ready.wait()
+        if self._failed is not None:
+            raise self._failed
         if self.overflowed:
             raise Overflowed
         deliveries, self._deliveries, self._rows = self._deliveries, [], 0
@@ -159,7 +169,13 @@ class ProjectFeed:
                 try:
                     await self._read_new()
                 except Unavailable as exc:
-                    log.warning("project feed: %s", exc)
+                    # A database that fails or stalls past its bound ends the streams, each
+                    # told to resume from its cursor, rather than leaving them silent; the feed
+                    # reads on from its head once the database answers.
+                    log.warning("project feed: %s; its %d streams end", exc, len(self._subscribers))
+                    for subscription in self._subscribers:
+                        subscription.fail(exc)
+                    self._subscribers.clear()
                     await asyncio.sleep(RETRY_SECONDS)
         finally:
             listener.cancel()

@@ -20,7 +20,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from projects.v1 import project_service_pb2, queue_service_pb2
+from projects.v1 import project_service_pb2, project_service_pb2_grpc, queue_service_pb2
 from tests.faults.ledger import Ledger
 from tests.support.processes import Gateway
 from tests.support.stack import TEST_TOKEN, rpc_detail
@@ -235,3 +235,34 @@ class HealthTimeline:
     def statuses_since(self, after: float) -> set[int]:
         before = [seen for when, seen in self.changes if when < after]
         return {seen for when, seen in self.changes if when >= after} | set(before[-1:])
+
+
+class WatchThroughAStall:
+    """A WatchProjects stream open through a stall: when and how the gateway ended it."""
+
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.insecure_channel(address)
+        self._stream = project_service_pb2_grpc.ProjectServiceStub(self._channel).WatchProjects(
+            project_service_pb2.WatchProjectsRequest(from_beginning=True), metadata=AUTH
+        )
+        self.responses = 0
+        self.ended_at: float | None = None  # time.time()
+        self.ended: tuple[grpc.StatusCode, str] | None = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+
+    def _read(self) -> None:
+        try:
+            for _response in self._stream:
+                self.responses += 1
+        except grpc.RpcError as error:
+            self.ended = (error.code(), error.details() or "")
+        self.ended_at = time.time()
+
+    def start(self) -> WatchThroughAStall:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stream.cancel()  # type: ignore[no-untyped-call]
+        self._thread.join(5)
+        self._channel.close()

@@ -30,7 +30,14 @@ from projects.v1 import queue_service_pb2, task_pb2
 from tests.conftest import StackFactory, own_redis_server
 from tests.faults.conftest import FAST_FAILURE
 from tests.faults.ledger import Ledger, record, sample_links
-from tests.faults.stalls import AUTH, NOT_SERVING, SERVING, HealthTimeline, RpcProbe
+from tests.faults.stalls import (
+    AUTH,
+    NOT_SERVING,
+    SERVING,
+    HealthTimeline,
+    RpcProbe,
+    WatchThroughAStall,
+)
 from tests.support.processes import PostgresServer, RedisPause, RedisServer, free_port
 from tests.support.stack import Stack, rpc_detail, upload, wait_for_task
 
@@ -41,6 +48,7 @@ RPC_BOUND_SECONDS = 3.0
 SLACK_SECONDS = 0.75
 CHECK_INTERVAL_SECONDS = 0.5  # BROKER_CHECK_INTERVAL_SECONDS of tests/support/stack.py
 HEALTH_BOUND_SECONDS = 2 * CHECK_INTERVAL_SECONDS
+WATCH_POLL_SECONDS = 1.0  # how often the gateway's feed reads when no event wakes it
 PAGES = list(range(1, 9))
 # Enough tries that no task runs out of them while its dependency hangs: each try ends at the
 # soft limit (or sooner) and is tried again.
@@ -147,11 +155,27 @@ def test_postgres_paused_mid_harvest(
     ledger_for: Callable[[Stack], Ledger],
 ) -> None:
     own_postgres.start()
-    stack = make_stack(broker_url=own_redis.url, database_url=own_postgres.url, **PATIENT)
-    stack.start_gateway()
+    stack = make_stack(
+        broker_url=own_redis.url,
+        database_url=own_postgres.url,
+        WATCH_POLL_INTERVAL_SECONDS=str(WATCH_POLL_SECONDS),
+        **PATIENT,
+    )
+    gateway = stack.start_gateway()
     worker = stack.start_worker(concurrency=4)
     ledger = ledger_for(stack)
-    stall = harvest_through_a_stall(stack, ledger, own_postgres.pause, own_postgres.resume)
+    watch = WatchThroughAStall(gateway.address).start()
+    try:
+        stall = harvest_through_a_stall(stack, ledger, own_postgres.pause, own_postgres.resume)
+    finally:
+        watch.stop()
+    # The feed's next read (its timer, as no worker can store meanwhile) meets the stall and
+    # ends the stream UNAVAILABLE, telling it to resume from its cursor: it does not go silent.
+    assert watch.ended is not None and watch.ended_at is not None, "the watch stream stayed open"
+    watch_ended = watch.ended_at - stall.paused
+    code, details = watch.ended
+    assert code == grpc.StatusCode.UNAVAILABLE and "resume from your last cursor" in details
+    assert watch_ended <= WATCH_POLL_SECONDS + RPC_BOUND_SECONDS + SLACK_SECONDS, watch_ended
     ledger.settle(stack.gateways[0], 150)
     counts = ledger.count(sample_links(stack.site.url, PAGES))
     # The worker's tries ended while the database hung (at the soft limit, or sooner on a
@@ -177,8 +201,8 @@ def test_postgres_paused_mid_harvest(
         f"retried during the stall ({soft_limit} at the soft limit, the others on a bounded "
         f"database call), at most {max(map(pages.count, pages), default=0)} of one page, "
         f"one ending at least every {longest_try:.1f} s (a try and its countdown: "
-        f"{try_bound:g} s); "
-        f"{stall.detail}",
+        f"{try_bound:g} s); an open WatchProjects ended UNAVAILABLE {watch_ended:.2f} s into the "
+        f"stall; {stall.detail}",
         counts,
     )
     # Tries end and are tried again while it hangs, more than once for a page, each within

@@ -319,17 +319,24 @@ async def test_the_poll_timer_reads_without_any_wake_up() -> None:
         assert ids(await take(subscription)) == [(3, 3)]
 
 
-async def test_a_database_that_fails_is_read_again_after_a_pause(
+async def test_a_database_that_fails_ends_the_streams_and_is_read_again_after_a_pause(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(watching, "RETRY_SECONDS", 0.01)
     store = FakeStore()
     feed = make_feed(store, Wakeups(), poll_interval=0.05)
 
-    async with running(feed), subscribed(feed, 1) as (subscription,):
-        store.failures = 2
-        store.commit(row(1, 1))
-        assert ids(await take(subscription)) == [(1, 1)]
+    async with running(feed):
+        with feed.subscribe() as failed:
+            store.failures = 1
+            # The stream ends UNAVAILABLE (it resumes from its cursor) instead of going silent.
+            with pytest.raises(StoreUnavailable):
+                await take(failed)
+            assert feed.watchers == 0
+        # Once the database answers, the feed reads on from its head: nothing is skipped.
+        with feed.subscribe() as later:
+            store.commit(row(1, 1))
+            assert ids(await take(later)) == [(1, 1)]
     assert store.failures == 0
 
 
