@@ -531,8 +531,12 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
                     if last is None:
                         raise NotFound(f"no task {task_id} was issued to you, or it expired")
                     return
-                state = None if task.finished_at is not None else await self._queue.state(task_id)
-                message = describe(task, state)
+                message = describe(task, None)
+                if task.finished_at is None and (last is None or message == last):
+                    # The record has not moved: only the result backend can tell of an ending
+                    # outside the worker's code. When it has moved (the worker's write that an
+                    # event follows), the record is news enough; the backend is read next time.
+                    message = describe(task, await self._queue.state(task_id))
                 if message != last:
                     yield queue_service_pb2.WatchStatusResponse(task=message)
                     last = message

@@ -4,6 +4,7 @@ resume, instead of hanging."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -18,7 +19,7 @@ from gateway.records import IssuedTask
 from gateway.service import BatchLimits, QueueService
 from gateway.tokens import TokenSigner
 from gateway.watching import EventHub
-from projects.v1 import queue_service_pb2
+from projects.v1 import queue_service_pb2, task_pb2
 
 TASK_ID = "123e4567-e89b-42d3-a456-426614174000"
 
@@ -90,3 +91,82 @@ async def test_a_watch_whose_database_stops_answering_ends_unavailable_saying_wa
     assert "database is unreachable" in caught.value.details
     trailers = dict(caught.value.trailers)
     assert "grpc-status-details-bin" in trailers  # the RetryInfo travels in the rich status
+
+
+T0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+PENDING = IssuedTask(TASK_ID, "alice", None, 1, T0)
+STARTED = dataclasses.replace(PENDING, status="STARTED", started_at=T0)
+SUCCEEDED = dataclasses.replace(
+    STARTED, status="SUCCESS", finished_at=T0, found=1, created=1, updated=0, skipped=0
+)
+
+
+class RecordsInTurn:
+    """The record as each read finds it, the last one for every later read."""
+
+    def __init__(self, *states: IssuedTask) -> None:
+        self._states = list(states)
+
+    async def get(self, client: str, task_id: str) -> IssuedTask:
+        return self._states.pop(0) if len(self._states) > 1 else self._states[0]
+
+
+class BackendInTurn:
+    """The result backend's state of the task at each read; counts its reads."""
+
+    def __init__(self, *states: str) -> None:
+        self._states = list(states)
+        self.reads = 0
+
+    async def state(self, task_id: str) -> CeleryState:
+        self.reads += 1
+        status = self._states.pop(0) if len(self._states) > 1 else self._states[0]
+        return CeleryState(status, "died" if status == "FAILURE" else None, None)
+
+
+async def watched(records: Any, backend: Any) -> list[Any]:
+    service = QueueService(
+        cast(Any, records),
+        cast(Any, backend),
+        cast(Any, None),
+        max_page=10,
+        lifetime_seconds=60,
+        publish_timeout=3.0,
+        batches=cast(Any, None),
+        batch_limits=BatchLimits(10, 2),
+        hub=EventHub(no_events),
+        events=cast(Any, None),
+        signer=TokenSigner(b"k" * 32, "d"),
+        poll_interval=0.01,  # each read comes at once
+    )
+    current_client.set("alice")
+    request = queue_service_pb2.WatchStatusRequest(id=TASK_ID)
+    return [message.task async for message in service.WatchStatus(request, cast(Any, Context()))]
+
+
+async def test_a_record_that_moved_is_sent_without_reading_the_result_backend() -> None:
+    backend = BackendInTurn("PENDING")
+
+    seen = await watched(RecordsInTurn(PENDING, STARTED, STARTED, STARTED, SUCCEEDED), backend)
+
+    assert [task.status for task in seen] == [
+        task_pb2.TASK_STATUS_PENDING,
+        task_pb2.TASK_STATUS_STARTED,
+        task_pb2.TASK_STATUS_SUCCESS,
+    ]
+    # The first read, and the two reads of a STARTED record that had not moved; not the read
+    # that found it STARTED, nor the final one.
+    assert backend.reads == 3
+
+
+async def test_an_ending_outside_the_worker_s_code_still_comes_from_the_backend() -> None:
+    backend = BackendInTurn("PENDING", "FAILURE")
+
+    seen = await watched(RecordsInTurn(PENDING, STARTED), backend)
+
+    assert [task.status for task in seen] == [
+        task_pb2.TASK_STATUS_PENDING,
+        task_pb2.TASK_STATUS_STARTED,
+        task_pb2.TASK_STATUS_FAILURE,
+    ]
+    assert seen[-1].error == "died"
