@@ -261,11 +261,7 @@ class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
             return delivery.response(
                 is_active, lambda rows: self._response(rows, delivery.last) if rows else None
             )
-        rows = [
-            row
-            for row in delivery.rows
-            if row.position > position and (is_active is None or row.is_active == is_active)
-        ]
+        rows = [row for row in delivery.rows_for(is_active) if row.position > position]
         return self._response(rows, delivery.last) if rows else None
 
     @answers_stream_errors

@@ -48,15 +48,18 @@ class Delivery:
         self.last = rows[-1].position
         self._responses: dict[bool | None, object] = {}
 
+    def rows_for(self, is_active: bool | None) -> list[StoredProject]:
+        """The rows a stream with this `is_active` filter sends."""
+        if is_active is None:
+            return self.rows
+        return [row for row in self.rows if row.is_active == is_active]
+
     def response(self, is_active: bool | None, build: Callable[[list[StoredProject]], T]) -> T:
         """`build` of the rows that pass `is_active`, made once per filter for every stream."""
         try:
             return cast(T, self._responses[is_active])
         except KeyError:
-            rows = self.rows
-            if is_active is not None:
-                rows = [row for row in rows if row.is_active == is_active]
-            built = self._responses[is_active] = build(rows)
+            built = self._responses[is_active] = build(self.rows_for(is_active))
             return built
 
 
