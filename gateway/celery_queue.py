@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
+from celery.events import Event
+from celery.utils.time import utcoffset
 from kombu.exceptions import KombuError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import RedisError
@@ -110,6 +112,10 @@ class CeleryQueue:
         # Where `send_task` would route a harvest: the same for every message, worked out once.
         self._route: dict[str, Any] = app.amqp.router.route({}, HARVEST_TASK_NAME)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="celery-read")
+        # Where and as whom task-sent events go (TASK_EVENTS): the dispatcher's own exchange,
+        # serializer and hostname header, so that `celery events` and Flower read ours as theirs.
+        self._events_connection = app.connection_for_write()  # lazy: it never connects
+        self._events = app.events.Dispatcher(self._events_connection, enabled=False)
         self._ping_logged_at: float | None = None  # when a failed ping was last logged
 
     async def _call(
@@ -164,14 +170,20 @@ class CeleryQueue:
             if not live:
                 return errors, failure
             try:
+                sent_events = _SentEvents()
                 # One Redis pipeline for the batch when the producer's channel can batch (kombu
-                # sends one message at a time otherwise, e.g. over AMQP).
-                with self._app.producer_or_acquire() as producer, producer.batch(len(live)):
+                # sends one message at a time otherwise, e.g. over AMQP): room for each task's
+                # message and the batch's one event message, so it is sent in one round trip.
+                with (
+                    self._app.producer_or_acquire() as producer,
+                    producer.batch(len(live) + 1),
+                ):
                     # Declared once per batch, not once per message: kombu re-binds a copy of
                     # the queue for every message it is asked to declare, even when cached.
                     producer.maybe_declare(self._queue)
                     for index in live:
-                        self._send(producer, tasks[index])
+                        self._send(producer, tasks[index], sent_events)
+                    self._publish_events(producer, sent_events.fields)
                 return errors, failure
             except _QUEUE_ERRORS as exc:
                 # A pipeline that failed midway may have delivered some of its messages (kombu
@@ -181,7 +193,38 @@ class CeleryQueue:
                 soonest = min(tasks[index].give_up for index in live)
                 time.sleep(max(0.0, min(interval, soonest - time.monotonic())))
 
-    def _send(self, producer: Any, task: Publication) -> None:
+    def _publish_events(self, producer: Any, sent: list[dict[str, Any]]) -> None:
+        """The batch's task-sent events as one `task.multi` message, as a worker sends the
+        events it buffers: one message and one serialization per batch instead of one per task
+        (nearly half of the publish thread's time, bench/README.md). Celery's EventReceiver,
+        and so `celery events` and Flower, reads each event of the list."""
+        if not sent:
+            return
+        dispatcher = self._events
+        # What EventDispatcher.publish makes of each event and hands to the producer.
+        events = [
+            Event(
+                "task-sent",
+                hostname=dispatcher.hostname,
+                utcoffset=utcoffset(),
+                pid=dispatcher.pid,
+                clock=dispatcher.clock.forward(),
+                **fields,
+            )
+            for fields in sent
+        ]
+        producer.publish(
+            events,
+            routing_key="task.multi",
+            exchange=dispatcher.exchange.name,
+            retry=False,
+            declare=[dispatcher.exchange],
+            serializer=dispatcher.serializer,
+            headers=dispatcher.headers,
+            delivery_mode=dispatcher.delivery_mode,
+        )
+
+    def _send(self, producer: Any, task: Publication, sent_events: _SentEvents) -> None:
         """Send `task` as `Celery.send_task` would, in half the time.
 
         The message is Celery's own (`create_task_message`, `send_task_message`, with the
@@ -210,7 +253,9 @@ class CeleryQueue:
             **options,
         )
         if task.trace_headers is None:
-            amqp.send_task_message(producer, HARVEST_TASK_NAME, message, **options)
+            amqp.send_task_message(
+                producer, HARVEST_TASK_NAME, message, event_dispatcher=sent_events, **options
+            )
             return
         # The publish as a span of the Upload's trace; its context rides in the message's
         # headers, where the worker's celery instrumentation picks it up.
@@ -219,7 +264,14 @@ class CeleryQueue:
         headers = dict(task.trace_headers)
         tracing.inject_into(headers, span)
         try:
-            amqp.send_task_message(producer, HARVEST_TASK_NAME, message, headers=headers, **options)
+            amqp.send_task_message(
+                producer,
+                HARVEST_TASK_NAME,
+                message,
+                headers=headers,
+                event_dispatcher=sent_events,
+                **options,
+            )
         finally:
             span.end()
 
@@ -322,9 +374,22 @@ class CeleryQueue:
             log.warning("could not send revoke for %d task(s): %s", len(task_ids), exc)
 
     def close(self) -> None:
+        self._events.close()
+        self._events_connection.release()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._publish_executor.shutdown(wait=False, cancel_futures=True)
         self._app.close()
+
+
+class _SentEvents:
+    """Stands in for Celery's event dispatcher in `send_task_message`: keeps each task's
+    task-sent fields (queue, exchange and routing key filled in) for `_publish_events`."""
+
+    def __init__(self) -> None:
+        self.fields: list[dict[str, Any]] = []
+
+    def publish(self, type: str, fields: dict[str, Any], producer: Any, **options: Any) -> None:
+        self.fields.append(fields)
 
 
 def _as_utc(value: object) -> dt.datetime | None:
