@@ -92,14 +92,23 @@ def gateway(directory: Path, env: dict[str, str]) -> Iterator[tuple[Process, str
         process.stop()
 
 
+CHECKS_IN_A_ROW = 16
+
+
 def _wait_until_serving(process: Process, address: str, timeout: float = 60.0) -> None:
+    """Until health says SERVING on CHECKS_IN_A_ROW new connections in a row: with
+    GATEWAY_PROCESSES, each connection lands on one process, and each process passes its own
+    start-up gate (until then its calls answer UNAVAILABLE, "the gateway is starting")."""
     deadline = time.monotonic() + timeout
-    while True:
+    in_a_row = 0
+    while in_a_row < CHECKS_IN_A_ROW:
         try:
-            if health_status(address) == health_pb2.HealthCheckResponse.SERVING:
-                return
+            serving = health_status(address) == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
-            pass  # not listening yet
+            serving = False  # not listening yet
+        in_a_row = in_a_row + 1 if serving else 0
+        if serving:
+            continue
         if process.popen.poll() is not None:
             raise RuntimeError(f"the gateway exited:\n{process.output()}")
         if time.monotonic() > deadline:
