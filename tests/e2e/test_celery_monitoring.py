@@ -15,7 +15,8 @@ from tests.support.processes import BIN, Process, clean_environment, poll_until
 from tests.support.stack import Stack, upload, wait_for_task
 
 PAGE = 7
-SLOW_SECONDS = 4.0
+# Long enough for a worker on a loaded machine to take the task and answer `inspect` first.
+SLOW_SECONDS = 10.0
 
 
 def _inspect_active(stack: Stack) -> list[dict[str, object]]:
