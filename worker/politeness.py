@@ -2,20 +2,24 @@
 
 Every request to a source host, robots.txt included, first takes a turn (`HostBudget.turn`):
 a slot of the host's `SOURCE_MAX_CONCURRENCY`, held as a lease that expires after
-`SOURCE_LEASE_SECONDS` (so a worker killed while holding one gives it back by itself), and the
-host's next start time, spaced `1 / SOURCE_MAX_REQUESTS_PER_SECOND` (or the robots.txt
-Crawl-delay, whichever is longer) after the previous start. Both are taken together by one Lua
-script on Redis's own clock, so workers on hosts with different clocks share one budget and no
-two of them can take the same slot. A 429 or 503 with Retry-After pauses the host's budget for
-everyone (`HostBudget.pause`).
+`SOURCE_LEASE_SECONDS` (so a worker killed while holding one gives it back by itself), and a
+start in the host's log of starts. Both are taken together by one Lua script on Redis's own
+clock, so workers on hosts with different clocks share one budget and no two of them can take
+the same slot. A 429 or 503 with Retry-After pauses the host's budget for everyone
+(`HostBudget.pause`).
 
-The start times form a token bucket of capacity one (GCRA): no burst, since a burst would put
-more than the rate's worth of requests into some one-second window. A turn is granted up to one
-spacing before its start, and its request leaves at the start, so the budget is used to the
-full; a request that could not leave on time (`LATE_SEND_SECONDS`) is not sent at all. A turn
-waits on the process's event loop, with no database connection held; in each process only the
-first waiter of a host asks Redis (the others queue behind it on an asyncio lock), so waiting
-costs Redis about one call per grant, not one per waiting task.
+The guarantee is stated in the site's own terms (`Pace`): at most `count` starts in any window
+of `window` seconds, where the window is the second a site counts in, widened by
+`WINDOW_MARGIN` for the way from a start to the site's stamp; and, with a robots.txt
+Crawl-delay, at least that long between two starts. The log (a sorted set of the starts of the
+last window) lets a request that leaves late keep its place: its start moves to the moment it
+really leaves whenever the windows still hold with it there, and when they would not, the
+request is not sent and its start is taken out of the log, so its slot is free for the next
+grant instead of lost. A turn is granted up to RESERVE_AHEAD_SECONDS before its start, and its
+request leaves at the start. A turn waits on the process's event loop, with no database
+connection held; in each process only the first waiter of a host asks Redis (the others queue
+behind it on an asyncio lock), so waiting costs Redis about one call per grant, not one per
+waiting task.
 """
 
 from __future__ import annotations
@@ -37,16 +41,17 @@ from worker.errors import RetryableError
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "harvester.polite:"
-# Starts are spaced this much wider than the rate says: the site counts arrivals, and two
-# requests' ways from their start to the site never take quite the same time. Of the margin's
-# 70 ms a second, LATE_SEND_SECONDS is the sender's; the rest is for the way and for the site's
-# own clock (the sample site on a loaded machine stamped arrivals up to 31 ms after the send).
-SPACING_MARGIN = 0.07
-# A request that would leave later than this after its start is not sent (and asks for another
-# turn): a loop busy elsewhere, or a process the machine did not run for a moment, would
-# otherwise send it so late that it lands right before the next one, within the rate's spacing.
-# Together with the site's own jitter it has to fit in the margin above. (The start is taken at
-# its earliest, the time before the round trip to Redis that granted it.)
+# The window a site counts in (one second) is widened by this much: a request's way from its
+# start to the site's stamp is never quite the same for two requests, so a window of the
+# site's is a window of starts this much longer. Of the margin, LATE_SEND_SECONDS is the
+# sender's; the rest is for the way and for the site's own clock (the sample site on a loaded
+# machine stamped arrivals well after the send: bench/README.md).
+WINDOW_MARGIN = 0.07
+# A request that would leave later than this after its start is not sent as that start: it
+# moves its start to the moment it leaves if the windows hold with it there (and is sent), and
+# otherwise gives its start back and asks for another turn. Together with the site's own
+# jitter it has to fit in the margin above. (The start is taken at its earliest, the time
+# before the round trip to Redis that granted it.)
 LATE_SEND_SECONDS = 0.02
 HEADERS_SENT_EVENT = "http11.send_request_headers.started"
 # A waiter for a concurrency slot asks again this often at most; a release in its own process
@@ -55,21 +60,59 @@ SLOT_POLL_SECONDS = 0.02
 REDIS_TIMEOUT_SECONDS = 2.0
 CLOCK_READING_SECONDS = 10.0
 # How far before its start a turn is granted at most: enough for the wake-up of a process that
-# sleeps until it, and short, so that a request that could not leave on time usually finds the
-# next start not yet granted and can move its own turn to now instead of wasting it.
+# sleeps until it, and short, so that the log rarely holds a start that is not yet due when a
+# late request asks to move its own.
 RESERVE_AHEAD_SECONDS = 0.01
 
-# KEYS: next start (ms, Redis clock), leases (zset lease id -> expiry ms), paused until (ms).
-# ARGV: spacing ms, concurrency, lease ms, lease id, reserve ahead ms.
+# Shared by the scripts below. `fits(starts, t, window, count, gap)`: whether a start at t,
+# added to `starts` (ascending, ms), keeps at most `count` starts in every window of `window` ms
+# and `gap` ms or more between neighbours. Only windows that hold t can change; the fullest of
+# them begins at t or at an earlier start.
+_FITS = """
+local function fits(starts, t, window, count, gap)
+  for _, s in ipairs(starts) do
+    if math.abs(s - t) < gap then return false end
+  end
+  local lefts = {t}
+  for _, s in ipairs(starts) do
+    if s > t - window and s <= t then table.insert(lefts, s) end
+  end
+  for _, x in ipairs(lefts) do
+    local n = 1
+    for _, s in ipairs(starts) do
+      if s >= x and s < x + window then n = n + 1 end
+    end
+    if n > count then return false end
+  end
+  return true
+end
+local function read_starts(key, now, window)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.3f', now - window))
+  local raw = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  local starts = {}
+  for i = 2, #raw, 2 do table.insert(starts, tonumber(raw[i])) end
+  return starts
+end
+local function keep_start(key, id, start, now, window)
+  redis.call('ZADD', key, string.format('%.3f', start), id)
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  redis.call('PEXPIRE', key, math.ceil(tonumber(last[2]) - now + window) + 1000)
+end
+"""
+
+# KEYS: starts (zset turn id -> start ms, Redis clock), leases (zset turn id -> expiry ms),
+# paused until (ms). ARGV: window ms, count, gap ms, concurrency, lease ms, turn id, ahead ms.
 # Returns {1, ms until the granted start, 'granted', now}, else {0, ms to wait, why, now}; ms
 # as strings (Redis would cut a Lua number to an integer); now is Redis's clock, in ms.
 #
-# A turn may be granted up to ARGV[5] ms ahead (RESERVE_AHEAD_SECONDS): its start is then the
-# next free one, and the caller sleeps until it. So the next start is taken by someone already
-# waiting for it, instead of by whoever asks first after it has come (a round trip and a
-# wake-up late, every time). Its slot is leased from the grant: a request holds the slot from
-# then on.
-_TAKE_TURN = """
+# The start is the earliest one after every start in the log that fits: a window after the
+# count-th last start, a gap after the last. It may be granted up to ARGV[7] ms ahead
+# (RESERVE_AHEAD_SECONDS), and the caller sleeps until it; so a start that frees is taken by
+# someone already waiting for it, instead of by whoever asks first after it has come. Its slot
+# is leased from the grant: a request holds the slot from then on.
+_TAKE_TURN = (
+    _FITS
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local paused = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -77,42 +120,50 @@ if paused > now then
   return {0, tostring(paused - now), 'paused', tostring(now)}
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
   local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   return {0, tostring(tonumber(first[2]) - now), 'full', tostring(now)}
 end
-local spacing = tonumber(ARGV[1])
-local ahead = math.min(spacing, tonumber(ARGV[5]))
-local start = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
-if start - now > ahead then
-  return {0, tostring(start - now - ahead), 'rate', tostring(now)}
+local window, count, gap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local starts = read_starts(KEYS[1], now, window)
+local start = now
+if #starts > 0 then start = math.max(start, starts[#starts] + gap) end
+if #starts >= count then start = math.max(start, starts[#starts - count + 1] + window) end
+if start - now > tonumber(ARGV[7]) then
+  return {0, tostring(start - now - tonumber(ARGV[7])), 'rate', tostring(now)}
 end
-redis.call('SET', KEYS[1], tostring(start + spacing), 'PX', math.ceil(start - now + spacing) + 1000)
-local lease = tonumber(ARGV[3])
-redis.call('ZADD', KEYS[2], start + lease, ARGV[4])
-redis.call('PEXPIRE', KEYS[2], math.ceil(start - now + lease) + 1000)
+keep_start(KEYS[1], ARGV[6], start, now, window)
+redis.call('ZADD', KEYS[2], string.format('%.3f', start + tonumber(ARGV[5])), ARGV[6])
+redis.call('PEXPIRE', KEYS[2], math.ceil(start - now + tonumber(ARGV[5])) + 1000)
 return {1, tostring(start - now), 'granted', tostring(now)}
 """
+)
 
-# A granted turn whose request could not leave on time moves to now, if no later start has
-# been granted since (the next start is still the one this turn set): the previous request
-# left a spacing or more before now, and the next will leave a spacing after.
-# KEYS: next start, leases. ARGV: the turn's start (ms), spacing ms, lease ms, lease id.
+# A granted turn whose request could not leave on time: its start moves to now if the log
+# still fits with it there (it is then sent), and is taken out of the log otherwise (it is not
+# sent, and its place is free for the next grant). Taking a start out never breaks a window.
+# A turn whose lease has run out is not sent either.
+# KEYS: starts, leases. ARGV: window ms, count, gap ms, lease ms, turn id.
 # Returns {1 (moved) or 0, now}.
-_MOVE_TO_NOW = """
+_MOVE_TO_NOW = (
+    _FITS
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local spacing = tonumber(ARGV[2])
-local next_start = tonumber(redis.call('GET', KEYS[1]) or '0')
-local held = redis.call('ZSCORE', KEYS[2], ARGV[4])
-if not held or tonumber(held) <= now
-    or math.abs(next_start - (tonumber(ARGV[1]) + spacing)) > 0.5 then
+local window, count, gap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREM', KEYS[1], ARGV[5])
+local held = redis.call('ZSCORE', KEYS[2], ARGV[5])
+if not held or tonumber(held) <= now then
   return {0, tostring(now)}
 end
-redis.call('SET', KEYS[1], tostring(now + spacing), 'PX', math.ceil(spacing) + 1000)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
+if not fits(read_starts(KEYS[1], now, window), now, window, count, gap) then
+  return {0, tostring(now)}
+end
+keep_start(KEYS[1], ARGV[5], now, now, window)
+redis.call('ZADD', KEYS[2], string.format('%.3f', now + tonumber(ARGV[4])), ARGV[5])
 return {1, tostring(now)}
 """
+)
 
 # KEYS: paused until (ms). ARGV: pause ms. Only ever lengthens a pause.
 _PAUSE = """
@@ -142,11 +193,20 @@ class BudgetLimits:
     lease_seconds: float
 
 
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """At most `count` starts in any `window` seconds, and `gap` seconds or more between two."""
+
+    window: float
+    count: int
+    gap: float = 0.0
+
+
 class Turn:
     """A granted turn: how long its task waited for it (time that is not the task's work), and
     the check that its request leaves in time (`trace`, httpcore's trace extension)."""
 
-    __slots__ = ("_move", "_sent", "due", "moved", "waited")
+    __slots__ = ("_move", "_sent", "due", "held_back", "moved", "waited")
 
     def __init__(
         self, due: float, waited: float, move: Callable[[], Awaitable[float | None]] | None = None
@@ -154,6 +214,7 @@ class Turn:
         self.due = due  # the earliest its start can be, in this process's time.monotonic()
         self.waited = waited
         self.moved = False
+        self.held_back = False  # its request was stopped before it was sent
         self._move = move
         self._sent = False
 
@@ -168,6 +229,7 @@ class Turn:
                 self.due = moved_to
                 late = time.monotonic() - self.due
         if late > LATE_SEND_SECONDS:
+            self.held_back = True
             raise LateForTurn(f"the request would have left {late * 1000:.0f} ms after its start")
         self._sent = True
 
@@ -228,12 +290,16 @@ class HostBudget:
 
     def _keys(self, host: str) -> list[str]:
         base = f"{self._prefix}{host}:"
-        return [base + "next", base + "leases", base + "paused"]
+        return [base + "starts", base + "leases", base + "paused"]
 
-    def spacing(self, crawl_delay: float | None = None) -> float:
-        """Seconds between two starts on a host: the rate's, or Crawl-delay's if longer."""
-        spacing = (1.0 + SPACING_MARGIN) / self._limits.requests_per_second
-        return max(spacing, crawl_delay or 0.0)
+    def pace(self, crawl_delay: float | None = None) -> Pace:
+        """The starts a host may have: the rate's whole part in any second (or one in each
+        1 / rate seconds, below one a second), the window widened by its margin; and the
+        Crawl-delay between two starts, if there is one."""
+        rate = self._limits.requests_per_second
+        count = max(math.floor(rate), 1)
+        window = (1.0 + WINDOW_MARGIN) * max(1.0, 1.0 / rate)
+        return Pace(window, count, crawl_delay or 0.0)
 
     @contextlib.asynccontextmanager
     async def turn(
@@ -243,48 +309,47 @@ class HostBudget:
         the block runs, and give its slot back after."""
         lease_id = uuid.uuid4().hex
         started = time.monotonic()
+        pace = self.pace(crawl_delay)
         try:
             async with asyncio.timeout(max_wait):
-                spacing = self.spacing(crawl_delay)
-                start_at, due, redis_start = await self._reserve(host, lease_id, spacing)
+                start_at, due = await self._reserve(host, lease_id, pace)
                 # Not before the start Redis gave, measured from after its answer came back.
                 await asyncio.sleep(max(start_at - time.monotonic(), 0.0))
         except TimeoutError as exc:
-            await self._release(host, lease_id)  # if it was granted meanwhile
+            await self._release(host, lease_id, unsent=True)  # if it was granted meanwhile
             raise TurnNotGiven(
                 f"no turn on {host} within {max_wait:g} s (SOURCE_MAX_REQUESTS_PER_SECOND, "
                 "SOURCE_MAX_CONCURRENCY): the fleet has more pages in flight than it may fetch"
             ) from exc
         except BaseException:
-            await self._release(host, lease_id)
+            await self._release(host, lease_id, unsent=True)
             raise
+
+        async def move() -> float | None:
+            return await self._move_to_now(host, lease_id, pace)
+
+        turn = Turn(due, time.monotonic() - started, move)
         try:
-
-            async def move() -> float | None:
-                return await self._move_to_now(host, lease_id, redis_start, spacing)
-
-            yield Turn(due, time.monotonic() - started, move)
+            yield turn
         finally:
-            await self._release(host, lease_id)
+            # A request held back gives its start back too: it never reached the site.
+            await self._release(host, lease_id, unsent=turn.held_back)
 
-    async def _reserve(
-        self, host: str, lease_id: str, spacing: float
-    ) -> tuple[float, float, float]:
+    async def _reserve(self, host: str, lease_id: str, pace: Pace) -> tuple[float, float]:
         """A granted start on `host`, in this process's time.monotonic(): when the request may
-        leave (no earlier than Redis's start) and when it is due (no later than it); and the
-        start on Redis's clock."""
+        leave (no earlier than Redis's start) and when it is due (no later than it)."""
         line = self._lines.setdefault(host, asyncio.Lock())
         released = self._released.setdefault(host, asyncio.Event())
         async with line:  # FIFO: the process's waiters for a host queue here; one asks Redis
             while True:
                 asked_at = time.monotonic()
-                granted, wait, why, redis_now = await self._ask(host, lease_id, spacing)
+                granted, wait, why, redis_now = await self._ask(host, lease_id, pace)
                 answered_at = time.monotonic()
                 self._clock.observe(asked_at, answered_at, redis_now)
                 if granted:
                     start = self._clock.local(redis_now + wait)
                     error = self._clock.error
-                    return start + error, start - error, redis_now + wait
+                    return start + error, start - error
                 if why == "full":
                     # A slot frees when a request ends, which Redis cannot tell us.
                     released.clear()
@@ -294,13 +359,13 @@ class HostBudget:
                 else:
                     await asyncio.sleep(wait)
 
-    async def _ask(
-        self, host: str, lease_id: str, spacing: float
-    ) -> tuple[bool, float, str, float]:
+    async def _ask(self, host: str, lease_id: str, pace: Pace) -> tuple[bool, float, str, float]:
         """(granted, seconds to wait, why, Redis's clock in seconds)."""
         limits = self._limits
         args: list[float | int | str] = [
-            spacing * 1000.0,
+            pace.window * 1000.0,
+            pace.count,
+            pace.gap * 1000.0,
             limits.concurrency,
             limits.lease_seconds * 1000.0,
             lease_id,
@@ -316,15 +381,20 @@ class HostBudget:
         granted, wait_ms, why, now_ms = int(raw[0]), float(raw[1]), _text(raw[2]), float(raw[3])
         return bool(granted), max(wait_ms, 0.0) / 1000.0, why, now_ms / 1000.0
 
-    async def _move_to_now(
-        self, host: str, lease_id: str, redis_start: float, spacing: float
-    ) -> float | None:
-        """Move a granted turn's start to now if nobody has a start after it; when it moved,
-        the new start in this process's time.monotonic() (at its earliest), else None."""
-        args = [redis_start * 1000.0, spacing * 1000.0, self._limits.lease_seconds * 1000.0]
+    async def _move_to_now(self, host: str, lease_id: str, pace: Pace) -> float | None:
+        """Move a granted turn's start to now if the host's windows hold with it there; when it
+        moved, the new start in this process's time.monotonic() (at its earliest), else None
+        (and the start is out of the log)."""
+        args: list[float | int | str] = [
+            pace.window * 1000.0,
+            pace.count,
+            pace.gap * 1000.0,
+            self._limits.lease_seconds * 1000.0,
+            lease_id,
+        ]
         asked_at = time.monotonic()
         try:
-            raw = await self._move(keys=self._keys(host)[:2], args=[*args, lease_id])
+            raw = await self._move(keys=self._keys(host)[:2], args=args)
         except (RedisError, OSError):
             return None  # then the request is not sent, as if the turn could not move
         answered_at = time.monotonic()
@@ -334,9 +404,18 @@ class HostBudget:
             return None
         return self._clock.local(redis_now) - self._clock.error
 
-    async def _release(self, host: str, lease_id: str) -> None:
+    async def _release(self, host: str, lease_id: str, *, unsent: bool = False) -> None:
+        """Give the turn's slot back; and its start, when its request was never sent (taking
+        a start out of the log never puts more than the count into a window)."""
+        starts, leases, _ = self._keys(host)
         try:
-            await self._client.zrem(self._keys(host)[1], lease_id)
+            if unsent:
+                async with self._client.pipeline(transaction=True) as both:
+                    both.zrem(leases, lease_id)
+                    both.zrem(starts, lease_id)
+                    await both.execute()
+            else:
+                await self._client.zrem(leases, lease_id)
         except (RedisError, OSError) as exc:
             log.warning("could not give back a slot on %s (it expires by itself): %s", host, exc)
         self._released.setdefault(host, asyncio.Event()).set()
