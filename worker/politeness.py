@@ -3,23 +3,27 @@
 Every request to a source host, robots.txt included, first takes a turn (`HostBudget.turn`):
 a slot of the host's `SOURCE_MAX_CONCURRENCY`, held as a lease that expires after
 `SOURCE_LEASE_SECONDS` (so a worker killed while holding one gives it back by itself), and a
-start in the host's log of starts. Both are taken together by one Lua script on Redis's own
+place in the host's log of sends. Both are taken together by one Lua script on Redis's own
 clock, so workers on hosts with different clocks share one budget and no two of them can take
 the same slot. A 429 or 503 with Retry-After pauses the host's budget for everyone
 (`HostBudget.pause`).
 
-The guarantee is stated in the site's own terms (`Pace`): at most `count` starts in any window
-of `window` seconds, where the window is the second a site counts in, widened by
-`WINDOW_MARGIN` for the way from a start to the site's stamp; and, with a robots.txt
-Crawl-delay, at least that long between two starts. The log (a sorted set of the starts of the
-last window) lets a request that leaves late keep its place: its start moves to the moment it
-really leaves whenever the windows still hold with it there, and when they would not, the
-request is not sent and its start is taken out of the log, so its slot is free for the next
-grant instead of lost. A turn is granted up to RESERVE_AHEAD_SECONDS before its start, and its
-request leaves at the start. A turn waits on the process's event loop, with no database
-connection held; in each process only the first waiter of a host asks Redis (the others queue
-behind it on an asyncio lock), so waiting costs Redis about one call per grant, not one per
-waiting task.
+The guarantee is stated in the site's own terms (`Pace`): at most `count` requests in any
+window of `window` seconds, where the window is the second a site counts in, widened by
+`WINDOW_MARGIN` for the way from the sender to the site's stamp; and, with a robots.txt
+Crawl-delay, at least that long between two requests. What the log holds for each request is
+when it may have left at the latest: on its grant, its start plus `LATE_SEND_SECONDS` (it may
+leave any time until then); once its headers are out, the moment they were, read on this
+process's clock of Redis's. A new start comes a window after the count-th latest of these (a
+Crawl-delay after the latest), so a request that leaves late only pushes the starts that come
+a count after it, by its own lateness, instead of losing its place; the log's figures only
+ever come down, so no grant made on an earlier figure can overrun a window. A request that
+could not leave within LATE_SEND_SECONDS is not sent, and its place leaves the log.
+
+A turn is granted up to RESERVE_AHEAD_SECONDS before its start, and its request leaves at the
+start. A turn waits on the process's event loop, with no database connection held; in each
+process only the first waiter of a host asks Redis (the others queue behind it on an asyncio
+lock), so waiting costs Redis about one call per grant, not one per waiting task.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -41,78 +45,42 @@ from worker.errors import RetryableError
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "harvester.polite:"
-# The window a site counts in (one second) is widened by this much: a request's way from its
-# start to the site's stamp is never quite the same for two requests, so a window of the
-# site's is a window of starts this much longer. Of the margin, LATE_SEND_SECONDS is the
-# sender's; the rest is for the way and for the site's own clock (the sample site on a loaded
-# machine stamped arrivals well after the send: bench/README.md).
+# The window a site counts in (one second) is widened by this much: a request's way from the
+# sender to the site's stamp is never quite the same for two requests (the sample site on a
+# loaded machine stamped arrivals tens of ms after the send: bench/README.md), so a second of
+# the site's is a window of sends this much longer. The sender's own lateness is not in it:
+# the log holds when each request really left.
 WINDOW_MARGIN = 0.07
-# A request that would leave later than this after its start is not sent as that start: it
-# moves its start to the moment it leaves if the windows hold with it there (and is sent), and
-# otherwise gives its start back and asks for another turn. Together with the site's own
-# jitter it has to fit in the margin above. (The start is taken at its earliest, the time
-# before the round trip to Redis that granted it.)
-LATE_SEND_SECONDS = 0.02
+# The latest a request may leave after its start; one that would leave later is not sent and
+# asks for another turn. Until its send is known, the log counts the request as leaving this
+# late, which holds back only the start a count after it (a window later): so it can be far
+# longer than a machine's usual lateness without costing the budget anything.
+LATE_SEND_SECONDS = 0.2
+# A request that leaves later than this after its start is counted as late (a worker that
+# counts many is short of CPU for its concurrency); it is still sent.
+NOTED_LATE_SECONDS = 0.02
 HEADERS_SENT_EVENT = "http11.send_request_headers.started"
+HEADERS_OUT_EVENT = "http11.send_request_headers.complete"
 # A waiter for a concurrency slot asks again this often at most; a release in its own process
 # wakes it sooner.
 SLOT_POLL_SECONDS = 0.02
 REDIS_TIMEOUT_SECONDS = 2.0
 CLOCK_READING_SECONDS = 10.0
 # How far before its start a turn is granted at most: enough for the wake-up of a process that
-# sleeps until it, and short, so that the log rarely holds a start that is not yet due when a
-# late request asks to move its own.
+# sleeps until it, so that a start that frees is taken by a waiter already awake for it.
 RESERVE_AHEAD_SECONDS = 0.01
 
-# Shared by the scripts below. `fits(starts, t, window, count, gap)`: whether a start at t,
-# added to `starts` (ascending, ms), keeps at most `count` starts in every window of `window` ms
-# and `gap` ms or more between neighbours. Only windows that hold t can change; the fullest of
-# them begins at t or at an earlier start.
-_FITS = """
-local function fits(starts, t, window, count, gap)
-  for _, s in ipairs(starts) do
-    if math.abs(s - t) < gap then return false end
-  end
-  local lefts = {t}
-  for _, s in ipairs(starts) do
-    if s > t - window and s <= t then table.insert(lefts, s) end
-  end
-  for _, x in ipairs(lefts) do
-    local n = 1
-    for _, s in ipairs(starts) do
-      if s >= x and s < x + window then n = n + 1 end
-    end
-    if n > count then return false end
-  end
-  return true
-end
-local function read_starts(key, now, window)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.3f', now - window))
-  local raw = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-  local starts = {}
-  for i = 2, #raw, 2 do table.insert(starts, tonumber(raw[i])) end
-  return starts
-end
-local function keep_start(key, id, start, now, window)
-  redis.call('ZADD', key, string.format('%.3f', start), id)
-  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-  redis.call('PEXPIRE', key, math.ceil(tonumber(last[2]) - now + window) + 1000)
-end
-"""
-
-# KEYS: starts (zset turn id -> start ms, Redis clock), leases (zset turn id -> expiry ms),
-# paused until (ms). ARGV: window ms, count, gap ms, concurrency, lease ms, turn id, ahead ms.
+# KEYS: sends (zset turn id -> the latest it may have left, ms on Redis's clock), leases (zset
+# turn id -> expiry ms), paused until (ms).
+# ARGV: window ms, count, gap ms, concurrency, lease ms, turn id, ahead ms, late ms.
 # Returns {1, ms until the granted start, 'granted', now}, else {0, ms to wait, why, now}; ms
 # as strings (Redis would cut a Lua number to an integer); now is Redis's clock, in ms.
 #
-# The start is the earliest one after every start in the log that fits: a window after the
-# count-th last start, a gap after the last. It may be granted up to ARGV[7] ms ahead
-# (RESERVE_AHEAD_SECONDS), and the caller sleeps until it; so a start that frees is taken by
-# someone already waiting for it, instead of by whoever asks first after it has come. Its slot
-# is leased from the grant: a request holds the slot from then on.
-_TAKE_TURN = (
-    _FITS
-    + """
+# A start fits when fewer than `count` requests may have left within the window before it,
+# and none within the gap: so every window that holds it holds at most `count`. It may be
+# granted up to ARGV[7] ms ahead (RESERVE_AHEAD_SECONDS), and the caller sleeps until it. Its
+# slot is leased from the grant: a request holds the slot from then on.
+_TAKE_TURN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local paused = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -125,45 +93,36 @@ if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
   return {0, tostring(tonumber(first[2]) - now), 'full', tostring(now)}
 end
 local window, count, gap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local starts = read_starts(KEYS[1], now, window)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.3f', now - window))
 local start = now
-if #starts > 0 then start = math.max(start, starts[#starts] + gap) end
-if #starts >= count then start = math.max(start, starts[#starts - count + 1] + window) end
+if gap > 0 then
+  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  if last[2] then start = math.max(start, tonumber(last[2]) + gap) end
+end
+local nth = redis.call('ZRANGE', KEYS[1], -count, -count, 'WITHSCORES')
+if nth[2] then start = math.max(start, tonumber(nth[2]) + window) end
 if start - now > tonumber(ARGV[7]) then
   return {0, tostring(start - now - tonumber(ARGV[7])), 'rate', tostring(now)}
 end
-keep_start(KEYS[1], ARGV[6], start, now, window)
+local latest = start + tonumber(ARGV[8])
+redis.call('ZADD', KEYS[1], string.format('%.3f', latest), ARGV[6])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(last[2]) - now + window) + 1000)
 redis.call('ZADD', KEYS[2], string.format('%.3f', start + tonumber(ARGV[5])), ARGV[6])
 redis.call('PEXPIRE', KEYS[2], math.ceil(start - now + tonumber(ARGV[5])) + 1000)
 return {1, tostring(start - now), 'granted', tostring(now)}
 """
-)
 
-# A granted turn whose request could not leave on time: its start moves to now if the log
-# still fits with it there (it is then sent), and is taken out of the log otherwise (it is not
-# sent, and its place is free for the next grant). Taking a start out never breaks a window.
-# A turn whose lease has run out is not sent either.
-# KEYS: starts, leases. ARGV: window ms, count, gap ms, lease ms, turn id.
-# Returns {1 (moved) or 0, now}.
-_MOVE_TO_NOW = (
-    _FITS
-    + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local window, count, gap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('ZREM', KEYS[1], ARGV[5])
-local held = redis.call('ZSCORE', KEYS[2], ARGV[5])
-if not held or tonumber(held) <= now then
-  return {0, tostring(now)}
+# A request's headers are out: the latest it may have left comes down to when they were (it
+# only ever comes down, and a place that has left the log stays out).
+# KEYS: sends. ARGV: turn id, sent by (ms, Redis's clock).
+_SENT = """
+local latest = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if latest and tonumber(latest) > tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
 end
-if not fits(read_starts(KEYS[1], now, window), now, window, count, gap) then
-  return {0, tostring(now)}
-end
-keep_start(KEYS[1], ARGV[5], now, now, window)
-redis.call('ZADD', KEYS[2], string.format('%.3f', now + tonumber(ARGV[4])), ARGV[5])
-return {1, tostring(now)}
+return 1
 """
-)
 
 # KEYS: paused until (ms). ARGV: pause ms. Only ever lengthens a pause.
 _PAUSE = """
@@ -195,7 +154,7 @@ class BudgetLimits:
 
 @dataclass(frozen=True, slots=True)
 class Pace:
-    """At most `count` starts in any `window` seconds, and `gap` seconds or more between two."""
+    """At most `count` requests in any `window` seconds, and `gap` seconds or more between two."""
 
     window: float
     count: int
@@ -203,35 +162,46 @@ class Pace:
 
 
 class Turn:
-    """A granted turn: how long its task waited for it (time that is not the task's work), and
-    the check that its request leaves in time (`trace`, httpcore's trace extension)."""
+    """A granted turn: how long its task waited for it (time that is not the task's work), the
+    check that its request leaves in time and the word to the fleet's log of when it left
+    (`trace`, httpcore's trace extension)."""
 
-    __slots__ = ("_move", "_sent", "due", "held_back", "moved", "waited")
+    __slots__ = ("_report", "_reporting", "_sent", "due", "held_back", "late", "waited")
 
     def __init__(
-        self, due: float, waited: float, move: Callable[[], Awaitable[float | None]] | None = None
+        self,
+        due: float,
+        waited: float,
+        report: Callable[[float], Coroutine[None, None, None]] | None = None,
     ) -> None:
         self.due = due  # the earliest its start can be, in this process's time.monotonic()
         self.waited = waited
-        self.moved = False
+        self.late = 0.0  # how long after its start its request left
         self.held_back = False  # its request was stopped before it was sent
-        self._move = move
+        self._report = report
+        self._reporting: asyncio.Task[None] | None = None
         self._sent = False
 
     async def trace(self, event: str, info: dict[str, object]) -> None:
-        if event != HEADERS_SENT_EVENT or self._sent:
-            return  # a redirect's next hop rides on the same turn
-        late = time.monotonic() - self.due
-        if late > LATE_SEND_SECONDS and self._move is not None and not self.moved:
-            moved_to = await self._move()
-            if moved_to is not None:
-                self.moved = True
-                self.due = moved_to
-                late = time.monotonic() - self.due
-        if late > LATE_SEND_SECONDS:
-            self.held_back = True
-            raise LateForTurn(f"the request would have left {late * 1000:.0f} ms after its start")
-        self._sent = True
+        if event == HEADERS_SENT_EVENT and not self._sent:
+            late = time.monotonic() - self.due
+            if late > LATE_SEND_SECONDS:
+                self.held_back = True
+                raise LateForTurn(
+                    f"the request would have left {late * 1000:.0f} ms after its start"
+                )
+            self.late = late
+            self._sent = True
+        elif event == HEADERS_OUT_EVENT and self._sent and self._report and not self._reporting:
+            # The headers are out by now. Told beside the exchange, not before its answer: the
+            # start it frees comes a window later, while the answer is awaited now.
+            self._reporting = asyncio.create_task(self._report(time.monotonic()))
+        # Anything else, a redirect's next hop included, rides on the same turn.
+
+    async def reported(self) -> None:
+        """Wait for the word to the log of when the request left, if one was sent."""
+        if self._reporting is not None:
+            await self._reporting
 
 
 class RedisClock:
@@ -258,6 +228,9 @@ class RedisClock:
     def local(self, redis_time: float) -> float:
         return redis_time - self._offset
 
+    def remote(self, local_time: float) -> float:
+        return local_time + self._offset
+
 
 class HostBudget:
     """The fleet's per-host rate and concurrency, for the tasks of one worker process."""
@@ -268,7 +241,7 @@ class HostBudget:
         self._limits = limits
         self._take_turn = client.register_script(_TAKE_TURN)
         self._pause = client.register_script(_PAUSE)
-        self._move = client.register_script(_MOVE_TO_NOW)
+        self._sent = client.register_script(_SENT)
         self._clock = RedisClock()
         self._lines: dict[str, asyncio.Lock] = {}
         self._released: dict[str, asyncio.Event] = {}
@@ -290,12 +263,12 @@ class HostBudget:
 
     def _keys(self, host: str) -> list[str]:
         base = f"{self._prefix}{host}:"
-        return [base + "starts", base + "leases", base + "paused"]
+        return [base + "sends", base + "leases", base + "paused"]
 
     def pace(self, crawl_delay: float | None = None) -> Pace:
-        """The starts a host may have: the rate's whole part in any second (or one in each
+        """The requests a host may have: the rate's whole part in any second (or one in each
         1 / rate seconds, below one a second), the window widened by its margin; and the
-        Crawl-delay between two starts, if there is one."""
+        Crawl-delay between two requests, if there is one."""
         rate = self._limits.requests_per_second
         count = max(math.floor(rate), 1)
         window = (1.0 + WINDOW_MARGIN) * max(1.0, 1.0 / rate)
@@ -325,14 +298,15 @@ class HostBudget:
             await self._release(host, lease_id, unsent=True)
             raise
 
-        async def move() -> float | None:
-            return await self._move_to_now(host, lease_id, pace)
+        async def report(sent_at: float) -> None:
+            await self._report_sent(host, lease_id, sent_at)
 
-        turn = Turn(due, time.monotonic() - started, move)
+        turn = Turn(due, time.monotonic() - started, report)
         try:
             yield turn
         finally:
-            # A request held back gives its start back too: it never reached the site.
+            await turn.reported()
+            # A request held back gives its place back too: it never reached the site.
             await self._release(host, lease_id, unsent=turn.held_back)
 
     async def _reserve(self, host: str, lease_id: str, pace: Pace) -> tuple[float, float]:
@@ -370,6 +344,7 @@ class HostBudget:
             limits.lease_seconds * 1000.0,
             lease_id,
             RESERVE_AHEAD_SECONDS * 1000.0,
+            LATE_SEND_SECONDS * 1000.0,
         ]
         try:
             raw = await self._take_turn(keys=self._keys(host), args=args)
@@ -381,38 +356,25 @@ class HostBudget:
         granted, wait_ms, why, now_ms = int(raw[0]), float(raw[1]), _text(raw[2]), float(raw[3])
         return bool(granted), max(wait_ms, 0.0) / 1000.0, why, now_ms / 1000.0
 
-    async def _move_to_now(self, host: str, lease_id: str, pace: Pace) -> float | None:
-        """Move a granted turn's start to now if the host's windows hold with it there; when it
-        moved, the new start in this process's time.monotonic() (at its earliest), else None
-        (and the start is out of the log)."""
-        args: list[float | int | str] = [
-            pace.window * 1000.0,
-            pace.count,
-            pace.gap * 1000.0,
-            self._limits.lease_seconds * 1000.0,
-            lease_id,
-        ]
-        asked_at = time.monotonic()
+    async def _report_sent(self, host: str, lease_id: str, sent_at: float) -> None:
+        """Bring the latest the turn's request may have left down to `sent_at` (this
+        process's time.monotonic()), read on Redis's clock at its latest."""
+        sent_by = self._clock.remote(sent_at) + self._clock.error
         try:
-            raw = await self._move(keys=self._keys(host)[:2], args=args)
-        except (RedisError, OSError):
-            return None  # then the request is not sent, as if the turn could not move
-        answered_at = time.monotonic()
-        redis_now = float(raw[1]) / 1000.0
-        self._clock.observe(asked_at, answered_at, redis_now)
-        if not int(raw[0]):
-            return None
-        return self._clock.local(redis_now) - self._clock.error
+            await self._sent(keys=self._keys(host)[:1], args=[lease_id, f"{sent_by * 1000:.3f}"])
+        except (RedisError, OSError) as exc:
+            # It stays in the log as leaving as late as it may have: a later start, no overrun.
+            log.warning("could not tell the fleet when a request to %s left: %s", host, exc)
 
     async def _release(self, host: str, lease_id: str, *, unsent: bool = False) -> None:
-        """Give the turn's slot back; and its start, when its request was never sent (taking
-        a start out of the log never puts more than the count into a window)."""
-        starts, leases, _ = self._keys(host)
+        """Give the turn's slot back; and its place in the log, when its request was never sent
+        (taking a place out never puts more than the count into a window)."""
+        sends, leases, _ = self._keys(host)
         try:
             if unsent:
                 async with self._client.pipeline(transaction=True) as both:
                     both.zrem(leases, lease_id)
-                    both.zrem(starts, lease_id)
+                    both.zrem(sends, lease_id)
                     await both.execute()
             else:
                 await self._client.zrem(leases, lease_id)
