@@ -67,8 +67,10 @@ SLOT_POLL_SECONDS = 0.02
 REDIS_TIMEOUT_SECONDS = 2.0
 CLOCK_READING_SECONDS = 10.0
 # How far before its start a turn is granted at most: enough for the wake-up of a process that
-# sleeps until it, so that a start that frees is taken by a waiter already awake for it.
-RESERVE_AHEAD_SECONDS = 0.01
+# sleeps until it, so that a start that frees is taken by a waiter already awake for it, and
+# for the few round trips in which a process's waiters, one after the other, take the starts
+# of a window that free together.
+RESERVE_AHEAD_SECONDS = 0.03
 
 # KEYS: sends (zset turn id -> the latest it may have left, ms on Redis's clock), leases (zset
 # turn id -> expiry ms), paused until (ms).
