@@ -66,6 +66,11 @@ HEADERS_OUT_EVENT = "http11.send_request_headers.complete"
 SLOT_POLL_SECONDS = 0.02
 REDIS_TIMEOUT_SECONDS = 2.0
 CLOCK_READING_SECONDS = 10.0
+# Starts are at least this share of the window's mean spacing (window / count) apart: a
+# window's count goes out over part of it, not all at once, so that their answers, and the
+# parse and store of each, do not all land on a worker's loop in one moment, while the next
+# starts are due. It paces; the guarantee is the window's.
+START_SPREAD = 0.5
 # How far before its start a turn is granted at most: enough for the wake-up of a process that
 # sleeps until it, so that a start that frees is taken by a waiter already awake for it, and
 # for the few round trips in which a process's waiters, one after the other, take the starts
@@ -73,8 +78,8 @@ CLOCK_READING_SECONDS = 10.0
 RESERVE_AHEAD_SECONDS = 0.03
 
 # KEYS: sends (zset turn id -> the latest it may have left, ms on Redis's clock), leases (zset
-# turn id -> expiry ms), paused until (ms).
-# ARGV: window ms, count, gap ms, concurrency, lease ms, turn id, ahead ms, late ms.
+# turn id -> expiry ms), paused until (ms), the last start granted (ms).
+# ARGV: window ms, count, gap ms, concurrency, lease ms, turn id, ahead ms, late ms, spread ms.
 # Returns {1, ms until the granted start, 'granted', now}, else {0, ms to wait, why, now}; ms
 # as strings (Redis would cut a Lua number to an integer); now is Redis's clock, in ms.
 #
@@ -103,9 +108,13 @@ if gap > 0 then
 end
 local nth = redis.call('ZRANGE', KEYS[1], -count, -count, 'WITHSCORES')
 if nth[2] then start = math.max(start, tonumber(nth[2]) + window) end
+local spread = tonumber(ARGV[9])
+start = math.max(start, tonumber(redis.call('GET', KEYS[4]) or '0') + spread)
 if start - now > tonumber(ARGV[7]) then
   return {0, tostring(start - now - tonumber(ARGV[7])), 'rate', tostring(now)}
 end
+local keep = math.ceil(start - now + spread) + 1000
+redis.call('SET', KEYS[4], string.format('%.3f', start), 'PX', keep)
 local latest = start + tonumber(ARGV[8])
 redis.call('ZADD', KEYS[1], string.format('%.3f', latest), ARGV[6])
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
@@ -265,7 +274,7 @@ class HostBudget:
 
     def _keys(self, host: str) -> list[str]:
         base = f"{self._prefix}{host}:"
-        return [base + "sends", base + "leases", base + "paused"]
+        return [base + "sends", base + "leases", base + "paused", base + "last"]
 
     def pace(self, crawl_delay: float | None = None) -> Pace:
         """The requests a host may have: the rate's whole part in any second (or one in each
@@ -347,6 +356,7 @@ class HostBudget:
             lease_id,
             RESERVE_AHEAD_SECONDS * 1000.0,
             LATE_SEND_SECONDS * 1000.0,
+            START_SPREAD * pace.window / pace.count * 1000.0,
         ]
         try:
             raw = await self._take_turn(keys=self._keys(host), args=args)
@@ -371,7 +381,7 @@ class HostBudget:
     async def _release(self, host: str, lease_id: str, *, unsent: bool = False) -> None:
         """Give the turn's slot back; and its place in the log, when its request was never sent
         (taking a place out never puts more than the count into a window)."""
-        sends, leases, _ = self._keys(host)
+        sends, leases, *_ = self._keys(host)
         try:
             if unsent:
                 async with self._client.pipeline(transaction=True) as both:
