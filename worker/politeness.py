@@ -20,10 +20,11 @@ a count after it, by its own lateness, instead of losing its place; the log's fi
 ever come down, so no grant made on an earlier figure can overrun a window. A request that
 could not leave within LATE_SEND_SECONDS is not sent, and its place leaves the log.
 
-A turn is granted up to RESERVE_AHEAD_SECONDS before its start, and its request leaves at the
-start. A turn waits on the process's event loop, with no database connection held; in each
-process only the first waiter of a host asks Redis (the others queue behind it on an asyncio
-lock), so waiting costs Redis about one call per grant, not one per waiting task.
+Starts are also paced (START_SPREAD), so that a window's count does not go out at once. A turn
+is granted up to RESERVE_AHEAD_SECONDS before its start, and its request leaves at the start.
+A turn waits on the process's event loop, with no database connection held; in each process
+only the first waiter of a host asks Redis (the others queue behind it on an asyncio lock), so
+waiting costs Redis about one call per grant, not one per waiting task.
 """
 
 from __future__ import annotations
