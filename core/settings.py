@@ -360,9 +360,11 @@ class Settings(BaseSettings):
     source_max_requests_per_second: float = Field(
         default=5.0,
         gt=0,
-        description="Requests per second the whole fleet of workers sends to one source host, "
-        "robots.txt included, kept through Redis (the broker's, or the result backend's when "
-        "the broker is AMQP); a robots.txt Crawl-delay can only slow it further.",
+        description="Requests the whole fleet of workers sends to one source host in any second "
+        "(of a fractional rate above one, its whole part; below one, one request in each "
+        "1 / rate seconds), robots.txt included, kept through Redis (the broker's, or the "
+        "result backend's when the broker is AMQP); a robots.txt Crawl-delay can only slow it "
+        "further.",
     )
     source_max_concurrency: int = Field(
         default=8,

@@ -2,20 +2,29 @@
 
 Every request to a source host, robots.txt included, first takes a turn (`HostBudget.turn`):
 a slot of the host's `SOURCE_MAX_CONCURRENCY`, held as a lease that expires after
-`SOURCE_LEASE_SECONDS` (so a worker killed while holding one gives it back by itself), and the
-host's next start time, spaced `1 / SOURCE_MAX_REQUESTS_PER_SECOND` (or the robots.txt
-Crawl-delay, whichever is longer) after the previous start. Both are taken together by one Lua
-script on Redis's own clock, so workers on hosts with different clocks share one budget and no
-two of them can take the same slot. A 429 or 503 with Retry-After pauses the host's budget for
-everyone (`HostBudget.pause`).
+`SOURCE_LEASE_SECONDS` (so a worker killed while holding one gives it back by itself), and a
+place in the host's log of sends. Both are taken together by one Lua script on Redis's own
+clock, so workers on hosts with different clocks share one budget and no two of them can take
+the same slot. A 429 or 503 with Retry-After pauses the host's budget for everyone
+(`HostBudget.pause`).
 
-The start times form a token bucket of capacity one (GCRA): no burst, since a burst would put
-more than the rate's worth of requests into some one-second window. A turn is granted up to one
-spacing before its start, and its request leaves at the start, so the budget is used to the
-full; a request that could not leave on time (`LATE_SEND_SECONDS`) is not sent at all. A turn
-waits on the process's event loop, with no database connection held; in each process only the
-first waiter of a host asks Redis (the others queue behind it on an asyncio lock), so waiting
-costs Redis about one call per grant, not one per waiting task.
+The guarantee is stated in the site's own terms (`Pace`): at most `count` requests in any
+window of `window` seconds, where the window is the second a site counts in, widened by
+`WINDOW_MARGIN` for the way from the sender to the site's stamp; and, with a robots.txt
+Crawl-delay, at least that long between two requests. What the log holds for each request is
+when it may have left at the latest: on its grant, its start plus `LATE_SEND_SECONDS` (it may
+leave any time until then); once its headers are out, the moment they were, read on this
+process's clock of Redis's. A new start comes a window after the count-th latest of these (a
+Crawl-delay after the latest), so a request that leaves late only pushes the starts that come
+a count after it, by its own lateness, instead of losing its place; the log's figures only
+ever come down, so no grant made on an earlier figure can overrun a window. A request that
+could not leave within LATE_SEND_SECONDS is not sent, and its place leaves the log.
+
+Starts are also paced (START_SPREAD), so that a window's count does not go out at once. A turn
+is granted up to RESERVE_AHEAD_SECONDS before its start, and its request leaves at the start.
+A turn waits on the process's event loop, with no database connection held; in each process
+only the first waiter of a host asks Redis (the others queue behind it on an asyncio lock), so
+waiting costs Redis about one call per grant, not one per waiting task.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -37,38 +46,48 @@ from worker.errors import RetryableError
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "harvester.polite:"
-# Starts are spaced this much wider than the rate says: the site counts arrivals, and two
-# requests' ways from their start to the site never take quite the same time. Of the margin's
-# 70 ms a second, LATE_SEND_SECONDS is the sender's; the rest is for the way and for the site's
-# own clock (the sample site on a loaded machine stamped arrivals up to 31 ms after the send).
-SPACING_MARGIN = 0.07
-# A request that would leave later than this after its start is not sent (and asks for another
-# turn): a loop busy elsewhere, or a process the machine did not run for a moment, would
-# otherwise send it so late that it lands right before the next one, within the rate's spacing.
-# Together with the site's own jitter it has to fit in the margin above. (The start is taken at
-# its earliest, the time before the round trip to Redis that granted it.)
-LATE_SEND_SECONDS = 0.02
+# The window a site counts in (one second) is widened by this much: a request's way from the
+# sender to the site's stamp is never quite the same for two requests (the sample site on a
+# loaded machine stamped arrivals tens of ms after the send: bench/README.md), so a second of
+# the site's is a window of sends this much longer. The sender's own lateness is not in it:
+# the log holds when each request really left.
+WINDOW_MARGIN = 0.07
+# The latest a request may leave after its start; one that would leave later is not sent and
+# asks for another turn. Until its send is known, the log counts the request as leaving this
+# late, which holds back only the start a count after it (a window later): so it can be far
+# longer than a machine's usual lateness without costing the budget anything.
+LATE_SEND_SECONDS = 0.2
+# A request that leaves later than this after its start is counted as late (a worker that
+# counts many is short of CPU for its concurrency); it is still sent.
+NOTED_LATE_SECONDS = 0.02
 HEADERS_SENT_EVENT = "http11.send_request_headers.started"
+HEADERS_OUT_EVENT = "http11.send_request_headers.complete"
 # A waiter for a concurrency slot asks again this often at most; a release in its own process
 # wakes it sooner.
 SLOT_POLL_SECONDS = 0.02
 REDIS_TIMEOUT_SECONDS = 2.0
 CLOCK_READING_SECONDS = 10.0
+# Starts are at least this share of the window's mean spacing (window / count) apart: a
+# window's count goes out over part of it, not all at once, so that their answers, and the
+# parse and store of each, do not all land on a worker's loop in one moment, while the next
+# starts are due. It paces; the guarantee is the window's.
+START_SPREAD = 0.5
 # How far before its start a turn is granted at most: enough for the wake-up of a process that
-# sleeps until it, and short, so that a request that could not leave on time usually finds the
-# next start not yet granted and can move its own turn to now instead of wasting it.
-RESERVE_AHEAD_SECONDS = 0.01
+# sleeps until it, so that a start that frees is taken by a waiter already awake for it, and
+# for the few round trips in which a process's waiters, one after the other, take the starts
+# of a window that free together.
+RESERVE_AHEAD_SECONDS = 0.03
 
-# KEYS: next start (ms, Redis clock), leases (zset lease id -> expiry ms), paused until (ms).
-# ARGV: spacing ms, concurrency, lease ms, lease id, reserve ahead ms.
+# KEYS: sends (zset turn id -> the latest it may have left, ms on Redis's clock), leases (zset
+# turn id -> expiry ms), paused until (ms), the last start granted (ms).
+# ARGV: window ms, count, gap ms, concurrency, lease ms, turn id, ahead ms, late ms, spread ms.
 # Returns {1, ms until the granted start, 'granted', now}, else {0, ms to wait, why, now}; ms
 # as strings (Redis would cut a Lua number to an integer); now is Redis's clock, in ms.
 #
-# A turn may be granted up to ARGV[5] ms ahead (RESERVE_AHEAD_SECONDS): its start is then the
-# next free one, and the caller sleeps until it. So the next start is taken by someone already
-# waiting for it, instead of by whoever asks first after it has come (a round trip and a
-# wake-up late, every time). Its slot is leased from the grant: a request holds the slot from
-# then on.
+# A start fits when fewer than `count` requests may have left within the window before it,
+# and none within the gap: so every window that holds it holds at most `count`. It may be
+# granted up to ARGV[7] ms ahead (RESERVE_AHEAD_SECONDS), and the caller sleeps until it. Its
+# slot is leased from the grant: a request holds the slot from then on.
 _TAKE_TURN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -77,41 +96,44 @@ if paused > now then
   return {0, tostring(paused - now), 'paused', tostring(now)}
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
   local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   return {0, tostring(tonumber(first[2]) - now), 'full', tostring(now)}
 end
-local spacing = tonumber(ARGV[1])
-local ahead = math.min(spacing, tonumber(ARGV[5]))
-local start = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
-if start - now > ahead then
-  return {0, tostring(start - now - ahead), 'rate', tostring(now)}
+local window, count, gap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.3f', now - window))
+local start = now
+if gap > 0 then
+  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  if last[2] then start = math.max(start, tonumber(last[2]) + gap) end
 end
-redis.call('SET', KEYS[1], tostring(start + spacing), 'PX', math.ceil(start - now + spacing) + 1000)
-local lease = tonumber(ARGV[3])
-redis.call('ZADD', KEYS[2], start + lease, ARGV[4])
-redis.call('PEXPIRE', KEYS[2], math.ceil(start - now + lease) + 1000)
+local nth = redis.call('ZRANGE', KEYS[1], -count, -count, 'WITHSCORES')
+if nth[2] then start = math.max(start, tonumber(nth[2]) + window) end
+local spread = tonumber(ARGV[9])
+start = math.max(start, tonumber(redis.call('GET', KEYS[4]) or '0') + spread)
+if start - now > tonumber(ARGV[7]) then
+  return {0, tostring(start - now - tonumber(ARGV[7])), 'rate', tostring(now)}
+end
+local keep = math.ceil(start - now + spread) + 1000
+redis.call('SET', KEYS[4], string.format('%.3f', start), 'PX', keep)
+local latest = start + tonumber(ARGV[8])
+redis.call('ZADD', KEYS[1], string.format('%.3f', latest), ARGV[6])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(last[2]) - now + window) + 1000)
+redis.call('ZADD', KEYS[2], string.format('%.3f', start + tonumber(ARGV[5])), ARGV[6])
+redis.call('PEXPIRE', KEYS[2], math.ceil(start - now + tonumber(ARGV[5])) + 1000)
 return {1, tostring(start - now), 'granted', tostring(now)}
 """
 
-# A granted turn whose request could not leave on time moves to now, if no later start has
-# been granted since (the next start is still the one this turn set): the previous request
-# left a spacing or more before now, and the next will leave a spacing after.
-# KEYS: next start, leases. ARGV: the turn's start (ms), spacing ms, lease ms, lease id.
-# Returns {1 (moved) or 0, now}.
-_MOVE_TO_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local spacing = tonumber(ARGV[2])
-local next_start = tonumber(redis.call('GET', KEYS[1]) or '0')
-local held = redis.call('ZSCORE', KEYS[2], ARGV[4])
-if not held or tonumber(held) <= now
-    or math.abs(next_start - (tonumber(ARGV[1]) + spacing)) > 0.5 then
-  return {0, tostring(now)}
+# A request's headers are out: the latest it may have left comes down to when they were (it
+# only ever comes down, and a place that has left the log stays out).
+# KEYS: sends. ARGV: turn id, sent by (ms, Redis's clock).
+_SENT = """
+local latest = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if latest and tonumber(latest) > tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
 end
-redis.call('SET', KEYS[1], tostring(now + spacing), 'PX', math.ceil(spacing) + 1000)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
-return {1, tostring(now)}
+return 1
 """
 
 # KEYS: paused until (ms). ARGV: pause ms. Only ever lengthens a pause.
@@ -142,34 +164,56 @@ class BudgetLimits:
     lease_seconds: float
 
 
-class Turn:
-    """A granted turn: how long its task waited for it (time that is not the task's work), and
-    the check that its request leaves in time (`trace`, httpcore's trace extension)."""
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """At most `count` requests in any `window` seconds, and `gap` seconds or more between two."""
 
-    __slots__ = ("_move", "_sent", "due", "moved", "waited")
+    window: float
+    count: int
+    gap: float = 0.0
+
+
+class Turn:
+    """A granted turn: how long its task waited for it (time that is not the task's work), the
+    check that its request leaves in time and the word to the fleet's log of when it left
+    (`trace`, httpcore's trace extension)."""
+
+    __slots__ = ("_report", "_reporting", "_sent", "due", "held_back", "late", "waited")
 
     def __init__(
-        self, due: float, waited: float, move: Callable[[], Awaitable[float | None]] | None = None
+        self,
+        due: float,
+        waited: float,
+        report: Callable[[float], Coroutine[None, None, None]] | None = None,
     ) -> None:
         self.due = due  # the earliest its start can be, in this process's time.monotonic()
         self.waited = waited
-        self.moved = False
-        self._move = move
+        self.late = 0.0  # how long after its start its request left
+        self.held_back = False  # its request was stopped before it was sent
+        self._report = report
+        self._reporting: asyncio.Task[None] | None = None
         self._sent = False
 
     async def trace(self, event: str, info: dict[str, object]) -> None:
-        if event != HEADERS_SENT_EVENT or self._sent:
-            return  # a redirect's next hop rides on the same turn
-        late = time.monotonic() - self.due
-        if late > LATE_SEND_SECONDS and self._move is not None and not self.moved:
-            moved_to = await self._move()
-            if moved_to is not None:
-                self.moved = True
-                self.due = moved_to
-                late = time.monotonic() - self.due
-        if late > LATE_SEND_SECONDS:
-            raise LateForTurn(f"the request would have left {late * 1000:.0f} ms after its start")
-        self._sent = True
+        if event == HEADERS_SENT_EVENT and not self._sent:
+            late = time.monotonic() - self.due
+            if late > LATE_SEND_SECONDS:
+                self.held_back = True
+                raise LateForTurn(
+                    f"the request would have left {late * 1000:.0f} ms after its start"
+                )
+            self.late = late
+            self._sent = True
+        elif event == HEADERS_OUT_EVENT and self._sent and self._report and not self._reporting:
+            # The headers are out by now. Told beside the exchange, not before its answer: the
+            # start it frees comes a window later, while the answer is awaited now.
+            self._reporting = asyncio.create_task(self._report(time.monotonic()))
+        # Anything else, a redirect's next hop included, rides on the same turn.
+
+    async def reported(self) -> None:
+        """Wait for the word to the log of when the request left, if one was sent."""
+        if self._reporting is not None:
+            await self._reporting
 
 
 class RedisClock:
@@ -196,6 +240,9 @@ class RedisClock:
     def local(self, redis_time: float) -> float:
         return redis_time - self._offset
 
+    def remote(self, local_time: float) -> float:
+        return local_time + self._offset
+
 
 class HostBudget:
     """The fleet's per-host rate and concurrency, for the tasks of one worker process."""
@@ -206,7 +253,7 @@ class HostBudget:
         self._limits = limits
         self._take_turn = client.register_script(_TAKE_TURN)
         self._pause = client.register_script(_PAUSE)
-        self._move = client.register_script(_MOVE_TO_NOW)
+        self._sent = client.register_script(_SENT)
         self._clock = RedisClock()
         self._lines: dict[str, asyncio.Lock] = {}
         self._released: dict[str, asyncio.Event] = {}
@@ -228,12 +275,16 @@ class HostBudget:
 
     def _keys(self, host: str) -> list[str]:
         base = f"{self._prefix}{host}:"
-        return [base + "next", base + "leases", base + "paused"]
+        return [base + "sends", base + "leases", base + "paused", base + "last"]
 
-    def spacing(self, crawl_delay: float | None = None) -> float:
-        """Seconds between two starts on a host: the rate's, or Crawl-delay's if longer."""
-        spacing = (1.0 + SPACING_MARGIN) / self._limits.requests_per_second
-        return max(spacing, crawl_delay or 0.0)
+    def pace(self, crawl_delay: float | None = None) -> Pace:
+        """The requests a host may have: the rate's whole part in any second (or one in each
+        1 / rate seconds, below one a second), the window widened by its margin; and the
+        Crawl-delay between two requests, if there is one."""
+        rate = self._limits.requests_per_second
+        count = max(math.floor(rate), 1)
+        window = (1.0 + WINDOW_MARGIN) * max(1.0, 1.0 / rate)
+        return Pace(window, count, crawl_delay or 0.0)
 
     @contextlib.asynccontextmanager
     async def turn(
@@ -243,48 +294,48 @@ class HostBudget:
         the block runs, and give its slot back after."""
         lease_id = uuid.uuid4().hex
         started = time.monotonic()
+        pace = self.pace(crawl_delay)
         try:
             async with asyncio.timeout(max_wait):
-                spacing = self.spacing(crawl_delay)
-                start_at, due, redis_start = await self._reserve(host, lease_id, spacing)
+                start_at, due = await self._reserve(host, lease_id, pace)
                 # Not before the start Redis gave, measured from after its answer came back.
                 await asyncio.sleep(max(start_at - time.monotonic(), 0.0))
         except TimeoutError as exc:
-            await self._release(host, lease_id)  # if it was granted meanwhile
+            await self._release(host, lease_id, unsent=True)  # if it was granted meanwhile
             raise TurnNotGiven(
                 f"no turn on {host} within {max_wait:g} s (SOURCE_MAX_REQUESTS_PER_SECOND, "
                 "SOURCE_MAX_CONCURRENCY): the fleet has more pages in flight than it may fetch"
             ) from exc
         except BaseException:
-            await self._release(host, lease_id)
+            await self._release(host, lease_id, unsent=True)
             raise
+
+        async def report(sent_at: float) -> None:
+            await self._report_sent(host, lease_id, sent_at)
+
+        turn = Turn(due, time.monotonic() - started, report)
         try:
-
-            async def move() -> float | None:
-                return await self._move_to_now(host, lease_id, redis_start, spacing)
-
-            yield Turn(due, time.monotonic() - started, move)
+            yield turn
         finally:
-            await self._release(host, lease_id)
+            await turn.reported()
+            # A request held back gives its place back too: it never reached the site.
+            await self._release(host, lease_id, unsent=turn.held_back)
 
-    async def _reserve(
-        self, host: str, lease_id: str, spacing: float
-    ) -> tuple[float, float, float]:
+    async def _reserve(self, host: str, lease_id: str, pace: Pace) -> tuple[float, float]:
         """A granted start on `host`, in this process's time.monotonic(): when the request may
-        leave (no earlier than Redis's start) and when it is due (no later than it); and the
-        start on Redis's clock."""
+        leave (no earlier than Redis's start) and when it is due (no later than it)."""
         line = self._lines.setdefault(host, asyncio.Lock())
         released = self._released.setdefault(host, asyncio.Event())
         async with line:  # FIFO: the process's waiters for a host queue here; one asks Redis
             while True:
                 asked_at = time.monotonic()
-                granted, wait, why, redis_now = await self._ask(host, lease_id, spacing)
+                granted, wait, why, redis_now = await self._ask(host, lease_id, pace)
                 answered_at = time.monotonic()
                 self._clock.observe(asked_at, answered_at, redis_now)
                 if granted:
                     start = self._clock.local(redis_now + wait)
                     error = self._clock.error
-                    return start + error, start - error, redis_now + wait
+                    return start + error, start - error
                 if why == "full":
                     # A slot frees when a request ends, which Redis cannot tell us.
                     released.clear()
@@ -294,17 +345,19 @@ class HostBudget:
                 else:
                     await asyncio.sleep(wait)
 
-    async def _ask(
-        self, host: str, lease_id: str, spacing: float
-    ) -> tuple[bool, float, str, float]:
+    async def _ask(self, host: str, lease_id: str, pace: Pace) -> tuple[bool, float, str, float]:
         """(granted, seconds to wait, why, Redis's clock in seconds)."""
         limits = self._limits
         args: list[float | int | str] = [
-            spacing * 1000.0,
+            pace.window * 1000.0,
+            pace.count,
+            pace.gap * 1000.0,
             limits.concurrency,
             limits.lease_seconds * 1000.0,
             lease_id,
             RESERVE_AHEAD_SECONDS * 1000.0,
+            LATE_SEND_SECONDS * 1000.0,
+            START_SPREAD * pace.window / pace.count * 1000.0,
         ]
         try:
             raw = await self._take_turn(keys=self._keys(host), args=args)
@@ -316,27 +369,28 @@ class HostBudget:
         granted, wait_ms, why, now_ms = int(raw[0]), float(raw[1]), _text(raw[2]), float(raw[3])
         return bool(granted), max(wait_ms, 0.0) / 1000.0, why, now_ms / 1000.0
 
-    async def _move_to_now(
-        self, host: str, lease_id: str, redis_start: float, spacing: float
-    ) -> float | None:
-        """Move a granted turn's start to now if nobody has a start after it; when it moved,
-        the new start in this process's time.monotonic() (at its earliest), else None."""
-        args = [redis_start * 1000.0, spacing * 1000.0, self._limits.lease_seconds * 1000.0]
-        asked_at = time.monotonic()
+    async def _report_sent(self, host: str, lease_id: str, sent_at: float) -> None:
+        """Bring the latest the turn's request may have left down to `sent_at` (this
+        process's time.monotonic()), read on Redis's clock at its latest."""
+        sent_by = self._clock.remote(sent_at) + self._clock.error
         try:
-            raw = await self._move(keys=self._keys(host)[:2], args=[*args, lease_id])
-        except (RedisError, OSError):
-            return None  # then the request is not sent, as if the turn could not move
-        answered_at = time.monotonic()
-        redis_now = float(raw[1]) / 1000.0
-        self._clock.observe(asked_at, answered_at, redis_now)
-        if not int(raw[0]):
-            return None
-        return self._clock.local(redis_now) - self._clock.error
+            await self._sent(keys=self._keys(host)[:1], args=[lease_id, f"{sent_by * 1000:.3f}"])
+        except (RedisError, OSError) as exc:
+            # It stays in the log as leaving as late as it may have: a later start, no overrun.
+            log.warning("could not tell the fleet when a request to %s left: %s", host, exc)
 
-    async def _release(self, host: str, lease_id: str) -> None:
+    async def _release(self, host: str, lease_id: str, *, unsent: bool = False) -> None:
+        """Give the turn's slot back; and its place in the log, when its request was never sent
+        (taking a place out never puts more than the count into a window)."""
+        sends, leases, *_ = self._keys(host)
         try:
-            await self._client.zrem(self._keys(host)[1], lease_id)
+            if unsent:
+                async with self._client.pipeline(transaction=True) as both:
+                    both.zrem(leases, lease_id)
+                    both.zrem(sends, lease_id)
+                    await both.execute()
+            else:
+                await self._client.zrem(leases, lease_id)
         except (RedisError, OSError) as exc:
             log.warning("could not give back a slot on %s (it expires by itself): %s", host, exc)
         self._released.setdefault(host, asyncio.Event()).set()

@@ -30,7 +30,7 @@ from core.db import create_engine
 from core.events import EventPublisher, TaskChanged
 from core.settings import Settings
 from worker.fetch import FetchLimits, make_client
-from worker.politeness import BudgetLimits, HostBudget
+from worker.politeness import NOTED_LATE_SECONDS, BudgetLimits, HostBudget
 from worker.robots import RobotsCache
 from worker.source import PoliteSource, SourcePolicy, robots_fetcher
 from worker.store import TaskStart, start_tasks
@@ -229,9 +229,10 @@ class WorkerRuntime(LoopThread):
 
     def close(self) -> None:
         log.info(
-            "requests to the source that could not leave on time for their turn: %d moved to "
-            "a later start, %d not sent",
-            self.source.moved_turns,
+            "requests to the source that could not leave on time for their turn: %d sent more "
+            "than %.0f ms after their start, %d not sent",
+            self.source.late_sends,
+            NOTED_LATE_SECONDS * 1000,
             self.source.late_turns,
         )
         try:

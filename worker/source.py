@@ -21,7 +21,7 @@ import httpx
 from worker import metrics
 from worker.errors import RetryableError
 from worker.fetch import FetchedPage, FetchLimits, Validators, fetch_page, fetch_robots
-from worker.politeness import HostBudget, LateForTurn
+from worker.politeness import NOTED_LATE_SECONDS, HostBudget, LateForTurn
 from worker.robots import RobotsAnswer, RobotsCache, RobotsFetcher, robots_agent
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,9 @@ class PoliteSource:
         self._robots = robots
         self._policy = policy
         self.agent = robots_agent(policy.user_agent)
-        # Requests that could not leave on time for their turn: moved to a later start, or not
+        # Requests that could not leave on time for their turn: sent late, or (too late) not
         # sent. A worker that counts many is short of CPU for its concurrency.
-        self.moved_turns = 0
+        self.late_sends = 0
         self.late_turns = 0
 
     async def fetch(
@@ -90,7 +90,7 @@ class PoliteSource:
                         await self._budget.pause(host, min(exc.retry_after, cap))
                     raise
                 finally:
-                    self.moved_turns += turn.moved
+                    self.late_sends += turn.late > NOTED_LATE_SECONDS
 
 
 def robots_fetcher(

@@ -18,9 +18,11 @@ import redis.asyncio as aioredis
 from tests.support.services import redis_namespace
 from worker.errors import RetryableError
 from worker.politeness import (
+    HEADERS_OUT_EVENT,
     HEADERS_SENT_EVENT,
     LATE_SEND_SECONDS,
-    SPACING_MARGIN,
+    START_SPREAD,
+    WINDOW_MARGIN,
     BudgetLimits,
     HostBudget,
     LateForTurn,
@@ -59,10 +61,25 @@ async def budgets(prefix: str) -> AsyncIterator[Callable[..., HostBudget]]:
         await budget.close()
 
 
-async def test_grants_are_spaced_by_the_rate_across_processes(
+async def send(turn: Turn) -> float:
+    """What httpcore tells a turn about a request it sends; when its headers were out."""
+    await turn.trace(HEADERS_SENT_EVENT, {})
+    await turn.trace(HEADERS_OUT_EVENT, {})
+    return time.monotonic()
+
+
+def most_in_any_window(starts: list[float], window: float) -> int:
+    starts = sorted(starts)
+    return max(
+        sum(1 for later in starts[index:] if later < first + window)
+        for index, first in enumerate(starts)
+    )
+
+
+async def test_at_most_the_rate_starts_in_any_window_across_processes(
     budgets: Callable[..., HostBudget],
 ) -> None:
-    rate = 20.0
+    rate = 10.0
     one, two = budgets(rate=rate), budgets(rate=rate)
     starts: list[float] = []  # each turn's start, as its process read Redis's clock
     woken: list[tuple[float, float]] = []
@@ -71,19 +88,23 @@ async def test_grants_are_spaced_by_the_rate_across_processes(
         async with budget.turn(HOST) as turn:
             starts.append(turn.due)
             woken.append((turn.due, time.monotonic()))
+            await send(turn)
 
     started = time.monotonic()
-    await asyncio.gather(*(take(budget) for budget in [one, two] * 6))
+    await asyncio.gather(*(take(budget) for budget in [*([one, two] * 12), one]))
 
-    spacing = one.spacing()
-    assert spacing == pytest.approx((1 + SPACING_MARGIN) / rate)
-    gaps = [b - a for a, b in itertools.pairwise(sorted(starts))]
-    assert len(starts) == 12
+    pace = one.pace()
+    assert pace.window == pytest.approx(1 + WINDOW_MARGIN) and pace.count == 10
+    assert len(starts) == 25
     # Both processes read Redis's clock to within their round trip (well under 5 ms here).
-    assert min(gaps) >= spacing - 0.005, gaps
+    assert most_in_any_window(starts, pace.window - 0.005) == 10, sorted(starts)
     assert all(due <= now for due, now in woken)  # no request may leave before its start
-    # Used, not wasted: the twelfth start comes about eleven spacings after the first.
-    assert max(starts) - started < 11 * spacing + 0.25
+    # Paced within the window, not all at once.
+    spread = START_SPREAD * pace.window / pace.count
+    assert min(b - a for a, b in itertools.pairwise(sorted(starts))) >= spread - 0.005
+    # Used, not wasted: a window's count over part of it, the next count a window later.
+    assert sorted(starts)[9] - started < 9 * spread + 0.25
+    assert max(starts) - started < 2 * pace.window + 0.25
 
 
 async def test_concurrency_is_capped_across_processes(
@@ -112,7 +133,7 @@ async def test_a_slot_never_given_back_is_free_again_after_its_lease(
 ) -> None:
     dead, alive = budgets(concurrency=1, lease=0.5), budgets(concurrency=1, lease=0.5)
     # A process that took the slot and died: the script granted it, nobody releases it.
-    granted, _, _, _ = await dead._ask(HOST, "lease-of-a-dead-worker", dead.spacing())
+    granted, _, _, _ = await dead._ask(HOST, "lease-of-a-dead-worker", dead.pace())
     assert granted
     started = time.monotonic()
 
@@ -147,10 +168,9 @@ async def test_a_turn_not_given_in_time_says_so(budgets: Callable[..., HostBudge
         pass
 
 
-async def test_crawl_delay_widens_the_spacing(budgets: Callable[..., HostBudget]) -> None:
+async def test_crawl_delay_spaces_the_starts(budgets: Callable[..., HostBudget]) -> None:
     budget = budgets(rate=100.0)
-    assert budget.spacing(crawl_delay=0.3) == 0.3
-    assert budget.spacing(crawl_delay=0.001) == budget.spacing()
+    assert budget.pace(crawl_delay=0.3).gap == 0.3
     async with budget.turn(HOST, crawl_delay=0.3):
         started = time.monotonic()
     async with budget.turn(HOST, crawl_delay=0.3):
@@ -179,31 +199,54 @@ async def test_a_request_leaving_late_for_its_turn_is_stopped_before_it_is_sent(
     await on_time.trace(HEADERS_SENT_EVENT, {})
 
 
-async def test_a_late_request_moves_its_turn_to_now_when_no_later_start_was_granted(
+async def test_a_late_request_holds_the_next_start_back_by_its_lateness_only(
     budgets: Callable[..., HostBudget],
 ) -> None:
-    rate = 10.0
-    one, two = budgets(rate=rate), budgets(rate=rate)
+    one, two = budgets(rate=1.0), budgets(rate=1.0)  # one request in any window
+    window = one.pace().window
     async with one.turn(HOST) as late:
-        await asyncio.sleep(LATE_SEND_SECONDS + 0.02)  # a busy machine: it could not leave
-        moved_at = time.monotonic()
-        await late.trace(HEADERS_SENT_EVENT, {})  # moved to now: sent, not held back
-        assert late.moved
-    async with two.turn(HOST):
-        # The next start is a spacing after the moved one, not after the original.
-        assert time.monotonic() - moved_at >= one.spacing() - 0.005
+        await asyncio.sleep(0.06)  # a busy machine: it could not leave on time
+        sent_at = await send(late)
+        assert not late.held_back and late.late >= 0.06
+    async with two.turn(HOST) as turn:
+        waited = time.monotonic() - sent_at
+        assert turn.due >= sent_at + window - 0.005  # a window after it left
+    # Not after the latest it might have left: the log learnt when it did.
+    assert waited < window + LATE_SEND_SECONDS / 2
 
 
-async def test_a_late_request_is_held_back_when_a_later_start_was_granted(
+async def test_a_request_too_late_for_its_turn_gives_its_place_back(
     budgets: Callable[..., HostBudget],
 ) -> None:
-    rate = 50.0  # a spacing of 21 ms: the other turn is granted while the first one is late
-    one, two = budgets(rate=rate), budgets(rate=rate)
-    async with one.turn(HOST) as late, two.turn(HOST) as next_one:
+    one, two = budgets(rate=1.0), budgets(rate=1.0)  # one request in any window
+    async with one.turn(HOST) as late:
         await asyncio.sleep(LATE_SEND_SECONDS + 0.01)
         with pytest.raises(LateForTurn):
-            await late.trace(HEADERS_SENT_EVENT, {})
-        assert not late.moved and next_one.waited > 0
+            await send(late)
+        assert late.held_back
+    started = time.monotonic()
+    async with two.turn(HOST):
+        # The window's one place was free again (the start is only paced after the last one).
+        assert time.monotonic() - started < one.pace().window - 0.2
+
+
+async def test_a_place_is_freed_by_a_request_never_sent_and_kept_for_one_not_heard_of(
+    budgets: Callable[..., HostBudget],
+) -> None:
+    one, two = budgets(rate=1.0), budgets(rate=1.0)  # one request in any window
+    granted, _, _, _ = await one._ask(HOST, "never-sent", one.pace())
+    assert granted
+    await one._release(HOST, "never-sent", unsent=True)
+    started = time.monotonic()
+    async with two.turn(HOST):
+        # The window's one place was free again (the start is only paced after the last one).
+        assert time.monotonic() - started < one.pace().window - 0.2
+    # No word of when (or whether) that turn's request left: it counts as leaving as late as
+    # it may have, so the next start is a window after that.
+    started = time.monotonic()
+    async with two.turn(HOST):
+        waited = time.monotonic() - started
+    assert waited >= one.pace().window + LATE_SEND_SECONDS - 0.05
 
 
 # --- robots.txt, shared ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""worker.politeness without Redis: the clock reading, the spacing, a turn's lateness check."""
+"""worker.politeness without Redis: the clock reading, the pace, a turn's lateness check."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import redis.asyncio as aioredis
 
 from worker.politeness import (
     CLOCK_READING_SECONDS,
+    HEADERS_OUT_EVENT,
     HEADERS_SENT_EVENT,
     LATE_SEND_SECONDS,
-    SPACING_MARGIN,
+    WINDOW_MARGIN,
     BudgetLimits,
     HostBudget,
     LateForTurn,
@@ -38,27 +39,49 @@ def test_redis_time_is_read_at_the_middle_of_the_tightest_round_trip() -> None:
     assert clock.local(2000.0) == pytest.approx(later + 0.002)
 
 
-def test_the_spacing_is_the_rates_with_its_margin_or_the_crawl_delay() -> None:
-    budget = HostBudget(aioredis.Redis(), "p:", BudgetLimits(10.0, 4, 30.0))
-    assert budget.spacing() == pytest.approx((1 + SPACING_MARGIN) / 10.0)
-    assert budget.spacing(crawl_delay=2.0) == 2.0
-    assert budget.spacing(crawl_delay=0.01) == budget.spacing()
+def pace(rate: float, crawl_delay: float | None = None) -> tuple[float, int, float]:
+    budget = HostBudget(aioredis.Redis(), "p:", BudgetLimits(rate, 4, 30.0))
+    got = budget.pace(crawl_delay)
+    return round(got.window, 9), got.count, got.gap
 
 
-async def test_a_turn_that_cannot_move_holds_its_late_request_back() -> None:
-    async def cannot_move() -> float | None:
-        return None
+def test_the_pace_is_the_rate_in_a_widened_second_and_the_crawl_delay_a_gap() -> None:
+    second = round(1 + WINDOW_MARGIN, 9)
+    assert pace(10.0) == (second, 10, 0.0)
+    # Never more than the rate in any second: a fractional rate keeps its whole part.
+    assert pace(2.5) == (second, 2, 0.0)
+    # Below one a second, one start in each 1 / rate seconds.
+    assert pace(0.5) == (round(2 * second, 9), 1, 0.0)
+    assert pace(10.0, crawl_delay=2.0) == (second, 10, 2.0)
 
-    late = Turn(time.monotonic() - LATE_SEND_SECONDS - 0.005, 0.0, cannot_move)
-    with pytest.raises(LateForTurn):
+
+async def test_a_request_later_than_its_turn_allows_is_held_back_and_not_reported() -> None:
+    reported: list[float] = []
+
+    async def report(sent_at: float) -> None:
+        reported.append(sent_at)
+
+    late = Turn(time.monotonic() - LATE_SEND_SECONDS - 0.005, 0.0, report)
+    with pytest.raises(LateForTurn, match="would have left"):
         await late.trace(HEADERS_SENT_EVENT, {})
-    assert not late.moved
+    await late.reported()
+    assert late.held_back and reported == []
 
 
-async def test_a_turn_that_moves_is_due_again_from_its_new_start() -> None:
-    async def move() -> float | None:
-        return time.monotonic()
+async def test_a_request_is_reported_once_when_its_headers_are_out() -> None:
+    reported: list[float] = []
 
-    late = Turn(time.monotonic() - 1.0, 0.0, move)
-    await late.trace(HEADERS_SENT_EVENT, {})
-    assert late.moved and time.monotonic() - late.due < LATE_SEND_SECONDS
+    async def report(sent_at: float) -> None:
+        reported.append(sent_at)
+
+    due = time.monotonic() - 0.05  # late, but within what a turn allows: sent
+    turn = Turn(due, 0.0, report)
+    await turn.trace("connection.connect_tcp.started", {})
+    await turn.trace(HEADERS_SENT_EVENT, {})
+    started = time.monotonic()
+    await turn.trace(HEADERS_OUT_EVENT, {})
+    await turn.trace(HEADERS_SENT_EVENT, {})  # a redirect's next hop rides on the same turn
+    await turn.trace(HEADERS_OUT_EVENT, {})
+    await turn.reported()
+    assert not turn.held_back and 0.05 <= turn.late < LATE_SEND_SECONDS
+    assert len(reported) == 1 and reported[0] >= started
