@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/projects/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto run flower test tools lint typecheck faults bench clean
+.PHONY: help setup proto run flower test tools lint typecheck faults cluster-test bench clean
 
 help:
 	@echo "make run    - run the embedded broker, the gateway, a worker and the sample site"
@@ -63,6 +63,10 @@ test: lint typecheck tools
 
 faults: $(STAMP)
 	$(BIN)/pytest tests/faults
+
+# Many hosts: each a network namespace on a bridge (root and iproute2 needed; tests/cluster/).
+cluster-test: $(STAMP)
+	$(BIN)/pytest tests/cluster
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
