@@ -1,4 +1,4 @@
-"""Cluster-suite fixtures: root and iproute2 checked once, the scenario report printed at the end."""
+"""Cluster-suite fixtures: root and iproute2 checked, the scenario report printed at the end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The harvester on many hosts: `Cluster`, each host a network namespace of tests/cluster/network.py.
+"""The harvester on many hosts: `Cluster`, each host a network namespace (tests/cluster/network.py).
 
     with cluster(tmp_path, workers=4) as c:
         task = upload(c.gateways[0], 1)
@@ -118,6 +118,9 @@ class Cluster:
 
     def add_host(self, host: str) -> str:
         return self.net.add_host(host, HOST_INDEX[host])
+
+    def postmaster_pid(self) -> int:
+        return self.postgres.processes()[0].pid
 
     def logs(self) -> str:
         return "\n\n".join(f"===== {p.name} =====\n{p.output()}" for p in self.processes)
