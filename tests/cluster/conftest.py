@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster.harness import ClusterError, require_tools
+from tests.cluster.harness import Cluster, ClusterError, cluster, require_tools
 from tests.faults.ledger import REPORT
 from tests.support.services import in_ci
 
@@ -30,3 +31,38 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("cluster scenarios: what each did and counted")
         for line in REPORT:
             terminalreporter.write_line(line)
+
+
+# One cluster for the scenarios that can share it (bringing 9 hosts up is a minute on a loaded
+# machine): short timeouts so a host that vanished has its tasks delivered again within seconds.
+SHARED_SETTINGS = {
+    "BROKER_VISIBILITY_TIMEOUT_SECONDS": "15",
+    "TASK_SOFT_TIME_LIMIT_SECONDS": "8",
+    "TASK_TIME_LIMIT_SECONDS": "10",
+    "FETCH_TIMEOUT_SECONDS": "5",
+    "RETRY_AFTER_CAP_SECONDS": "2",
+    "RETRY_MAX_DELAY_SECONDS": "1",
+}
+
+
+@pytest.fixture(scope="session")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with cluster(tmp_path_factory.mktemp("cluster"), workers=4, gateways=2, **SHARED_SETTINGS) as c:
+        try:
+            yield c
+        finally:
+            if failures[0]:
+                print(c.logs()[-200_000:])
+
+
+failures = [0]
+
+
+@pytest.fixture
+def hosts(shared_cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """The shared cluster, reset for this scenario: every host up and serving, tables empty."""
+    shared_cluster.reset()
+    failed_before = request.session.testsfailed
+    yield shared_cluster
+    if request.session.testsfailed > failed_before:
+        failures[0] += 1

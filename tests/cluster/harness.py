@@ -16,6 +16,7 @@ one (network.remove_leftovers()).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import signal
@@ -25,9 +26,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import text
+
+from core.db import create_engine
 from core.embedded_redis import server_executable
 from tests.cluster import network
-from tests.cluster.network import Network
+from tests.cluster.network import Network, ip
 from tests.support.processes import (
     BIN,
     PYTHON,
@@ -40,12 +44,16 @@ from tests.support.processes import (
 )
 from tests.support.stack import TEST_TOKEN, Stack
 
+REPO = Path(__file__).resolve().parents[2]
 GATEWAY_PORT = 50051
 SITE_PORT = 8000
 REDIS_PORT = 6379
 PG_PORT = 5432
 AMQP_PORT = 5672
 READY_TIMEOUT = 60.0
+
+# What a scenario stores; emptied between scenarios sharing a cluster.
+TABLES = ("projects", "feed", "tasks", "batches", "page_memos")
 
 HOST_INDEX = {"redis": 2, "pg": 3, "site": 4, "rabbit": 5, "router": 9, "gw1": 10, "gw2": 11}
 
@@ -74,6 +82,9 @@ class Cluster:
     stack: Stack  # the database as the fault ledger reads it
     postgres: PostgresServer
     processes: list[Process] = field(default_factory=list)
+    gateway_hosts: list[str] = field(default_factory=list)
+    worker_hosts: list[str] = field(default_factory=list)
+    concurrency: int = 4
     gateways: dict[str, Gateway] = field(default_factory=dict)
     workers: dict[str, Process] = field(default_factory=dict)
 
@@ -118,6 +129,83 @@ class Cluster:
 
     def add_host(self, host: str) -> str:
         return self.net.add_host(host, HOST_INDEX[host])
+
+    def reset(self) -> None:
+        """Between two scenarios on one cluster: every gateway and worker host running and
+        connected, the site as new, the tables empty (the ledger counts the whole table), no
+        partition left."""
+        for n in range(1, len(self.gateway_hosts) + 1):
+            self.net.link_up(f"gw{n}")
+        for host in self.worker_hosts:
+            self.net.link_up(host)
+        self.net.heal_all()
+        for host in self.gateway_hosts:
+            if host not in self.gateways:
+                self.start_gateway(host)
+        for host in self.worker_hosts:
+            if host not in self.workers or self.workers[host].popen.poll() is not None:
+                self.workers.pop(host, None)
+                self.start_worker(host, self.concurrency)
+        self.site.reset()
+        self.execute(f"TRUNCATE {', '.join(TABLES)}")
+
+    def execute(self, statement: str) -> None:
+        """Run one SQL statement on the cluster's database, committed."""
+
+        async def run() -> None:
+            engine = create_engine(self.stack.database_url)
+            try:
+                async with engine.begin() as conn:
+                    await conn.execute(text(statement))
+            finally:
+                await engine.dispose()
+
+        asyncio.run(run())
+
+    def slow_address(self, host: str) -> str:
+        return str(self.net.slow_subnet.network_address + HOST_INDEX[host])
+
+    @contextlib.contextmanager
+    def slow_links(self, hosts: list[str], delay: float, loss: float) -> Iterator[Process]:
+        """While inside, `hosts` reach the others only through tests/cluster/slowlink.py's
+        delayed, lossy TUN link to the router (their bridge link is down); start their
+        processes inside. Why not netem: see slowlink.py."""
+        args = [PYTHON, "-m", "tests.cluster.slowlink", "--delay", str(delay), "--loss", str(loss)]
+        env = clean_environment({"PYTHONPATH": str(REPO)})
+        link = self.start_process("router", "slowlink", [*args, *map(self.net.netns, hosts)], env)
+        router = self.net.netns("router")
+        servers = [self.net.netns(h) for h in ("redis", "pg", "site")]
+        try:
+            link.wait_for_line("slow link ready", READY_TIMEOUT)
+            subprocess.run(
+                in_netns(router, ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]),
+                check=True,
+            )
+            for n, host in enumerate(hosts):
+                ip("link", "set", f"sl{n}", "up", netns=router)
+                ip("route", "add", f"{self.slow_address(host)}/32", "dev", f"sl{n}", netns=router)
+                ns = self.net.netns(host)
+                ip("link", "set", "eth0", "down", netns=ns)
+                ip("link", "set", "tun0", "up", netns=ns)
+                ip("addr", "add", f"{self.slow_address(host)}/32", "dev", "tun0", netns=ns)
+                ip("route", "add", "default", "dev", "tun0", netns=ns)
+            for ns in servers:
+                ip(
+                    "route",
+                    "add",
+                    str(self.net.slow_subnet),
+                    "via",
+                    self.net.hosts["router"],
+                    netns=ns,
+                )
+            yield link
+        finally:
+            link.stop()  # its TUN devices, and the routes through them, go with it
+            self.processes.remove(link)
+            for ns in servers:
+                ip("route", "del", str(self.net.slow_subnet), netns=ns, check=False)
+            for host in hosts:
+                ip("link", "set", "eth0", "up", netns=self.net.netns(host))
 
     def postmaster_pid(self) -> int:
         return self.postgres.processes()[0].pid
@@ -174,7 +262,7 @@ def cluster(
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         net.create()
-        for host in ("redis", "pg", "site", *(f"gw{n}" for n in range(1, gateways + 1))):
+        for host in ("redis", "pg", "site", "router", *(f"gw{n}" for n in range(1, gateways + 1))):
             net.add_host(host, HOST_INDEX[host])
         for n in range(1, workers + 1):
             net.add_host(worker_host(n), HOST_INDEX[worker_host(n)])
@@ -207,18 +295,23 @@ def cluster(
             "LOG_LEVEL": "INFO",
         }
         stack = Stack(directory, {**env, "DATA_DIR": str(directory / "ledger")}, site)
-        made = Cluster(directory, net, env, site, stack, postgres, [site_process])
+        made = Cluster(
+            directory, net, env, site, stack, postgres, [site_process],
+            [f"gw{n}" for n in range(1, gateways + 1)],
+            [worker_host(n) for n in range(1, workers + 1)],
+            concurrency,
+        )  # fmt: skip
         postgres.start()
         env["CELERY_BROKER_URL"] = _start_redis(made)
         if broker is not None:
             env["CELERY_RESULT_BACKEND"] = env["CELERY_BROKER_URL"]
             env["CELERY_BROKER_URL"] = broker(made)
         env.update(settings)
-        for n in range(1, gateways + 1):
-            made.start_gateway(f"gw{n}")
+        for host in made.gateway_hosts:
+            made.start_gateway(host)
         if start_workers:
-            for n in range(1, workers + 1):
-                made.start_worker(worker_host(n), concurrency)
+            for host in made.worker_hosts:
+                made.start_worker(host, concurrency)
         yield made
     finally:
         try:

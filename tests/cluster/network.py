@@ -131,6 +131,7 @@ class Network:
     subnet: ipaddress.IPv4Network = field(default_factory=_free_subnet)
     hosts: dict[str, str] = field(default_factory=dict)  # host -> address
     veths: dict[str, str] = field(default_factory=dict)  # host -> host-side veth name
+    cuts: set[tuple[str, str]] = field(default_factory=set)
 
     @property
     def bridge(self) -> str:
@@ -187,10 +188,16 @@ class Network:
         switch would: open connections hang rather than reset)."""
         ip("route", "add", "blackhole", f"{self.hosts[other]}/32", netns=self.netns(host))
         ip("route", "add", "blackhole", f"{self.hosts[host]}/32", netns=self.netns(other))
+        self.cuts.add((host, other))
 
     def heal(self, host: str, other: str) -> None:
         ip("route", "del", "blackhole", f"{self.hosts[other]}/32", netns=self.netns(host))
         ip("route", "del", "blackhole", f"{self.hosts[host]}/32", netns=self.netns(other))
+        self.cuts.discard((host, other))
+
+    def heal_all(self) -> None:
+        for host, other in list(self.cuts):
+            self.heal(host, other)
 
     def destroy(self) -> None:
         """Every namespace (and the processes in it), link and the bridge of this run."""
