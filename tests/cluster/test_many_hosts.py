@@ -43,7 +43,10 @@ def tasks_done(c: Cluster, host: str) -> int:
 
 
 def test_1_2000_uploads_over_two_gateways_four_workers(hosts: Cluster) -> None:
-    c = hosts
+    run_scenario_1(hosts, "1. 2 gateways x 16 clients, 4 worker hosts")
+
+
+def run_scenario_1(c: Cluster, scenario: str) -> None:
     c.site.behave(pages=UPLOADS)
     gw1, gw2 = c.gateways["gw1"], c.gateways["gw2"]
     done_before = {h: tasks_done(c, h) for h in c.workers}
@@ -70,7 +73,7 @@ def test_1_2000_uploads_over_two_gateways_four_workers(hosts: Cluster) -> None:
     counts = ledger.count(sample_links(c.site.url, list(range(1, UPLOADS + 1))))
     per_worker = {h: tasks_done(c, h) - done_before[h] for h in c.workers}
     record(
-        "1. 2 gateways x 16 clients, 4 worker hosts",
+        scenario,
         f"{UPLOADS} Uploads accepted in {accepted_in:.1f} s, all settled in {elapsed:.1f} s; "
         f"GetStatus through the other gateway (failed calls: {errors}); tasks per worker "
         f"{per_worker}",
