@@ -47,7 +47,9 @@ SHARED_SETTINGS = {
 
 @pytest.fixture(scope="session")
 def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with cluster(tmp_path_factory.mktemp("cluster"), workers=4, gateways=2, **SHARED_SETTINGS) as c:
+    with cluster(
+        tmp_path_factory.mktemp("cluster"), workers=4, gateways=2, settings=SHARED_SETTINGS
+    ) as c:
         try:
             yield c
         finally:

@@ -248,7 +248,7 @@ def cluster(
     concurrency: int = 4,
     start_workers: bool = True,
     broker: Callable[[Cluster], str] | None = None,
-    **settings: str,
+    settings: Mapping[str, str] | None = None,
 ) -> Iterator[Cluster]:
     """A running cluster: redis, pg, site, `gateways` gateways and `workers` workers on hosts of
     their own, with `settings` (the README's table) in every gateway's and worker's environment.
@@ -309,7 +309,7 @@ def cluster(
         if broker is not None:
             env["CELERY_RESULT_BACKEND"] = env["CELERY_BROKER_URL"]
             env["CELERY_BROKER_URL"] = broker(made)
-        env.update(settings)
+        env.update(settings or {})
         for host in made.gateway_hosts:
             made.start_gateway(host)
         if start_workers:

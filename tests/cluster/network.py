@@ -113,7 +113,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
     pid = os.getpid()
     for attempt in range(256):
         second, third = 200 + (pid + attempt) % 50, (pid // 50 + attempt * 7) % 256
-        candidate = ipaddress.ip_network(f"10.{second}.{third}.0/24")
+        candidate = ipaddress.IPv4Network(f"10.{second}.{third}.0/24")
         if not any(candidate.overlaps(net) for net in taken):
             return candidate
     raise NetworkError("no free /24 in 10.200.0.0/16-10.249.0.0/16")

@@ -5,7 +5,7 @@ exactly the links of the pages it accepted.
 
 1. 2,000 Uploads, one per page, spread over both gateways by 16 clients (8 each, every one its
    own connection); then GetStatus of every task through the gateway it was *not* uploaded on
-   (task records live in the shared Redis, not in a gateway).
+   (task records live in the database both share, not in a gateway).
 2. A worker's host cut off (its link down) while it holds tasks, for longer than the broker's
    visibility timeout, then back: the other hosts get those tasks again; the comeback of the
    first does not store anything twice.

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def test_6_scenario_1_with_rabbitmq_as_the_broker(tmp_path: Path) -> None:
-    with cluster(tmp_path, workers=4, gateways=2, broker=start_rabbitmq, **SHARED_SETTINGS) as c:
+    with cluster(
+        tmp_path, workers=4, gateways=2, broker=start_rabbitmq, settings=SHARED_SETTINGS
+    ) as c:
         assert c.env["CELERY_BROKER_URL"].startswith("amqp://")
         run_scenario_1(c, "6. scenario 1 with RabbitMQ (a node of its own) as the broker")
