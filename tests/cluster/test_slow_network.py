@@ -20,6 +20,16 @@ from tests.faults.ledger import Ledger, record, sample_links
 pytestmark = pytest.mark.timeout(600)
 
 DELAY, LOSS = 0.2, 0.05
+# A round trip is 400 ms and a lost segment costs a retransmission timeout: the workers' bounds
+# on a database connect, a fetch and a task are widened to what this link needs, and the
+# visibility timeout above the task's limit again.
+SLOW_LINK_WORKER = {
+    "DEPENDENCY_TIMEOUT_SECONDS": "15",
+    "FETCH_TIMEOUT_SECONDS": "30",
+    "TASK_SOFT_TIME_LIMIT_SECONDS": "80",
+    "TASK_TIME_LIMIT_SECONDS": "90",
+    "BROKER_VISIBILITY_TIMEOUT_SECONDS": "180",
+}
 
 
 def test_4_delay_and_loss_on_worker_links(hosts: Cluster) -> None:
@@ -33,7 +43,7 @@ def test_4_delay_and_loss_on_worker_links(hosts: Cluster) -> None:
     with c.slow_links(c.worker_hosts, DELAY, LOSS):
         started = time.monotonic()
         for host in c.worker_hosts:
-            c.start_worker(host, c.concurrency, ready=False)
+            c.start_worker(host, c.concurrency, ready=False, **SLOW_LINK_WORKER)
         for host in c.worker_hosts:
             c.workers[host].wait_for_line(r"ready\.", 120)
         ready_in = time.monotonic() - started
