@@ -25,6 +25,7 @@ DELAY, LOSS = 0.2, 0.05
 # visibility timeout above the task's limit again.
 SLOW_LINK_WORKER = {
     "DEPENDENCY_TIMEOUT_SECONDS": "15",
+    "PUBLISH_TIMEOUT_SECONDS": "30",  # the settings hold it at twice the dependency bound
     "FETCH_TIMEOUT_SECONDS": "30",
     "TASK_SOFT_TIME_LIMIT_SECONDS": "80",
     "TASK_TIME_LIMIT_SECONDS": "90",
