@@ -13,6 +13,7 @@ help:
 	@echo "make test   - lint, type-check and run the whole test suite"
 	@echo "make proto  - regenerate the Python stubs from protos/"
 	@echo "make bench  - run the benchmarks (bench/results.json)"
+	@echo "make cluster-test - the service on many hosts (network namespaces; root)"
 	@echo "make flower - run Flower, the Celery monitor, against the configured broker"
 
 # Three distributions, installed together: the generated stubs (protos/), the client and the
