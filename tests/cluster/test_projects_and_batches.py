@@ -118,9 +118,15 @@ def test_400_page_batch_started_on_gw1_watched_and_cancelled_on_gw2(hosts: Clust
     gw1, gw2 = c.gateways["gw1"], c.gateways["gw2"]
     batch = upload_pages(gw1, pages.start, pages.stop - 1, "cluster-batch")
     watched: list[task_pb2.Batch] = []
-    watching = threading.Thread(
-        target=lambda: watched.append(watch_until_finished(gw2, batch.id, 150)), daemon=True
-    )
+    watch_errors: list[BaseException] = []
+
+    def watch() -> None:
+        try:
+            watched.append(watch_until_finished(gw2, batch.id, 150))
+        except BaseException as error:  # noqa: BLE001 - the test reports it
+            watch_errors.append(error)
+
+    watching = threading.Thread(target=watch, daemon=True)
     watching.start()
     poll_until(lambda: get_batch(gw2, batch.id).pages_succeeded >= 40, 180, 0.1, "40 pages")
     cancelled = gw2.stub.CancelBatch(
@@ -134,7 +140,7 @@ def test_400_page_batch_started_on_gw1_watched_and_cancelled_on_gw2(hosts: Clust
         for p, t in tasks.items()
         if not t.HasField("finish_time")
     }
-    assert watched, f"WatchBatch on gw2 did not see the batch end; pages not finished: {unfinished}"
+    assert watched, f"WatchBatch on gw2: {watch_errors}; pages not finished: {unfinished}"
     final = watched[0]
     succeeded = sorted(p for p, t in tasks.items() if t.status == SUCCESS)
     revoked = [p for p, t in tasks.items() if t.status == REVOKED]
