@@ -123,7 +123,7 @@ def test_400_page_batch_started_on_gw1_watched_and_cancelled_on_gw2(hosts: Clust
     def watch() -> None:
         try:
             watched.append(watch_until_finished(gw2, batch.id, 150))
-        except BaseException as error:  # noqa: BLE001 - the test reports it
+        except BaseException as error:
             watch_errors.append(error)
 
     watching = threading.Thread(target=watch, daemon=True)

@@ -31,7 +31,7 @@ def pages_per_second(c: Cluster, hosts: int, first_page: int) -> tuple[float, Le
     for host in list(c.workers):
         c.stop_worker(host)
     for host in c.worker_hosts[:hosts]:
-        c.start_worker(host, c.concurrency, **LEAN_WORKER)
+        c.start_worker(host, c.concurrency, True, **LEAN_WORKER)
     pages = list(range(first_page, first_page + PAGES_PER_HOST * hosts))
     ledger = Ledger(c.stack)
     made = clients(c.gateways["gw1"], 8) + clients(c.gateways["gw2"], 8)
