@@ -360,7 +360,7 @@ def start_rabbitmq(c: Cluster) -> str:
     env = clean_environment(
         {
             "HOME": str(home),
-            "RABBITMQ_NODENAME": f"hvc{c.net.pid}@localhost",
+            "RABBITMQ_NODENAME": f"hvc{c.net.pid}{c.net.run}@localhost",
             "RABBITMQ_CONF_ENV_FILE": str(home / "rabbitmq-env.conf"),
             "RABBITMQ_CONFIG_FILE": str(home / "rabbitmq.conf"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(home / "enabled_plugins"),

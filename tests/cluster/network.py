@@ -1,9 +1,10 @@
 """Hosts as Linux network namespaces on one bridge: the cluster harness's network.
 
-Every name a run makes carries its owner's pid (`hvc<pid>-<host>` for namespaces, `hvc<pid>` for
-the bridge, `hv<pid>x<n>` for the host side of a veth pair: interface names hold 15 characters),
-so two runs never collide, and a run that was killed before it could clean up is recognised by
-the next one (its pid is gone) and removed then: `remove_leftovers()`.
+Every name a run makes carries its owner's pid and the run's letter within that process
+(`hvc<pid>-<r>-<host>` for namespaces, `hvc<pid>-<r>` for the bridge, `hv<pid>-<r>x<n>` for the
+host side of a veth pair: interface names hold 15 characters), so two runs never collide, not
+even two clusters of one test process, and a run that was killed before it could clean up is
+recognised by the next one (its pid is gone) and removed then: `remove_leftovers()`.
 
 The test process itself stays in the machine's namespace and reaches the hosts through the
 bridge, which has the subnet's first address; nothing crosses hosts over 127.0.0.1.
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import os
 import re
 import signal
+import string
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -75,15 +78,18 @@ def kill_namespace(name: str) -> None:
     ip("netns", "delete", name, check=False)
 
 
-def remove_run(pid: int) -> None:
-    """Remove every namespace and link of the run of process `pid`."""
+def remove_run(pid: int, run: str | None = None) -> None:
+    """Remove every namespace and link of process `pid`'s runs (only run `run`'s if given)."""
+
+    def ours(match: re.Match[str] | None) -> bool:
+        return match is not None and int(match.group(1)) == pid
+
     for name in namespaces():
-        match = _OURS.match(name)
-        if match and int(match.group(1)) == pid:
+        if ours(_OURS.match(name)) and (run is None or name.startswith(f"{PREFIX}{pid}-{run}-")):
             kill_namespace(name)
     for link in links():
-        match = _LINK_OURS.match(link)
-        if match and int(match.group(1)) == pid:
+        mine = run is None or link == f"{PREFIX}{pid}-{run}" or link.startswith(f"hv{pid}-{run}x")
+        if ours(_LINK_OURS.match(link)) and mine:
             ip("link", "delete", link, check=False)
 
 
@@ -119,6 +125,14 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise NetworkError("no free /24 in 10.200.0.0/16-10.249.0.0/16")
 
 
+_RUNS = itertools.count()
+_RUN_LETTERS = string.ascii_lowercase + string.digits
+
+
+def _next_run() -> str:
+    return _RUN_LETTERS[next(_RUNS) % len(_RUN_LETTERS)]
+
+
 @dataclass
 class Network:
     """A bridge in the machine's namespace and one namespace per host joined to it by veth.
@@ -128,6 +142,7 @@ class Network:
     """
 
     pid: int = field(default_factory=os.getpid)
+    run: str = field(default_factory=_next_run)
     subnet: ipaddress.IPv4Network = field(default_factory=_free_subnet)
     hosts: dict[str, str] = field(default_factory=dict)  # host -> address
     veths: dict[str, str] = field(default_factory=dict)  # host -> host-side veth name
@@ -135,7 +150,7 @@ class Network:
 
     @property
     def bridge(self) -> str:
-        return f"{PREFIX}{self.pid}"
+        return f"{PREFIX}{self.pid}-{self.run}"
 
     @property
     def prefix_length(self) -> int:
@@ -154,7 +169,7 @@ class Network:
         return self.address(1)
 
     def netns(self, host: str) -> str:
-        return f"{PREFIX}{self.pid}-{host}"
+        return f"{PREFIX}{self.pid}-{self.run}-{host}"
 
     def create(self) -> None:
         ip("link", "add", self.bridge, "type", "bridge")
@@ -164,7 +179,7 @@ class Network:
     def add_host(self, host: str, index: int) -> str:
         """Namespace `host` with address .index on the bridge (its link `eth0`); the address."""
         name = self.netns(host)
-        veth = f"hv{self.pid}x{index}"
+        veth = f"hv{self.pid}-{self.run}x{index}"
         address = self.address(index)
         ip("netns", "add", name)
         ip("link", "set", "lo", "up", netns=name)
@@ -201,4 +216,4 @@ class Network:
 
     def destroy(self) -> None:
         """Every namespace (and the processes in it), link and the bridge of this run."""
-        remove_run(self.pid)
+        remove_run(self.pid, self.run)
