@@ -27,6 +27,7 @@ SLOW_LINK_WORKER = {
     "DEPENDENCY_TIMEOUT_SECONDS": "15",
     "PUBLISH_TIMEOUT_SECONDS": "30",  # the settings hold it at twice the dependency bound
     "FETCH_TIMEOUT_SECONDS": "30",
+    "SOURCE_LEASE_SECONDS": "40",  # the settings hold a source lease above the fetch bound
     "TASK_SOFT_TIME_LIMIT_SECONDS": "80",
     "TASK_TIME_LIMIT_SECONDS": "90",
     "BROKER_VISIBILITY_TIMEOUT_SECONDS": "180",
