@@ -6,13 +6,14 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/projects/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto run flower test tools lint typecheck faults bench clean
+.PHONY: help setup proto run flower test tools lint typecheck faults cluster-test bench clean
 
 help:
 	@echo "make run    - run the embedded broker, the gateway, a worker and the sample site"
 	@echo "make test   - lint, type-check and run the whole test suite"
 	@echo "make proto  - regenerate the Python stubs from protos/"
 	@echo "make bench  - run the benchmarks (bench/results.json)"
+	@echo "make cluster-test - the service on many hosts (network namespaces; root)"
 	@echo "make flower - run Flower, the Celery monitor, against the configured broker"
 
 # Three distributions, installed together: the generated stubs (protos/), the client and the
@@ -63,6 +64,10 @@ test: lint typecheck tools
 
 faults: $(STAMP)
 	$(BIN)/pytest tests/faults
+
+# Many hosts: each a network namespace on a bridge (root and iproute2 needed; tests/cluster/).
+cluster-test: $(STAMP)
+	$(BIN)/pytest tests/cluster
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

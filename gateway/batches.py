@@ -188,7 +188,10 @@ class BatchRecords:
 
     async def cancel(self, client: str, batch_id: str) -> tuple[StoredBatch | None, list[str]]:
         """Cancel the batch: its unstarted pages end REVOKED now, its running ones stop at their
-        next checkpoint, and no more are enqueued. The batch, and the ids of pages to revoke."""
+        next checkpoint, and no more are enqueued. The batch, and the ids of the pages ended
+        here, whose queued messages the workers may drop (revoke): not those of running pages,
+        whose message may be queued again (a retry, a redelivery) and, dropped, would leave the
+        page STARTED for good; their worker ends them REVOKED at its checkpoint."""
         now = utcnow()
         async with store_errors(self._on_unavailable), self._engine.begin() as conn:
             asked = await conn.execute(
@@ -200,7 +203,7 @@ class BatchRecords:
                 )
                 .values(cancel_requested_at=func.coalesce(BatchRecord.cancel_requested_at, now))
             )
-            running: list[str] = []
+            ended: list[str] = []
             if asked.rowcount:
                 pages = (
                     await conn.execute(
@@ -213,11 +216,11 @@ class BatchRecords:
                 for page in pages:
                     if page.started_at is None:
                         await finish(conn, page.id, Outcome("REVOKED", error="cancelled"), window=0)
-                running = [page.id for page in pages]
+                        ended.append(page.id)
                 if not pages:  # nothing left to finish it (an "until known" batch between pages)
                     await conn.execute(
                         update(BatchRecord)
                         .where(BatchRecord.id == batch_id, BatchRecord.finished_at.is_(None))
                         .values(finished_at=now)
                     )
-        return await self.get(client, batch_id), running
+        return await self.get(client, batch_id), ended

@@ -417,13 +417,14 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             raise FailedPrecondition(f"task {task_id} has finished: {task.status}")
         event = self._events.publish(TaskChanged(task_id, task.batch_id))
         if task.finished_at is not None:
-            await event
+            # Ended REVOKED: its queued message, if any, may be dropped by the workers.
+            await asyncio.gather(self._queue.revoke([task_id]), event)
             return queue_service_pb2.CancelTaskResponse(task=describe(task, None))
-        # The hints (the revoke, the event) and the state's read go together: each is bounded,
-        # so a broker that hangs costs the call one bound, not three in a row.
-        _, _, state = await asyncio.gather(
-            self._queue.revoke([task_id]), event, self._queue.state(task_id)
-        )
+        # Started: no revoke. Its message may be queued again (a retry, a redelivery), and a
+        # worker that dropped it would leave the record STARTED for good; the worker's
+        # checkpoint ends it REVOKED. The event and the state's read go together: each is
+        # bounded, so a broker that hangs costs the call one bound, not two in a row.
+        _, state = await asyncio.gather(event, self._queue.state(task_id))
         return queue_service_pb2.CancelTaskResponse(task=describe(task, state))
 
     @answers_errors

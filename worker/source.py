@@ -111,9 +111,13 @@ def robots_fetcher(
 
 @contextlib.contextmanager
 def _off_the_clock(limit: asyncio.Timeout | None) -> Iterator[None]:
-    """Stop `limit`'s clock for the block: the time spent in it is added to its deadline."""
+    """Stop `limit`'s clock for the block: the time spent in it is added to its deadline.
+
+    A limit that has expired already (its deadline passed while the loop was busy elsewhere,
+    the cancel it sent not yet seen) is left as it is: asyncio refuses to reschedule an
+    expiring Timeout, and the cancel it sent ends the task at its next await anyway."""
     when = None if limit is None else limit.when()
-    if limit is None or when is None:
+    if limit is None or when is None or limit.expired():
         yield
         return
     loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,16 +372,30 @@ class PostgresServer:
     of its own under /tmp (a pytest tmp_path is private to root).
     """
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(
+        self,
+        bin_dir: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        wrap: Sequence[str] = (),
+    ) -> None:
+        """`wrap` prefixes every command (`ip netns exec NAME`: a cluster in a namespace,
+        listening on that namespace's `host`)."""
         self.bin_dir = bin_dir
-        self.port = free_port()
+        self.host = host
+        self.port = port or free_port(host)
         self.directory = Path(tempfile.mkdtemp(prefix="harvest-pg-"))
         self.data = self.directory / "data"
-        self._as: list[str] = []
+        self._as: list[str] = list(wrap)
         if os.geteuid() == 0:
             shutil.chown(self.directory, "postgres")
-            self._as = ["runuser", "-u", "postgres", "--"]
+            self._as += ["runuser", "-u", "postgres", "--"]
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        if host != "127.0.0.1":
+            # initdb trusts loopback only; clients on the cluster's other hosts come from its
+            # subnet.
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all samenet trust\n")
 
     def _run(self, program: str, *args: str) -> None:
         subprocess.run(
@@ -394,12 +408,12 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
-        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql+asyncpg://postgres@{self.host}:{self.port}/postgres"
 
     def start(self) -> None:
         options = (
-            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c full_page_writes=off -c max_connections=100"
+            f"-p {self.port} -k {self.directory} -c listen_addresses={self.host} -c fsync=off "
+            "-c full_page_writes=off -c max_connections=200"
         )
         self._run(
             "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.directory / "log"),

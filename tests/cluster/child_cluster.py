@@ -1,0 +1,20 @@
+"""Run only by test_teardown.py, in a child pytest: a cluster that is up until it is interrupted.
+
+Not named test_*.py, so a plain `pytest tests/cluster` does not collect it.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from tests.cluster.harness import cluster
+
+
+def test_cluster_until_interrupted(tmp_path: Path) -> None:
+    with cluster(tmp_path, workers=1, gateways=1) as c:
+        pids = " ".join(str(p.pid) for p in c.processes)
+        print(f"cluster up; processes {pids}; postgres {c.postmaster_pid()}", flush=True)
+        # The parent interrupts us here (SIGINT) or kills us (SIGKILL); nothing to time.
+        threading.Event().wait(300)
+    raise AssertionError("not interrupted within 300 s")
