@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from typing import Any
 
 import click
@@ -112,7 +113,15 @@ def _start_runtime(**_: Any) -> None:
         migrate_when_reachable(settings.resolved_database_url, settings.dependency_timeout_seconds)
     )
     events = events_url(app.conf.broker_url, app.conf.result_backend)
-    runtime = WorkerRuntime(settings, events)
+    try:
+        runtime = WorkerRuntime(settings, events)
+    except Exception:
+        # Celery logs what a worker_init handler raises (before its logging is set up, so
+        # nowhere) and consumes anyway: every task would fail "the worker runtime is not
+        # started". Said on stderr, and the worker does not start.
+        traceback.print_exc(file=sys.stderr)
+        print("the worker runtime could not start: the worker exits", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     harvest_page.attach(runtime)
     if settings.worker_metrics_address is not None:
         worker_metrics.instrument(runtime.http)
