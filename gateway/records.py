@@ -4,6 +4,11 @@ A record says who asked for which page, under which request_id, when, and whethe
 has confirmed it; it is what makes an unknown or expired id NOT_FOUND instead of Celery's
 endless PENDING, and a repeated request_id return the task it first created. Database outages
 leave this module as `StoreUnavailable` (`gateway.database`).
+
+Records are read together: the reads that arrive while one runs (or in the same event-loop
+turn) are one `WHERE id IN (...)` (`core.batching.Batcher`). One event batch from a worker
+(64 tasks started at once) wakes as many WatchStatus streams, each reading its record at
+once; read one by one, they queued for the pool's connections behind one another.
 """
 
 from __future__ import annotations
@@ -16,11 +21,15 @@ from typing import Any
 from sqlalchemy import Row, delete, func, insert, literal, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.batching import Batcher
 from core.db import BatchRecord, TaskRecord, UtcDateTime, dialect_insert, single_statement, utcnow
 from core.ledger import Outcome, finish
 from gateway.database import store_errors
 from gateway.errors import StoreUnavailable
 from gateway.health import OnUnavailable, nobody
+
+# The most records one read asks for; more waiting go in the next read.
+MAX_READ_TOGETHER = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +100,13 @@ class IssuedTask:
         )
 
 
+@dataclass(slots=True)
+class _Read:
+    client: str
+    task_id: str
+    found: IssuedTask | None = None
+
+
 class TaskRecords:
     def __init__(
         self,
@@ -104,6 +120,7 @@ class TaskRecords:
         self._insert = dialect_insert(engine.dialect.name)
         # Built once: a statement built per batch costs its construction and cache key anew.
         self._add_statement = insert(TaskRecord)
+        self._reads = Batcher(self._read_together, max_size=MAX_READ_TOGETHER)
 
     def _expired(self, task: IssuedTask, now: dt.datetime) -> bool:
         return task.enqueued_at + self._lifetime < now
@@ -146,17 +163,26 @@ class TaskRecords:
             return new, True
 
     async def get(self, client: str, task_id: str) -> IssuedTask | None:
-        """The client's live record of `task_id`, or None (never issued to it, or expired)."""
+        """The client's live record of `task_id`, or None (never issued to it, or expired).
+
+        Read with the other records asked for meanwhile; the read begins after this call, so
+        it sees every commit made before it.
+        """
+        read = _Read(client, task_id)
+        await self._reads.submit(read)
+        return read.found
+
+    async def _read_together(self, reads: list[_Read]) -> None:
+        ids = list({read.task_id for read in reads})
+        statement = select(TaskRecord).where(TaskRecord.id.in_(ids))
         async with store_errors(self._on_unavailable), single_statement(self._engine) as conn:
-            row = (
-                await conn.execute(
-                    select(TaskRecord).where(TaskRecord.id == task_id, TaskRecord.client == client)
-                )
-            ).first()
-        if row is None:
-            return None
-        task = IssuedTask.from_row(row)
-        return None if self._expired(task, utcnow()) else task
+            rows = {row.id: row for row in await conn.execute(statement)}
+        now = utcnow()
+        for read in reads:
+            row = rows.get(read.task_id)
+            if row is not None and row.client == read.client:
+                task = IssuedTask.from_row(row)
+                read.found = None if self._expired(task, now) else task
 
     async def mark_published(self, task_ids: list[str]) -> None:
         """Say that the broker has these tasks, so repeats of their request_ids stop waiting."""
