@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,15 @@ class IssuedTask:
     skipped: int | None = None
     not_modified: bool | None = None
     cancel_requested_at: dt.datetime | None = None
+    deliveries: int = 0  # starts counted by the workers
+
+    @property
+    def progress(self) -> tuple[int, int, int]:
+        """How far the record has come: every write that changes what a watcher is sent (a
+        start, a retry, the final state) moves it forward, and only those do."""
+        if self.finished_at is not None:
+            return (1, 0, 0)
+        return (0, self.deliveries, int(self.status == "RETRY"))
 
     @classmethod
     def new(cls, client: str, request_id: str | None, page: int) -> IssuedTask:
@@ -97,7 +107,24 @@ class IssuedTask:
             skipped=row.skipped,
             not_modified=row.not_modified,
             cancel_requested_at=row.cancel_requested_at,
+            deliveries=row.deliveries,
         )
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> IssuedTask | None:
+        """The task from the record a TaskChanged carried (`core.events.record_json`); None
+        when it is not one."""
+        try:
+            values = {name: record[name] for name in cls.__dataclass_fields__}
+            for name in _TIMES:
+                if values[name] is not None:
+                    values[name] = dt.datetime.fromisoformat(values[name]).astimezone(dt.UTC)
+            return cls(**values)
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+_TIMES = ("enqueued_at", "published_at", "started_at", "finished_at", "cancel_requested_at")
 
 
 @dataclass(slots=True)
