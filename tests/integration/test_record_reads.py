@@ -1,6 +1,6 @@
 """The gateway's task and batch records read together, on a real database (SQLite and
 PostgreSQL): the reads asked for at once are one SELECT, and each caller still gets only its
-own live record.
+own live record. And the record a worker's event carries is the one the gateway would read.
 
 What one event wakes (many WatchStatus streams, each reading its task) must cost one query, not
 one per stream; and the shared read must not hand a client another client's record.
@@ -20,10 +20,13 @@ from sqlalchemy import event, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import TaskRecord, create_engine
+from core.events import TaskChanged, _decode, _encode, record_json
+from core.ledger import Outcome, finish
 from core.migrate import upgrade_to_head
 from gateway.batches import BatchRecords
 from gateway.records import IssuedTask, TaskRecords
 from tests.support.services import postgres_database
+from worker.store import record_retry, start_tasks
 
 POSTGRES = pytest.param("postgresql", marks=pytest.mark.postgres)
 LIFETIME = dt.timedelta(hours=1)
@@ -127,3 +130,39 @@ async def test_batches_asked_for_together_are_one_select(engine: AsyncEngine) ->
         assert batch is not None and (batch.id, batch.client) == (batch_id, client)
         assert batch.pages_total == 3
     assert found[-1] is None  # bob's batch, asked for by alice
+
+
+async def test_the_record_a_worker_s_event_carries_is_the_one_the_gateway_reads(
+    engine: AsyncEngine,
+) -> None:
+    records = TaskRecords(engine, LIFETIME)
+    task = IssuedTask.new("alice", None, 7)
+    await records.add_many([task])
+
+    def through_the_event(record: dict[str, Any] | None) -> IssuedTask | None:
+        assert record is not None
+        sent = _encode(TaskChanged(task.id, None, record_json(record)))
+        event = _decode(sent)
+        assert isinstance(event, TaskChanged) and event.record is not None
+        return IssuedTask.from_record(event.record)
+
+    start = (await start_tasks(engine, [task.id]))[task.id]
+    started = await records.get("alice", task.id)
+    assert started is not None and started.status == "STARTED" and started.deliveries == 1
+    assert through_the_event(start.record) == started
+
+    retried = await record_retry(engine, task.id, "503 from the source")
+    assert through_the_event(retried) == await records.get("alice", task.id)
+
+    again = (await start_tasks(engine, [task.id]))[task.id]
+    assert through_the_event(again.record) == await records.get("alice", task.id)
+
+    async with engine.begin() as conn:
+        finished = await finish(conn, task.id, Outcome("SUCCESS", 3, 2, 1, 0), window=0)
+    ended = await records.get("alice", task.id)
+    assert ended is not None and ended.finished_at is not None
+    assert through_the_event(finished.record) == ended
+    # Each write moved the record forward, as a stream orders what events carry.
+    steps = [through_the_event(r) for r in (start.record, retried, again.record, finished.record)]
+    progress = [step.progress for step in steps if step is not None]
+    assert progress == sorted(progress) and len(set(progress)) == 4
