@@ -160,6 +160,12 @@ class TaskRecord(Base):
     cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
+def task_columns(row: Any) -> dict[str, Any]:
+    """A row's TaskRecord columns by name (a RETURNING that adds others leaves them out)."""
+    mapping = row._mapping
+    return {column.name: mapping[column.name] for column in TaskRecord.__table__.columns}
+
+
 class BatchRecord(Base):
     """A range of pages asked for as one (UploadPages), and its pages' counts.
 

@@ -4,7 +4,9 @@ A worker says what it made true after the commit that made it true (`EventPublis
 gateway process listens with one subscriber (`listen`) and wakes the watch streams it serves.
 Events wake watchers and are never the truth: a woken watcher reads the database, and a
 watcher also reads it on a slow timer, so a lost event (Redis down, a gateway that was
-restarting) costs latency, never data.
+restarting) costs latency, never data. A worker's TaskChanged also carries the task's record as
+its commit left it (`record`), so that a watcher it wakes can send that state without reading
+the database; one that cannot tell it is newer than what it sent reads the database as before.
 
 The channel lives on the broker's Redis, or the result backend's when the broker is AMQP,
 prefixed by REDIS_KEY_PREFIX like every key.
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
@@ -49,6 +53,17 @@ class TaskChanged:
 
     task_id: str
     batch_id: str | None = None
+    # The task's record (its columns by name) as the commit this event follows left it, JSON
+    # values with times as ISO 8601 strings (`record_json`); None: the writer did not have it.
+    record: Mapping[str, Any] | None = None
+
+
+def record_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's columns as JSON values, for a TaskChanged to carry."""
+    return {
+        name: value.isoformat() if isinstance(value, dt.datetime) else value
+        for name, value in row.items()
+    }
 
 
 Event = ProjectsChanged | TaskChanged
@@ -70,7 +85,10 @@ def events_url(broker_url: str, backend_url: str) -> str:
 
 def _encode(event: Event) -> str:
     if isinstance(event, TaskChanged):
-        return json.dumps({"kind": "task", "task": event.task_id, "batch": event.batch_id})
+        message: dict[str, Any] = {"kind": "task", "task": event.task_id, "batch": event.batch_id}
+        if event.record is not None:
+            message["record"] = event.record
+        return json.dumps(message)
     return json.dumps({"kind": "projects", "revision": event.revision})
 
 
@@ -81,7 +99,12 @@ def _decode(data: bytes | str) -> Event | None:
             return ProjectsChanged(int(message["revision"]))
         if message.get("kind") == "task":
             batch = message.get("batch")
-            return TaskChanged(str(message["task"]), None if batch is None else str(batch))
+            record = message.get("record")
+            return TaskChanged(
+                str(message["task"]),
+                None if batch is None else str(batch),
+                record if isinstance(record, dict) else None,
+            )
     except (ValueError, KeyError, TypeError, AttributeError):
         pass
     log.warning("ignored an event that is not ours: %.80r", data)

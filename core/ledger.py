@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from core.db import BatchRecord, TaskRecord, utcnow
+from core.db import BatchRecord, TaskRecord, task_columns, utcnow
 
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 # A batch keeps the errors of this many failed pages in its own error.
@@ -61,6 +61,8 @@ class Finished:
     counted: bool = False
     batch_id: str | None = None
     new_tasks: list[NewTask] = field(default_factory=list)
+    # The task's record as this finish left it (`core.db.task_columns`), when it counted it.
+    record: dict[str, Any] | None = field(default=None, compare=False)
 
 
 async def finish(
@@ -92,15 +94,16 @@ async def finish(
                 skipped=outcome.skipped,
                 not_modified=outcome.not_modified,
             )
-            .returning(TaskRecord.batch_id, TaskRecord.page)
+            .returning(*TaskRecord.__table__.columns)
         )
     ).first()
     if ended is None:
         return Finished()
+    record = task_columns(ended)
     if ended.batch_id is None:
-        return Finished(counted=True)
+        return Finished(counted=True, record=record)
     new_tasks = await _count(conn, ended.batch_id, ended.page, outcome, window=window, now=now)
-    return Finished(True, ended.batch_id, new_tasks)
+    return Finished(True, ended.batch_id, new_tasks, record)
 
 
 async def _count(

@@ -3,6 +3,8 @@
 A batch's row and the records of the pages it enqueues at once are written in one
 transaction, then the pages are issued like any Upload (`gateway.issuing`). Its counts move
 only in `core.ledger`, as its pages finish. Database outages leave as `StoreUnavailable`.
+Batches are read together, as tasks are (`gateway.records`): the streams one event wakes read
+their rows in one query.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from typing import Any
 from sqlalchemy import Row, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.batching import Batcher
 from core.db import BatchRecord, TaskRecord, dialect_insert, single_statement, utcnow
 from core.ledger import NewTask, Outcome, finish, task_row
 from gateway.database import store_errors
 from gateway.health import OnUnavailable, nobody
+from gateway.records import MAX_READ_TOGETHER
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,13 @@ class StoredBatch:
         return "PENDING" if self.started_at is None else "STARTED"
 
 
+@dataclass(slots=True)
+class _Read:
+    client: str
+    batch_id: str
+    found: StoredBatch | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     batch: StoredBatch
@@ -74,6 +85,7 @@ class BatchRecords:
         self._lifetime = lifetime
         self._on_unavailable = on_unavailable
         self._insert = dialect_insert(engine.dialect.name)
+        self._reads = Batcher(self._read_together, max_size=MAX_READ_TOGETHER)
 
     async def create(
         self,
@@ -139,17 +151,26 @@ class BatchRecords:
         return Claimed(StoredBatch.from_row(created), True, pages)
 
     async def get(self, client: str, batch_id: str) -> StoredBatch | None:
+        """The client's live batch `batch_id`, or None; read with the others asked for
+        meanwhile, by a read that begins after this call."""
+        read = _Read(client, batch_id)
+        await self._reads.submit(read)
+        return read.found
+
+    async def _read_together(self, reads: list[_Read]) -> None:
+        ids = list({read.batch_id for read in reads})
+        statement = select(BatchRecord).where(BatchRecord.id.in_(ids))
         async with store_errors(self._on_unavailable), single_statement(self._engine) as conn:
-            row = (
-                await conn.execute(
-                    select(BatchRecord).where(
-                        BatchRecord.id == batch_id, BatchRecord.client == client
-                    )
-                )
-            ).first()
-        if row is None or row.enqueued_at + self._lifetime < utcnow():
-            return None
-        return StoredBatch.from_row(row)
+            rows = {row.id: row for row in await conn.execute(statement)}
+        now = utcnow()
+        for read in reads:
+            row = rows.get(read.batch_id)
+            if (
+                row is not None
+                and row.client == read.client
+                and row.enqueued_at + self._lifetime >= now
+            ):
+                read.found = StoredBatch.from_row(row)
 
     async def drop(self, batch_id: str) -> None:
         """Forget a batch none of whose pages reached the broker (their records are gone)."""

@@ -4,23 +4,33 @@ A record says who asked for which page, under which request_id, when, and whethe
 has confirmed it; it is what makes an unknown or expired id NOT_FOUND instead of Celery's
 endless PENDING, and a repeated request_id return the task it first created. Database outages
 leave this module as `StoreUnavailable` (`gateway.database`).
+
+Records are read together: the reads that arrive while one runs (or in the same event-loop
+turn) are one `WHERE id IN (...)` (`core.batching.Batcher`). One event batch from a worker
+(64 tasks started at once) wakes as many WatchStatus streams, each reading its record at
+once; read one by one, they queued for the pool's connections behind one another.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, delete, func, insert, literal, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core.batching import Batcher
 from core.db import BatchRecord, TaskRecord, UtcDateTime, dialect_insert, single_statement, utcnow
 from core.ledger import Outcome, finish
 from gateway.database import store_errors
 from gateway.errors import StoreUnavailable
 from gateway.health import OnUnavailable, nobody
+
+# The most records one read asks for; more waiting go in the next read.
+MAX_READ_TOGETHER = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +54,15 @@ class IssuedTask:
     skipped: int | None = None
     not_modified: bool | None = None
     cancel_requested_at: dt.datetime | None = None
+    deliveries: int = 0  # starts counted by the workers
+
+    @property
+    def progress(self) -> tuple[int, int, int]:
+        """How far the record has come: every write that changes what a watcher is sent (a
+        start, a retry, the final state) moves it forward, and only those do."""
+        if self.finished_at is not None:
+            return (1, 0, 0)
+        return (0, self.deliveries, int(self.status == "RETRY"))
 
     @classmethod
     def new(cls, client: str, request_id: str | None, page: int) -> IssuedTask:
@@ -88,7 +107,31 @@ class IssuedTask:
             skipped=row.skipped,
             not_modified=row.not_modified,
             cancel_requested_at=row.cancel_requested_at,
+            deliveries=row.deliveries,
         )
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> IssuedTask | None:
+        """The task from the record a TaskChanged carried (`core.events.record_json`); None
+        when it is not one."""
+        try:
+            values = {name: record[name] for name in cls.__dataclass_fields__}
+            for name in _TIMES:
+                if values[name] is not None:
+                    values[name] = dt.datetime.fromisoformat(values[name]).astimezone(dt.UTC)
+            return cls(**values)
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+_TIMES = ("enqueued_at", "published_at", "started_at", "finished_at", "cancel_requested_at")
+
+
+@dataclass(slots=True)
+class _Read:
+    client: str
+    task_id: str
+    found: IssuedTask | None = None
 
 
 class TaskRecords:
@@ -104,6 +147,7 @@ class TaskRecords:
         self._insert = dialect_insert(engine.dialect.name)
         # Built once: a statement built per batch costs its construction and cache key anew.
         self._add_statement = insert(TaskRecord)
+        self._reads = Batcher(self._read_together, max_size=MAX_READ_TOGETHER)
 
     def _expired(self, task: IssuedTask, now: dt.datetime) -> bool:
         return task.enqueued_at + self._lifetime < now
@@ -146,17 +190,26 @@ class TaskRecords:
             return new, True
 
     async def get(self, client: str, task_id: str) -> IssuedTask | None:
-        """The client's live record of `task_id`, or None (never issued to it, or expired)."""
+        """The client's live record of `task_id`, or None (never issued to it, or expired).
+
+        Read with the other records asked for meanwhile; the read begins after this call, so
+        it sees every commit made before it.
+        """
+        read = _Read(client, task_id)
+        await self._reads.submit(read)
+        return read.found
+
+    async def _read_together(self, reads: list[_Read]) -> None:
+        ids = list({read.task_id for read in reads})
+        statement = select(TaskRecord).where(TaskRecord.id.in_(ids))
         async with store_errors(self._on_unavailable), single_statement(self._engine) as conn:
-            row = (
-                await conn.execute(
-                    select(TaskRecord).where(TaskRecord.id == task_id, TaskRecord.client == client)
-                )
-            ).first()
-        if row is None:
-            return None
-        task = IssuedTask.from_row(row)
-        return None if self._expired(task, utcnow()) else task
+            rows = {row.id: row for row in await conn.execute(statement)}
+        now = utcnow()
+        for read in reads:
+            row = rows.get(read.task_id)
+            if row is not None and row.client == read.client:
+                task = IssuedTask.from_row(row)
+                read.found = None if self._expired(task, now) else task
 
     async def mark_published(self, task_ids: list[str]) -> None:
         """Say that the broker has these tasks, so repeats of their request_ids stop waiting."""

@@ -18,7 +18,7 @@ import logging
 import re
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -524,14 +524,21 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         task_id = _check_task_id(request.id)
         client = current_client.get()
         last: task_pb2.Task | None = None
-        with self._hub.watch(task_id) as woken, self._resumable():
+        at: tuple[int, int, int] | None = None  # how far the record last seen had come
+        with self._hub.watch(task_id) as watched, self._resumable():
             while True:
-                woken.clear()
-                task = await self._records.get(client, task_id)
+                carried = watched.take()
+                task = None if at is None else _newer(carried, client, at)
+                if task is None:
+                    # The first look, a wake-up by the timer or by an event that carried no
+                    # record, or only records no newer than the last sent (events may come in
+                    # another order than their commits): the database says.
+                    task = await self._records.get(client, task_id)
                 if task is None:
                     if last is None:
                         raise NotFound(f"no task {task_id} was issued to you, or it expired")
                     return
+                at = task.progress
                 message = describe(task, None)
                 if task.finished_at is None and (last is None or message == last):
                     # The record has not moved: only the result backend can tell of an ending
@@ -543,7 +550,7 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
                     last = message
                 if message.status in FINAL_STATUSES:
                     return
-                await self._woken(woken)
+                await self._woken(watched.woken)
 
     @answers_stream_errors
     async def WatchBatch(
@@ -555,16 +562,25 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
     ) -> AsyncIterator[queue_service_pb2.WatchBatchResponse]:
         batch_id = _check_batch_id(request.id)
         last: task_pb2.Batch | None = None
-        with self._hub.watch(batch_id) as woken, self._resumable():
+        with self._hub.watch(batch_id) as watched, self._resumable():
             while True:
-                woken.clear()
+                watched.take()
                 message = batch_message(await self._batch(batch_id))
                 if message != last:
                     yield queue_service_pb2.WatchBatchResponse(batch=message)
                     last = message
                 if message.HasField("finish_time"):
                     return
-                await self._woken(woken)
+                await self._woken(watched.woken)
+
+
+def _newer(
+    records: list[Mapping[str, Any]], client: str, at: tuple[int, int, int]
+) -> IssuedTask | None:
+    """The furthest come of the records events carried, if it is further than `at`."""
+    tasks = [IssuedTask.from_record(record) for record in records]
+    newer = [task for task in tasks if task and task.client == client and task.progress > at]
+    return max(newer, key=lambda task: task.progress, default=None)
 
 
 def _check_page_field(field: str, page: int, max_page: int) -> None:

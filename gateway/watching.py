@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TypeVar, cast
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any, TypeVar, cast
 
 from core.events import Event, ProjectsChanged, TaskChanged
 from gateway.errors import Unavailable
@@ -186,18 +186,40 @@ class ProjectFeed:
                 await listener
 
 
+class Watched:
+    """What the hub told one WatchStatus or WatchBatch stream since the stream last looked."""
+
+    __slots__ = ("_records", "woken")
+
+    def __init__(self) -> None:
+        self.woken = asyncio.Event()
+        self._records: list[Mapping[str, Any]] = []
+
+    def tell(self, record: Mapping[str, Any] | None) -> None:
+        if record is not None:
+            self._records.append(record)
+        self.woken.set()
+
+    def take(self) -> list[Mapping[str, Any]]:
+        """The records the events carried since the last take, oldest first; unwakes."""
+        self.woken.clear()
+        records, self._records = self._records, []
+        return records
+
+
 class EventHub:
     """The one subscriber of a gateway process to the workers' events (`core.events`).
 
     It wakes the project feed on ProjectsChanged, and the WatchStatus and WatchBatch streams
-    of a task or its batch on TaskChanged. An event only wakes: a woken stream reads the
-    records again, and also does so on a slow timer, in case an event was lost.
+    of a task or its batch on TaskChanged, handing a task's streams the record the event
+    carried. A woken stream sends that record when it is newer than what the stream has sent,
+    else reads the records again; it also reads them on a slow timer, in case an event was lost.
     """
 
     def __init__(self, listen: Callable[[], AsyncIterator[Event]]) -> None:
         self._listen = listen
         self._projects = asyncio.Event()
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._waiters: dict[str, set[Watched]] = {}
 
     async def project_wakeups(self) -> AsyncIterator[None]:
         """A wake-up each time projects changed (several at once may come as one)."""
@@ -207,21 +229,21 @@ class EventHub:
             yield None
 
     @contextlib.contextmanager
-    def watch(self, key: str) -> Iterator[asyncio.Event]:
-        """An event set whenever the task or batch `key` may have changed."""
-        woken = asyncio.Event()
-        self._waiters.setdefault(key, set()).add(woken)
+    def watch(self, key: str) -> Iterator[Watched]:
+        """Told whenever the task or batch `key` may have changed."""
+        watched = Watched()
+        self._waiters.setdefault(key, set()).add(watched)
         try:
-            yield woken
+            yield watched
         finally:
             waiters = self._waiters[key]
-            waiters.discard(woken)
+            waiters.discard(watched)
             if not waiters:
                 del self._waiters[key]
 
-    def _wake(self, key: str | None) -> None:
-        for woken in self._waiters.get(key or "", ()):
-            woken.set()
+    def _wake(self, key: str | None, record: Mapping[str, Any] | None = None) -> None:
+        for watched in self._waiters.get(key or "", ()):
+            watched.tell(record)
 
     async def run(self) -> None:
         """Dispatch events until cancelled."""
@@ -229,5 +251,5 @@ class EventHub:
             if isinstance(event, ProjectsChanged):
                 self._projects.set()
             elif isinstance(event, TaskChanged):
-                self._wake(event.task_id)
+                self._wake(event.task_id, event.record)
                 self._wake(event.batch_id)

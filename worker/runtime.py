@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.batching import Batcher
 from core.db import create_engine
-from core.events import EventPublisher, TaskChanged
+from core.events import EventPublisher, TaskChanged, record_json
 from core.settings import Settings
 from worker.fetch import FetchLimits, make_client
 from worker.politeness import NOTED_LATE_SECONDS, BudgetLimits, HostBudget
@@ -150,9 +150,7 @@ class TaskRecords(LoopThread):
             for task_id, start in distinct.items():
                 start.start = written.get(task_id, TaskStart(0))
             waiting = again
-        await self.events.publish_all(
-            [TaskChanged(start.task_id, start.start.batch_id) for start in starts if start.start]
-        )
+        await self.events.publish_all([said(start.task_id, start.start) for start in starts])
 
     def close(self) -> None:
         try:
@@ -160,6 +158,13 @@ class TaskRecords(LoopThread):
             self.run(self.engine.dispose(), timeout=5)
         finally:
             self.stop()
+
+
+def said(task_id: str, start: TaskStart | None) -> TaskChanged:
+    """The event of a start: the record as it left it, so a watcher need not read it."""
+    if start is None or start.record is None:
+        return TaskChanged(task_id, None if start is None else start.batch_id)
+    return TaskChanged(task_id, start.batch_id, record_json(start.record))
 
 
 async def _make_publisher(url: str, settings: Settings) -> EventPublisher:

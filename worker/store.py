@@ -35,6 +35,7 @@ from core.db import (
     dialect_insert,
     is_transient,
     single_statement,
+    task_columns,
     utcnow,
 )
 from core.ledger import Finished, Outcome, finish
@@ -179,6 +180,8 @@ class TaskStart:
     cancelled: bool = False  # a cancel was asked for
     finished: bool = False  # it has its final state already (a cancel before it started)
     batch_id: str | None = None
+    # The record as this start left it (`core.db.task_columns`), for its event to carry.
+    record: dict[str, Any] | None = field(default=None, compare=False)
 
 
 async def start_tasks(
@@ -210,11 +213,7 @@ async def start_tasks(
                     ),
                 )
                 .returning(
-                    TaskRecord.id,
-                    TaskRecord.deliveries,
-                    TaskRecord.cancel_requested_at,
-                    TaskRecord.finished_at,
-                    TaskRecord.batch_id,
+                    *TaskRecord.__table__.columns,
                     select(BatchRecord.started_at)
                     .where(BatchRecord.id == TaskRecord.batch_id)
                     .scalar_subquery()
@@ -241,6 +240,7 @@ async def start_tasks(
                 row.cancel_requested_at is not None,
                 row.finished_at is not None,
                 row.batch_id,
+                task_columns(row),
             )
             for row in rows
         }
@@ -275,19 +275,20 @@ async def cancel_requested(engine: AsyncEngine, task_id: str) -> bool:
     return await _with_retries(engine, read)
 
 
-async def record_retry(engine: AsyncEngine, task_id: str, error: str) -> str | None:
-    """Mark `task_id` RETRY with why (unless it has ended); its batch id."""
+async def record_retry(engine: AsyncEngine, task_id: str, error: str) -> dict[str, Any] | None:
+    """Mark `task_id` RETRY with why (unless it has ended); the record as that left it
+    (`core.db.task_columns`), or None when nothing was marked."""
 
-    async def mark(conn: AsyncConnection) -> str | None:
+    async def mark(conn: AsyncConnection) -> dict[str, Any] | None:
         row = (
             await conn.execute(
                 update(TaskRecord)
                 .where(TaskRecord.id == task_id, TaskRecord.finished_at.is_(None))
                 .values(status="RETRY", error=error)
-                .returning(TaskRecord.batch_id)
+                .returning(*TaskRecord.__table__.columns)
             )
         ).first()
-        return None if row is None else row.batch_id
+        return None if row is None else task_columns(row)
 
     return await _with_retries(engine, mark)
 

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 
 from core import logs, tracing
 from core.celery_config import HARVEST_TASK_NAME
-from core.events import ProjectsChanged, TaskChanged
+from core.events import ProjectsChanged, TaskChanged, record_json
 from core.gc_tuning import collector_paused
 from core.ledger import Finished, Outcome
 from projects.v1 import task_pb2
@@ -207,15 +207,19 @@ class HarvestTask(Task):  # type: ignore[type-arg]
 
 
 async def _retry_and_say(records: TaskRecords, task_id: str, error: str) -> None:
-    batch_id = await record_retry(records.engine, task_id, error)
-    await records.events.publish(TaskChanged(task_id, batch_id))
+    record = await record_retry(records.engine, task_id, error)
+    if record is None:
+        await records.events.publish(TaskChanged(task_id))
+    else:
+        await records.events.publish(TaskChanged(task_id, record["batch_id"], record_json(record)))
 
 
 async def _end_and_say(
     records: TaskRecords, task_id: str, outcome: Outcome, window: int
 ) -> Finished:
     finished = await finish_task(records.engine, task_id, outcome, window)
-    await records.events.publish(TaskChanged(task_id, finished.batch_id))
+    record = None if finished.record is None else record_json(finished.record)
+    await records.events.publish(TaskChanged(task_id, finished.batch_id, record))
     return finished
 
 

@@ -4,6 +4,7 @@ resume, instead of hanging."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from typing import Any, cast
 import grpc
 import pytest
 
+from core.events import TaskChanged, record_json
 from gateway.auth import current_client
 from gateway.celery_queue import CeleryState
 from gateway.errors import StoreUnavailable
@@ -170,3 +172,121 @@ async def test_an_ending_outside_the_worker_s_code_still_comes_from_the_backend(
         task_pb2.TASK_STATUS_FAILURE,
     ]
     assert seen[-1].error == "died"
+
+
+# --- the record an event carries -----------------------------------------------------------
+
+
+def carried(task: IssuedTask) -> dict[str, Any]:
+    """The record a worker's TaskChanged carries (core.events.record_json of its columns)."""
+    return record_json({**dataclasses.asdict(task), "lost_reason": None, "request_id": None})
+
+
+class CountingRecords(RecordsInTurn):
+    """RecordsInTurn that counts its reads."""
+
+    def __init__(self, *states: IssuedTask) -> None:
+        super().__init__(*states)
+        self.reads = 0
+
+    async def get(self, client: str, task_id: str) -> IssuedTask:
+        self.reads += 1
+        return await super().get(client, task_id)
+
+
+async def watched_with_events(
+    records: CountingRecords, events: list[TaskChanged], backend: Any
+) -> list[Any]:
+    """A stream of TASK_ID whose hub is told `events` once the stream has its first answer."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def listen() -> AsyncIterator[Any]:
+        while True:
+            yield await queue.get()
+
+    hub = EventHub(listen)
+    service = QueueService(
+        cast(Any, records),
+        cast(Any, backend),
+        cast(Any, None),
+        max_page=10,
+        lifetime_seconds=60,
+        publish_timeout=3.0,
+        batches=cast(Any, None),
+        batch_limits=BatchLimits(10, 2),
+        hub=hub,
+        events=cast(Any, None),
+        signer=TokenSigner(b"k" * 32, "d"),
+        poll_interval=30.0,  # no timer read within the test: only events wake the stream
+    )
+    current_client.set("alice")
+    dispatching = asyncio.create_task(hub.run())
+    seen: list[Any] = []
+    try:
+        request = queue_service_pb2.WatchStatusRequest(id=TASK_ID)
+        async with asyncio.timeout(10):
+            async for message in service.WatchStatus(request, cast(Any, Context())):
+                seen.append(message.task)
+                if len(seen) == 1:
+                    for event in events:
+                        queue.put_nowait(event)
+    finally:
+        dispatching.cancel()
+    return seen
+
+
+async def test_a_woken_stream_sends_the_record_its_event_carried_without_reading_it() -> None:
+    records = CountingRecords(PENDING)
+    backend = BackendInTurn("PENDING")
+    events = [
+        TaskChanged(TASK_ID, None, carried(dataclasses.replace(STARTED, deliveries=1))),
+        TaskChanged(TASK_ID, None, carried(dataclasses.replace(SUCCEEDED, deliveries=1))),
+    ]
+
+    seen = await watched_with_events(records, events, backend)
+
+    assert seen[-1].status == task_pb2.TASK_STATUS_SUCCESS
+    assert seen[-1].result.created == 1 and seen[-1].HasField("finish_time")
+    assert seen[-1].start_time.ToDatetime(tzinfo=dt.UTC) == T0
+    # Each state once, in order (STARTED may be folded into SUCCESS when both came at once).
+    statuses = [task.status for task in seen]
+    assert statuses in (
+        [task_pb2.TASK_STATUS_PENDING, task_pb2.TASK_STATUS_STARTED, task_pb2.TASK_STATUS_SUCCESS],
+        [task_pb2.TASK_STATUS_PENDING, task_pb2.TASK_STATUS_SUCCESS],
+    )
+    assert records.reads == 1  # the first look only
+    assert backend.reads == 1
+
+
+async def test_a_record_no_newer_than_the_last_sent_is_read_from_the_database() -> None:
+    # The event says STARTED (the first delivery), the database already says SUCCESS: the
+    # events came in another order than the commits, or one was lost. The database wins.
+    started = dataclasses.replace(STARTED, deliveries=1)
+    records = CountingRecords(started, dataclasses.replace(SUCCEEDED, deliveries=1))
+    backend = BackendInTurn("STARTED")
+    stale = TaskChanged(TASK_ID, None, carried(started))
+
+    seen = await watched_with_events(records, [stale], backend)
+
+    assert [task.status for task in seen] == [
+        task_pb2.TASK_STATUS_STARTED,
+        task_pb2.TASK_STATUS_SUCCESS,
+    ]
+    assert records.reads == 2  # the first look, and the stale event's read
+
+
+async def test_another_client_s_record_in_an_event_is_not_sent() -> None:
+    records = CountingRecords(PENDING, dataclasses.replace(SUCCEEDED, deliveries=1))
+    backend = BackendInTurn("PENDING")
+    foreign = dataclasses.replace(SUCCEEDED, client="mallory", deliveries=1, created=99)
+
+    seen = await watched_with_events(
+        records, [TaskChanged(TASK_ID, None, carried(foreign))], backend
+    )
+
+    assert [task.status for task in seen] == [
+        task_pb2.TASK_STATUS_PENDING,
+        task_pb2.TASK_STATUS_SUCCESS,
+    ]
+    assert seen[-1].result.created == 1  # the database's, not the event's
+    assert records.reads == 2
