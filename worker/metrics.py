@@ -52,7 +52,8 @@ FETCHES = Counter(
 )
 FETCH_SECONDS = Histogram(
     "harvester_worker_fetch_duration_seconds",
-    "How long fetching one listing page took, redirects and body included, failed ones too.",
+    "How long fetching one listing page took, redirects and body included, failed ones too "
+    "(a request held back before it left is not a fetch).",
     buckets=SECONDS_BUCKETS,
 )
 FETCHED_BYTES = Counter(

@@ -83,6 +83,12 @@ def test_prometheus_scrapes_what_the_stack_did(redis_stack: Stack, tmp_path: Pat
     ]
     created = sum(task.result.created for task in ended)
     assert created > 0
+    # The two listing pages as the worker read them (bodies, decompressed; the site's scripts
+    # are used up, so it serves them as it did the second time).
+    page_bytes = sum(
+        len(httpx.get(redis_stack.site.source_url.format(page=page), timeout=10).content)
+        for page in (1, 2)
+    )
 
     gateway_targets = [f"127.0.0.1:{metrics_port + i}" for i in range(2)]
     worker_target = httpx.URL(worker_url).netloc.decode()
@@ -116,6 +122,29 @@ def test_prometheus_scrapes_what_the_stack_did(redis_stack: Stack, tmp_path: Pat
                 "worker": float(created)
             },
             ("sum by (job) (harvester_worker_task_duration_seconds_count)", "job"): {"worker": 4.0},
+            # Every page fetch: page 1, page 2's 503 and 200, page 3's 404 (robots.txt aside).
+            ("sum by (job) (harvester_worker_fetch_duration_seconds_count)", "job"): {
+                "worker": 4.0
+            },
+            ("sum by (job) (harvester_worker_fetched_bytes_total)", "job"): {
+                "worker": float(page_bytes)
+            },
+            ("sum by (job) (harvester_worker_items_parsed_total)", "job"): {
+                "worker": float(sum(task.result.found for task in ended))
+            },
+            ("sum by (job) (harvester_worker_items_skipped_total)", "job"): {
+                "worker": float(sum(task.result.skipped for task in ended))
+            },
+            ("sum by (job) (harvester_worker_projects_updated_total)", "job"): {
+                "worker": float(sum(task.result.updated for task in ended))
+            },
+            # Parsed and stored: the two pages that were fetched whole.
+            ("sum by (job) (harvester_worker_parse_duration_seconds_count)", "job"): {
+                "worker": 2.0
+            },
+            ("sum by (job) (harvester_worker_store_duration_seconds_count)", "job"): {
+                "worker": 2.0
+            },
             ("max by (queue) (harvester_queue_messages)", "queue"): {queue: 0.0},
         }
         try:
