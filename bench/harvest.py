@@ -39,7 +39,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,19 +295,22 @@ async def _create_baseline_table(engine: AsyncEngine) -> None:
 
 
 class _Workers:
-    """Our 2 worker processes, started with the parser a run needs (the others stopped)."""
+    """Our 2 worker processes, started with the parser and settings a run needs (the others
+    stopped first)."""
 
     def __init__(self, directory: Path, env: dict[str, str]) -> None:
         self.directory = directory
         self.env = env
-        self.parser: SourceParser | None = None
+        self.running: tuple[SourceParser, tuple[tuple[str, str], ...]] | None = None
         self.processes: list[Process] = []
 
-    def use(self, parser: SourceParser) -> None:
-        if parser == self.parser:
+    def use(self, parser: SourceParser, extra: Mapping[str, str] | None = None) -> None:
+        """Workers reading pages with `parser`, with the settings `extra` on top."""
+        wanted = (parser, tuple(sorted((extra or {}).items())))
+        if wanted == self.running:
             return
         self.stop()
-        env = {**self.env, "SOURCE_PARSER": parser}
+        env = {**self.env, **(extra or {}), "SOURCE_PARSER": parser}
         # Started together, then waited for: half the wait of one after the other.
         for index in range(WORKERS):
             args = [
@@ -320,13 +323,13 @@ class _Workers:
             self.processes.append(Process(name, args, clean_environment(env), self.directory))
         for process in self.processes:
             process.wait_for_line(r"ready\.")
-        self.parser = parser
+        self.running = wanted
 
     def stop(self) -> None:
         for process in self.processes:
             process.stop()
         self.processes = []
-        self.parser = None
+        self.running = None
 
 
 def _scrapy_installed() -> bool:

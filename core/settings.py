@@ -31,6 +31,17 @@ DEFAULT_USER_AGENT = (
 )
 
 
+# OTEL_TRACES_EXPORTER's values that we honour (the specification's names).
+OTLP_EXPORTER = "otlp"
+NO_EXPORTER = "none"
+
+
+def _exporter_names(value: str) -> list[str]:
+    """OTEL_TRACES_EXPORTER as its list of names (empty: the default, otlp)."""
+    names = [name.strip().lower() for name in value.split(",") if name.strip()]
+    return names or [OTLP_EXPORTER]
+
+
 # The parsers a worker can read pages with (worker/parse.py); both give the same items.
 SourceParser = Literal["beautifulsoup", "lxml"]
 
@@ -504,11 +515,42 @@ class Settings(BaseSettings):
         description="OpenTelemetry's standard variable: the full URL traces are exported to, "
         "instead of `OTEL_EXPORTER_OTLP_ENDPOINT`; set, it turns tracing on too.",
     )
+    otel_traces_exporter: str = Field(
+        default=OTLP_EXPORTER,
+        description="OpenTelemetry's standard variable: which exporters traces go to, "
+        "comma-separated. `otlp` (the default) exports to the endpoint above; `none` exports "
+        "nothing and turns tracing off even with an endpoint set. Others (console, zipkin) "
+        "are not supported.",
+    )
+    otel_sdk_disabled: bool = Field(
+        default=False,
+        description="OpenTelemetry's standard variable: `true` (in any case; no other value) "
+        "turns tracing off even with an endpoint set; anything else leaves it as configured.",
+    )
 
     @field_validator("api_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         return _parse_tokens(value) if isinstance(value, str) else value
+
+    @field_validator("otel_traces_exporter")
+    @classmethod
+    def _check_traces_exporter(cls, value: str) -> str:
+        names = _exporter_names(value)
+        unknown = sorted(set(names) - {OTLP_EXPORTER, NO_EXPORTER})
+        if unknown:
+            raise ValueError(
+                f"{', '.join(unknown)}: the exporters supported are {OTLP_EXPORTER} and "
+                f"{NO_EXPORTER}"
+            )
+        return value
+
+    @field_validator("otel_sdk_disabled", mode="before")
+    @classmethod
+    def _spec_boolean(cls, value: object) -> object:
+        # The specification's booleans: true is the string "true" in any case, and nothing
+        # else ("1", "yes", a typo) is; an SDK must not widen that, as pydantic's bool would.
+        return value.strip().lower() == "true" if isinstance(value, str) else value
 
     @field_validator("source_url")
     @classmethod
@@ -601,9 +643,15 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def otlp_endpoint_configured(self) -> bool:
-        """Whether traces are to be exported (the SDK reads the endpoint itself)."""
-        return bool(self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint)
+    def traces_exported(self) -> bool:
+        """Whether traces are to be exported over OTLP: an endpoint set (the SDK reads it
+        itself), and neither `OTEL_TRACES_EXPORTER=none` nor `OTEL_SDK_DISABLED=true`."""
+        endpoint = self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint
+        return (
+            bool(endpoint)
+            and not self.otel_sdk_disabled
+            and OTLP_EXPORTER in _exporter_names(self.otel_traces_exporter)
+        )
 
     @property
     def sqlite_default_url(self) -> str:

@@ -3,9 +3,10 @@
 With `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, a process
 exports its spans over OTLP/HTTP there; the SDK reads the other standard variables itself
 (`OTEL_TRACES_SAMPLER` and its argument, `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
-`OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_BSP_*`). Unset, the SDK and the instrumentations are not
-even imported: the API's tracer is a no-op, and the hot path asks `enabled()` before any
-tracing work.
+`OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_BSP_*`). `OTEL_TRACES_EXPORTER=none` and
+`OTEL_SDK_DISABLED=true` turn it off again, endpoint or not, as the specification has them do.
+Off, the SDK and the instrumentations are not even imported: the API's tracer is a no-op, and
+the hot path asks `enabled()` before any tracing work.
 
 One trace runs: the gateway's server span for the Upload (the grpc instrumentation) -> the
 publish of its message (a producer span, whose W3C `traceparent` travels in the Celery
@@ -18,7 +19,7 @@ the parse and the store (spans of ours, with the page and the row counts) -> the
 from __future__ import annotations
 
 from collections.abc import Coroutine, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from opentelemetry import context as otel_context
@@ -26,6 +27,9 @@ from opentelemetry import propagate, trace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
 
 T = TypeVar("T")
 
@@ -42,29 +46,42 @@ _enabled = False
 
 
 def enabled() -> bool:
-    """Whether this process exports traces (`configure` found an endpoint)."""
+    """Whether this process exports traces (`configure` installed the SDK)."""
     return _enabled
 
 
 def configure(settings: Settings, service_name: str) -> bool:
-    """Install the SDK with an OTLP exporter when an endpoint is configured; whether it did."""
+    """Install the SDK with an OTLP exporter when traces are to be exported (an endpoint set,
+    and not turned off by OTEL_TRACES_EXPORTER=none or OTEL_SDK_DISABLED=true); whether it did."""
     global _enabled  # noqa: PLW0603  (one provider per process, as the API's global is)
-    if _enabled or not settings.otlp_endpoint_configured:
+    if _enabled or not settings.traces_exported:
         return _enabled
     # Imported only once tracing is on (here and below): without it no process loads the SDK.
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
         OTLPSpanExporter,
     )
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
     from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
     from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
 
-    # OTEL_SERVICE_NAME, when set, wins over ours (Resource.create reads it last).
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
+    provider = TracerProvider(resource=_resource(service_name))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _enabled = True
     return True
+
+
+def _resource(service_name: str) -> Resource:
+    """The SDK's resource from the environment, named `service_name` unless the environment
+    names it (OTEL_SERVICE_NAME, or service.name in OTEL_RESOURCE_ATTRIBUTES)."""
+    from opentelemetry.sdk.resources import SERVICE_NAME  # noqa: PLC0415
+    from opentelemetry.sdk.resources import Resource as SdkResource  # noqa: PLC0415
+
+    # Resource.create's own attributes win over the environment's, so ours go in only where
+    # the SDK found no name and fell back to its "unknown_service".
+    detected = SdkResource.create()
+    if str(detected.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        return detected.merge(SdkResource({SERVICE_NAME: service_name}))
+    return detected
 
 
 def grpc_server_interceptors() -> list[Any]:

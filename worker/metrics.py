@@ -21,6 +21,7 @@ import httpx
 from amqp.exceptions import NotFound
 from celery import Celery, signals
 from kombu.exceptions import ChannelError
+from kombu.transport import virtual
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -51,7 +52,8 @@ FETCHES = Counter(
 )
 FETCH_SECONDS = Histogram(
     "harvester_worker_fetch_duration_seconds",
-    "How long fetching one listing page took, redirects and body included, failed ones too.",
+    "How long fetching one listing page took, redirects and body included, failed ones too "
+    "(a request held back before it left is not a fetch).",
     buckets=SECONDS_BUCKETS,
 )
 FETCHED_BYTES = Counter(
@@ -109,7 +111,7 @@ def count_responses(client: httpx.AsyncClient) -> None:
 
 class QueueDepthCollector(Collector):
     """`harvester_queue_messages`: messages waiting in the task queue, asked of the broker at
-    each scrape (a passive declare: LLEN on Redis, the queue's message count on AMQP)."""
+    each scrape (a declare: LLEN on Redis, the queue's message count on AMQP)."""
 
     def __init__(self, app: Celery, queue: str) -> None:
         self._app = app
@@ -131,7 +133,13 @@ class QueueDepthCollector(Collector):
         try:
             with self._app.connection_for_read() as connection:
                 channel: Any = connection.default_channel  # kombu's stubs lack queue_declare
-                declared = channel.queue_declare(self._queue, passive=True)
+                # kombu's Redis transport answers a passive declare with EXISTS, which it does
+                # not give REDIS_KEY_PREFIX (global_keyprefix): every queue read as missing, so
+                # 0. Its plain declare writes nothing (a Redis list exists while it holds
+                # messages) and counts with LLEN, which it does prefix. On AMQP a plain
+                # declare would create the queue, so there it stays passive.
+                passive = not isinstance(channel, virtual.Channel)
+                declared = channel.queue_declare(self._queue, passive=passive)
             family.add_metric([self._queue], float(declared.message_count))
         except (ChannelError, NotFound):
             # Redis keeps no empty list, and an AMQP queue not declared yet holds nothing.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -75,13 +76,14 @@ class PoliteSource:
                     turn = await held.enter_async_context(
                         self._budget.turn(host, crawl_delay=crawl_delay, max_wait=max_wait)
                     )
+                # The exchange only: the wait for the turn is not the fetch's time.
+                started, sent = time.perf_counter(), True
                 try:
-                    # The exchange only: the wait for the turn is not the fetch's time.
-                    with metrics.FETCH_SECONDS.time():
-                        return await fetch_page(
-                            self._http, url, self._limits, validators, turn.trace
-                        )
+                    return await fetch_page(self._http, url, self._limits, validators, turn.trace)
                 except LateForTurn as exc:
+                    # Stopped before its headers left: the source saw nothing, so no fetch to
+                    # time (on a loaded machine these outnumber some pages' real fetches).
+                    sent = False
                     self.late_turns += 1
                     log.debug("%s not sent: %s; asking for another turn", url, exc)
                 except RetryableError as exc:
@@ -90,6 +92,8 @@ class PoliteSource:
                         await self._budget.pause(host, min(exc.retry_after, cap))
                     raise
                 finally:
+                    if sent:
+                        metrics.FETCH_SECONDS.observe(time.perf_counter() - started)
                     self.late_sends += turn.late > NOTED_LATE_SECONDS
 
 

@@ -104,3 +104,39 @@ def test_one_trace_links_upload_publish_each_try_fetch_and_store(
     assert [(line["trace_id"], line["span_id"]) for line in logged] == [
         (upload_span.trace_id, tries[1].span_id)
     ]
+
+
+def test_traces_exporter_none_and_sdk_disabled_turn_tracing_off_despite_an_endpoint(
+    redis_stack: Stack, receiver: OtlpReceiver
+) -> None:
+    redis_stack.env.update(
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+        OTEL_TRACES_SAMPLER="always_on",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+    )
+    # Each process under a service name of its own, so a span says which one exported it.
+    turned_off = [
+        redis_stack.start_gateway(
+            "gateway-none", OTEL_SERVICE_NAME="gateway-none", OTEL_TRACES_EXPORTER="none"
+        ),
+        redis_stack.start_gateway(
+            "gateway-disabled", OTEL_SERVICE_NAME="gateway-disabled", OTEL_SDK_DISABLED="true"
+        ),
+    ]
+    traced = redis_stack.start_gateway("gateway-on", OTEL_SERVICE_NAME="gateway-on")
+    worker = redis_stack.start_worker(OTEL_SERVICE_NAME="worker-disabled", OTEL_SDK_DISABLED="TRUE")
+    for page, gateway in enumerate([*turned_off, traced], start=1):
+        done = wait_for_task(gateway, upload(gateway, page).id)
+        assert done.status == task_pb2.TASK_STATUS_SUCCESS
+
+    # The one process left on exports its Upload: the receiver works and the endpoint is right.
+    poll_until(
+        lambda: any(s.name.endswith("QueueService/Upload") for s in receiver.received()),
+        30,
+        0.1,
+        what="the traced gateway's Upload span",
+    )
+    # A stopped process has exported all it had (its shutdown flushes), so nothing can come late.
+    for process in [gateway.process for gateway in turned_off] + [worker]:
+        assert process.stop() == 0, process.output()
+    assert {span.service for span in receiver.received()} == {"gateway-on"}

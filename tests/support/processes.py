@@ -265,12 +265,14 @@ def start_worker(
     name: str = "worker",
     concurrency: int = 4,
     ready: bool = True,
+    options: Sequence[str] = (),
 ) -> Process:
+    """`celery worker` on the test's settings; `options` are more of its command line."""
     args = [
         str(BIN / "celery"), "-A", "worker.app", "worker",
         "--loglevel", "INFO", "--concurrency", str(concurrency),
         "--hostname", f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h",
-        "--without-mingle", "--without-gossip",
+        "--without-mingle", "--without-gossip", *options,
     ]  # fmt: skip
     process = Process(name, args, clean_environment(env), cwd)
     if ready:

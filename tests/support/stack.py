@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,15 +73,29 @@ class Stack:
         self.gateways.append(gateway)
         return gateway
 
-    def start_worker(self, name: str = "worker", concurrency: int = 4, **extra: str) -> Process:
-        """A worker, once it consumes."""
-        process = self.launch_worker(name, concurrency, **extra)
+    def start_worker(
+        self,
+        name: str = "worker",
+        concurrency: int = 4,
+        options: Sequence[str] = (),
+        **extra: str,
+    ) -> Process:
+        """A worker, once it consumes; `options` are more of its command line."""
+        process = self.launch_worker(name, concurrency, options, **extra)
         process.wait_for_line(r"ready\.")
         return process
 
-    def launch_worker(self, name: str = "worker", concurrency: int = 4, **extra: str) -> Process:
+    def launch_worker(
+        self,
+        name: str = "worker",
+        concurrency: int = 4,
+        options: Sequence[str] = (),
+        **extra: str,
+    ) -> Process:
         """A worker, at once: it may be waiting for its database or broker."""
-        process = start_worker(self.directory, {**self.env, **extra}, name, concurrency, False)
+        process = start_worker(
+            self.directory, {**self.env, **extra}, name, concurrency, False, options
+        )
         self.processes.append(process)
         return process
 

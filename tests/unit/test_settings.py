@@ -323,7 +323,7 @@ def test_observability_is_off_by_default(env: pytest.MonkeyPatch) -> None:
     assert read.gateway_metrics_address is None
     assert read.worker_metrics_address is None
     assert read.log_format == "text"
-    assert not read.otlp_endpoint_configured
+    assert not read.traces_exported
     assert read.task_events
 
 
@@ -333,7 +333,48 @@ def test_observability_is_off_by_default(env: pytest.MonkeyPatch) -> None:
 def test_either_standard_otlp_endpoint_turns_tracing_on(
     env: pytest.MonkeyPatch, variable: str
 ) -> None:
-    assert settings(env, **{variable: "http://127.0.0.1:4318"}).otlp_endpoint_configured
+    assert settings(env, **{variable: "http://127.0.0.1:4318"}).traces_exported
+
+
+ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+
+
+@pytest.mark.parametrize(
+    ("variables", "exported"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
+        ({"OTEL_TRACES_EXPORTER": " OTLP "}, True),
+        ({"OTEL_TRACES_EXPORTER": ""}, True),  # empty: the default, otlp
+        ({"OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_TRACES_EXPORTER": "None"}, False),
+        ({"OTEL_SDK_DISABLED": "true"}, False),
+        ({"OTEL_SDK_DISABLED": "TRUE"}, False),
+        ({"OTEL_SDK_DISABLED": "false"}, True),
+        # Only "true" is true for the specification: no other value may disable the SDK.
+        ({"OTEL_SDK_DISABLED": "1"}, True),
+        ({"OTEL_SDK_DISABLED": "yes"}, True),
+        ({"OTEL_SDK_DISABLED": ""}, True),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, False),
+    ],
+)
+def test_the_standard_variables_turn_tracing_off_even_with_an_endpoint(
+    env: pytest.MonkeyPatch, variables: dict[str, str], exported: bool
+) -> None:
+    assert settings(env, **ENDPOINT, **variables).traces_exported is exported
+
+
+def test_turning_the_exporter_on_without_an_endpoint_exports_nothing(
+    env: pytest.MonkeyPatch,
+) -> None:
+    assert not settings(env, OTEL_TRACES_EXPORTER="otlp").traces_exported
+
+
+def test_an_exporter_we_do_not_have_is_refused_by_name(env: pytest.MonkeyPatch) -> None:
+    error = rejected(env, **ENDPOINT, OTEL_TRACES_EXPORTER="otlp,zipkin")
+
+    assert describe_settings_error(error) == [
+        "OTEL_TRACES_EXPORTER: zipkin: the exporters supported are otlp and none"
+    ]
 
 
 @pytest.mark.parametrize("variable", ["GATEWAY_METRICS_ADDRESS", "WORKER_METRICS_ADDRESS"])
