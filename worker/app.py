@@ -94,7 +94,19 @@ class _BrokerWaitLog(logging.Filter):
 
 
 @signals.worker_init.connect
-def _start_runtime(**_: Any) -> None:
+def _start_runtime_or_exit(**_: Any) -> None:
+    try:
+        _start_runtime()
+    except Exception:
+        # Celery logs what a worker_init handler raises (before its logging is set up, so
+        # nowhere) and consumes anyway: every task would fail "the worker runtime is not
+        # started". Said on stderr, and the worker does not start.
+        traceback.print_exc(file=sys.stderr)
+        print("the worker runtime could not start: the worker exits", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def _start_runtime() -> None:
     kombu_fixes.apply()
     logging.getLogger("celery.worker.consumer.consumer").addFilter(_BrokerWaitLog())
     # One INFO line per fetched page costs more than it tells; failures are logged by the task.
@@ -113,15 +125,7 @@ def _start_runtime(**_: Any) -> None:
         migrate_when_reachable(settings.resolved_database_url, settings.dependency_timeout_seconds)
     )
     events = events_url(app.conf.broker_url, app.conf.result_backend)
-    try:
-        runtime = WorkerRuntime(settings, events)
-    except Exception:
-        # Celery logs what a worker_init handler raises (before its logging is set up, so
-        # nowhere) and consumes anyway: every task would fail "the worker runtime is not
-        # started". Said on stderr, and the worker does not start.
-        traceback.print_exc(file=sys.stderr)
-        print("the worker runtime could not start: the worker exits", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    runtime = WorkerRuntime(settings, events)
     harvest_page.attach(runtime)
     if settings.worker_metrics_address is not None:
         worker_metrics.instrument(runtime.http)
