@@ -269,8 +269,14 @@ def cluster(
             net.add_host(host, HOST_INDEX[host])
         for n in range(1, workers + 1):
             net.add_host(worker_host(n), HOST_INDEX[worker_host(n)])
+        # The whole subnet: workers behind a slow link come from its upper half, which the
+        # pg host's own /25 (pg_hba's `samenet`) does not cover.
         postgres = PostgresServer(
-            bin_dir, net.hosts["pg"], PG_PORT, wrap=in_netns(net.netns("pg"), [])
+            bin_dir,
+            net.hosts["pg"],
+            PG_PORT,
+            wrap=in_netns(net.netns("pg"), []),
+            clients=str(net.subnet),
         )
         site_address = f"{net.hosts['site']}:{SITE_PORT}"
         site_process = Process(

@@ -380,9 +380,11 @@ class PostgresServer:
         host: str = "127.0.0.1",
         port: int | None = None,
         wrap: Sequence[str] = (),
+        clients: str = "samenet",
     ) -> None:
         """`wrap` prefixes every command (`ip netns exec NAME`: a cluster in a namespace,
-        listening on that namespace's `host`)."""
+        listening on that namespace's `host`); off loopback, `clients` (pg_hba.conf's address
+        field: a CIDR, or `samenet`, the server's own subnets) are trusted."""
         self.bin_dir = bin_dir
         self.host = host
         self.port = port or free_port(host)
@@ -395,9 +397,9 @@ class PostgresServer:
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
         if host != "127.0.0.1":
             # initdb trusts loopback only; clients on the cluster's other hosts come from its
-            # subnet.
+            # subnet, or from `clients`.
             with (self.data / "pg_hba.conf").open("a") as hba:
-                hba.write("host all all samenet trust\n")
+                hba.write(f"host all all {clients} trust\n")
 
     def _run(self, program: str, *args: str) -> None:
         subprocess.run(
