@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,23 +24,11 @@ from core.ledger import FINAL, Finished, Outcome, finish
 from core.migrate import upgrade_to_head
 from gateway.batches import BatchRecords, StoredBatch
 from gateway.records import IssuedTask, TaskRecords
-from tests.support.services import postgres_database
 from worker.store import TaskStart, start_task, start_tasks
 
-POSTGRES = pytest.param("postgresql", marks=pytest.mark.postgres)
 CLIENT = "alice"
 LIFETIME = dt.timedelta(hours=1)
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
-
-
-@pytest.fixture(params=["sqlite", POSTGRES])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh database of the parametrized kind (migrated by `engine`)."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'projects.db'}"
-    else:
-        with postgres_database() as url:
-            yield url
 
 
 @pytest.fixture

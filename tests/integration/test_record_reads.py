@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,20 +24,9 @@ from core.ledger import Outcome, finish
 from core.migrate import upgrade_to_head
 from gateway.batches import BatchRecords
 from gateway.records import IssuedTask, TaskRecords
-from tests.support.services import postgres_database
 from worker.store import record_retry, start_tasks
 
-POSTGRES = pytest.param("postgresql", marks=pytest.mark.postgres)
 LIFETIME = dt.timedelta(hours=1)
-
-
-@pytest.fixture(params=["sqlite", POSTGRES])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'projects.db'}"
-    else:
-        with postgres_database() as url:
-            yield url
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ import datetime as dt
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -24,23 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.db import MAX_URL_LENGTH, Project, TaskRecord, create_engine, utcnow
 from core.migrate import upgrade_to_head
 from tests.support.projects import project_item, project_items
-from tests.support.services import postgres_database
 from worker.errors import RetryableError
 from worker.parse import ProjectItem
 from worker.store import StoreCounts, record_start, store_projects
 
 BATCH = 500
-POSTGRES = pytest.param("postgresql", marks=pytest.mark.postgres)
-
-
-@pytest.fixture(params=["sqlite", POSTGRES])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of the parametrized kind (not yet migrated)."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'projects.db'}"
-    else:
-        with postgres_database() as url:
-            yield url
 
 
 @contextlib.asynccontextmanager
