@@ -17,7 +17,7 @@ from harvester import Client
 from projects.v1 import queue_service_pb2, task_pb2
 from tests.cluster.harness import Cluster
 from tests.cluster.scenarios import settle_through
-from tests.faults.ledger import Counts, Ledger, record, sample_links
+from tests.faults.ledger import Ledger, count_cancelled_batch, record, sample_links
 from tests.faults.test_batch_faults import (
     METADATA,
     assert_counts_are_the_pages,
@@ -144,17 +144,7 @@ def test_400_page_batch_started_on_gw1_watched_and_cancelled_on_gw2(hosts: Clust
     final = watched[0]
     succeeded = sorted(p for p, t in tasks.items() if t.status == SUCCESS)
     revoked = [p for p, t in tasks.items() if t.status == REVOKED]
-    rows, distinct = c.stack.row_counts()
-    stored = set(c.stack.projects())
-    expected = sample_links(c.site.url, succeeded)
-    counts = Counts(
-        accepted=len(tasks),
-        success=len(succeeded),
-        failure=sum(t.status == task_pb2.TASK_STATUS_FAILURE for t in tasks.values()),
-        lost=len(tasks) - len(succeeded) - len(revoked) + len(expected - stored),
-        duplicated=rows - distinct,
-        rows=rows,
-    )
+    counts, stored, expected = count_cancelled_batch(c.stack, c.site.url, tasks, succeeded, revoked)
     record(
         "400-page batch: UploadPages on gw1, WatchBatch and CancelBatch on gw2",
         f"cancelled after {cancelled.pages_succeeded} pages; final {final.pages_succeeded} "
@@ -167,4 +157,4 @@ def test_400_page_batch_started_on_gw1_watched_and_cancelled_on_gw2(hosts: Clust
     assert counts.lost == 0 and counts.duplicated == 0 and counts.failure == 0, counts
     assert revoked and succeeded, "the cancel did not land mid-way"
     assert_counts_are_the_pages(final, tasks)
-    assert stored == expected and rows == len(expected)
+    assert stored == expected and counts.rows == len(expected)

@@ -7,6 +7,7 @@ PENDING is lost) + expected links missing from the table; duplicated = rows - di
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -96,3 +97,27 @@ def sample_links(site_url: str, pages: list[int], per_page: int = 10) -> set[str
         for page in pages
         for number in range((page - 1) * per_page + 1, page * per_page + 1)
     }
+
+
+def count_cancelled_batch(
+    stack: Stack,
+    site_url: str,
+    tasks: Mapping[int, task_pb2.Task],
+    succeeded: Sequence[int],
+    revoked: Sequence[int],
+) -> tuple[Counts, set[str], set[str]]:
+    """A cancelled batch's ledger, its pages' final tasks by page: each is SUCCESS or REVOKED
+    (any other is lost), and the table holds exactly the succeeded pages' links. The counts,
+    the links stored and the links expected."""
+    rows, distinct = stack.row_counts()
+    stored = set(stack.projects())
+    expected = sample_links(site_url, list(succeeded))
+    counts = Counts(
+        accepted=len(tasks),
+        success=len(succeeded),
+        failure=sum(t.status == task_pb2.TASK_STATUS_FAILURE for t in tasks.values()),
+        lost=len(tasks) - len(succeeded) - len(revoked) + len(expected - stored),
+        duplicated=rows - distinct,
+        rows=rows,
+    )
+    return counts, stored, expected

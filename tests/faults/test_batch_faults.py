@@ -33,7 +33,7 @@ from projects.v1 import queue_service_pb2, task_pb2
 from sample_site.pages import DEFAULT_PER_PAGE, render_listing, sample_project
 from tests.conftest import StackFactory, own_redis_server
 from tests.faults.conftest import FAST_FAILURE
-from tests.faults.ledger import Counts, Ledger, record, sample_links
+from tests.faults.ledger import Ledger, count_cancelled_batch, record, sample_links
 from tests.support.processes import Gateway, Process, Site, poll_until
 from tests.support.stack import TEST_TOKEN, Stack
 
@@ -279,17 +279,8 @@ def test_batch_cancelled_mid_way(fault_stack: Callable[..., Stack]) -> None:
         for p, t in tasks.items()
         if t.status == REVOKED and t.HasField("start_time") and seconds(t.start_time) <= answered
     ]
-    rows, distinct = stack.row_counts()
-    stored = set(stack.projects())
-    expected = sample_links(stack.site.url, succeeded)
-    counts = Counts(
-        accepted=len(tasks),
-        success=len(succeeded),
-        failure=sum(t.status == task_pb2.TASK_STATUS_FAILURE for t in tasks.values()),
-        lost=len(tasks) - len(succeeded) - len(revoked) + len(expected - stored),
-        duplicated=rows - distinct,
-        rows=rows,
-    )
+    site = stack.site.url
+    counts, stored, expected = count_cancelled_batch(stack, site, tasks, succeeded, revoked)
     record(
         "14. batch cancelled mid-way",
         f"{len(CANCEL_PAGES)}-page batch, {CANCEL_WORKERS} workers x {CANCEL_CONCURRENCY}, "
@@ -308,7 +299,7 @@ def test_batch_cancelled_mid_way(fault_stack: Callable[..., Stack]) -> None:
     assert final.status == REVOKED and final.pages_cancelled == len(revoked)
     assert_counts_are_the_pages(final, tasks)
     # A REVOKED page stored nothing: the table holds the succeeded pages' projects, exactly.
-    assert stored == expected and rows == len(expected)
+    assert stored == expected and counts.rows == len(expected)
     # No page starts later than one checkpoint after the answer, and one that starts after it
     # at all is a page a worker already held: REVOKED at its start check, never fetched.
     assert latest_start <= CHECKPOINT_SECONDS, f"a page started {latest_start:.2f} s after"
