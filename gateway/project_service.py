@@ -279,7 +279,7 @@ class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
                 while True:
                     # Subscribed before reading the database: what is committed while it
                     # reads is offered by the feed, and what it reads twice is skipped.
-                    with self._feed.subscribe() as subscription:
+                    async with self._feed.subscribe() as subscription:
                         try:
                             while True:
                                 if self._stopping.is_set():

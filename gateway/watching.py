@@ -6,7 +6,8 @@ and offers them, as one `Delivery`, to every subscribed stream. A stream catches
 database at its own pace first, then takes what the feed offers; one that falls more than
 WATCH_BUFFER_CHANGES behind is dropped from the feed and goes back to reading the database from
 its own cursor, so a slow reader never grows the gateway's memory. So 1,000 idle watchers cost
-one query and one response built per wake-up, not 1,000.
+one query and one response built per wake-up, not 1,000; and a process with no watcher reads
+nothing at all: it takes the head again when the next stream subscribes.
 """
 
 from __future__ import annotations
@@ -119,6 +120,11 @@ class ProjectFeed:
         self._subscribers: set[Subscription] = set()
         self._wake = asyncio.Event()
         self._head: Position | None = None
+        # Held while the head moves (a read, or taking it again), so that a stream subscribes
+        # either before a read (and is offered it) or after its head (and reads it itself).
+        self._reading = asyncio.Lock()
+        # Changes came while nobody was subscribed, unread: the head is behind the database's.
+        self._stale = False
 
     async def prime(self) -> None:
         """Take the database's head as the feed's, before any stream subscribes.
@@ -128,10 +134,18 @@ class ProjectFeed:
         """
         self._head = await self._store.head()
 
-    @contextlib.contextmanager
-    def subscribe(self) -> Iterator[Subscription]:
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[Subscription]:
+        """A subscription offered every row committed after it began; the stream reads what was
+        committed before from the database (rows commit in revision order: `worker.store`)."""
         subscription = Subscription(self._buffer)
-        self._subscribers.add(subscription)
+        async with self._reading:
+            if self._stale:
+                # Cheaper than reading every change nobody was offered: what the new stream
+                # needs up to the head it reads itself, as a stream does after prime().
+                self._head = await self._store.head()
+                self._stale = False
+            self._subscribers.add(subscription)
         try:
             yield subscription
         finally:
@@ -145,15 +159,13 @@ class ProjectFeed:
         async for _event in self._wakeups():
             self._wake.set()
 
-    async def _read_new(self) -> None:
-        if self._head is None:
-            raise RuntimeError("ProjectFeed.run before prime")
+    async def _read_new(self, head: Position) -> None:
         while True:
-            rows = await self._store.changes_after(self._head, None, READ_BATCH)
+            rows = await self._store.changes_after(head, None, READ_BATCH)
             if not rows:
                 return
             delivery = Delivery(rows)
-            self._head = delivery.last
+            self._head = head = delivery.last
             for subscription in list(self._subscribers):
                 if not subscription.offer(delivery):
                     self._subscribers.discard(subscription)
@@ -162,6 +174,8 @@ class ProjectFeed:
 
     async def run(self) -> None:
         """Read and offer new changes until cancelled."""
+        if self._head is None:
+            raise RuntimeError("ProjectFeed.run before prime")
         listener = asyncio.create_task(self._listen(), name="project-events")
         try:
             while True:
@@ -170,7 +184,11 @@ class ProjectFeed:
                         await self._wake.wait()
                 self._wake.clear()
                 try:
-                    await self._read_new()
+                    async with self._reading:
+                        if self._subscribers:
+                            await self._read_new(self._head)
+                        else:
+                            self._stale = True
                 except Unavailable as exc:
                     # A database that fails or stalls past its bound ends the streams, each
                     # told to resume from its cursor, rather than leaving them silent; the feed

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 from sqlalchemy import text
 
 from core.db import create_engine
@@ -132,6 +133,23 @@ class Cluster:
 
     def add_host(self, host: str) -> str:
         return self.net.add_host(host, HOST_INDEX[host])
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user and system) each host's processes have used so far, by host: every
+        process in its namespace (`ip netns pids`), PostgreSQL's backends included."""
+        spent: dict[str, float] = {}
+        for host in self.net.hosts:
+            listed = subprocess.run(
+                [network.IP, "netns", "pids", self.net.netns(host)],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            total = 0.0
+            for pid in listed.stdout.split():
+                with contextlib.suppress(psutil.Error):
+                    times = psutil.Process(int(pid)).cpu_times()
+                    total += times.user + times.system
+            spent[host] = total
+        return spent
 
     def reset(self) -> None:
         """Between two scenarios on one cluster: every gateway and worker host running and

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from sqlalchemy import func, select
 
-from core.db import Project, create_engine
+from core.db import Project, TaskRecord, create_engine
 from projects.v1 import queue_service_pb2, task_pb2
 from tests.support.processes import Gateway, Process, Site, poll_until, start_gateway, start_worker
 
@@ -130,6 +130,18 @@ class Stack:
     def projects(self) -> dict[str, Any]:
         rows = self._run(select(Project).order_by(Project.url))
         return {row.url: row for row in rows}
+
+    def tasks_finished(self, request_id_prefix: str) -> int:
+        """Tasks whose request_id starts with the prefix that have reached a final state."""
+        rows = self._run(
+            select(func.count())
+            .select_from(TaskRecord)
+            .where(
+                TaskRecord.request_id.startswith(request_id_prefix, autoescape=True),
+                TaskRecord.finished_at.is_not(None),
+            )
+        )
+        return int(rows[0][0])
 
     def row_counts(self) -> tuple[int, int]:
         """(rows, distinct links) in `projects`."""

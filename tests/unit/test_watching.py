@@ -211,8 +211,8 @@ async def nothing_offered(subscription: Subscription) -> bool:
 
 @contextlib.asynccontextmanager
 async def subscribed(feed: ProjectFeed, count: int) -> AsyncIterator[list[Subscription]]:
-    with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(feed.subscribe()) for _ in range(count)]
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(feed.subscribe()) for _ in range(count)]
 
 
 async def test_a_wake_up_offers_the_new_rows_to_every_subscriber_once_in_order() -> None:
@@ -327,17 +327,93 @@ async def test_a_database_that_fails_ends_the_streams_and_is_read_again_after_a_
     feed = make_feed(store, Wakeups(), poll_interval=0.05)
 
     async with running(feed):
-        with feed.subscribe() as failed:
+        async with feed.subscribe() as failed:
             store.failures = 1
             # The stream ends UNAVAILABLE (it resumes from its cursor) instead of going silent.
             with pytest.raises(StoreUnavailable):
                 await take(failed)
             assert feed.watchers == 0
         # Once the database answers, the feed reads on from its head: nothing is skipped.
-        with feed.subscribe() as later:
+        async with feed.subscribe() as later:
             store.commit(row(1, 1))
             assert ids(await take(later)) == [(1, 1)]
     assert store.failures == 0
+
+
+async def until_stale(feed: ProjectFeed) -> None:
+    """Until the feed has taken a wake-up that came while nobody was subscribed."""
+    async with asyncio.timeout(WAIT):
+        while not feed._stale:  # noqa: ASYNC110  # the feed has no event to tell it by
+            await asyncio.sleep(0)
+
+
+async def test_with_no_subscriber_a_wake_up_reads_nothing_and_the_next_one_takes_the_head() -> None:
+    store = FakeStore([row(1, 1)])
+    wakeups = Wakeups()
+    feed = make_feed(store, wakeups)
+
+    async with running(feed):
+        for revision in (2, 3):
+            store.commit(row(revision, revision))
+            wakeups.send()
+        await until_stale(feed)
+        async with subscribed(feed, 1) as (first,):
+            # The rows committed while nobody listened are the stream's to read itself (up to
+            # the head taken as it subscribed); the feed offers only what came after.
+            assert store.reads == []
+            store.commit(row(4, 4))
+            wakeups.send()
+            assert ids(await take(first)) == [(4, 4)]
+            assert store.reads == [Position(3, 3)]
+        store.commit(row(5, 5))
+        wakeups.send()
+        await until_stale(feed)
+        # Read while the feed had no subscriber: nothing, and the next stream starts after it.
+        async with subscribed(feed, 1) as (second,):
+            store.commit(row(6, 6))
+            wakeups.send()
+            assert ids(await take(second)) == [(6, 6)]
+        assert store.reads == [Position(3, 3), Position(5, 5)]
+
+
+async def test_a_stream_subscribing_during_a_read_is_offered_what_that_read_did_not_give_it() -> (
+    None
+):
+    """The feed's read and a subscription taking the head again do not interleave: a row
+    committed in between is either read by the stream (before its head) or offered to it."""
+    store = FakeStore([row(1, 1)])
+    wakeups = Wakeups()
+    feed = make_feed(store, wakeups)
+    gate = asyncio.Event()
+    reading = asyncio.Event()
+    changes_after = store.changes_after
+
+    async def slow_changes_after(
+        position: Position, is_active: bool | None, limit: int
+    ) -> list[StoredProject]:
+        reading.set()
+        await gate.wait()
+        return await changes_after(position, is_active, limit)
+
+    async with running(feed), subscribed(feed, 1) as (early,):
+        store.changes_after = slow_changes_after  # type: ignore[method-assign]
+        store.commit(row(2, 2))
+        wakeups.send()
+        async with asyncio.timeout(WAIT):
+            await reading.wait()
+        subscribing = feed.subscribe()
+        joining = asyncio.ensure_future(subscribing.__aenter__())
+        await asyncio.sleep(0)  # it waits for the read to finish
+        assert not joining.done()
+        gate.set()
+        late = await joining
+        try:
+            assert ids(await take(early)) == [(2, 2)]
+            store.commit(row(3, 3))
+            wakeups.send()
+            assert ids(await take(late)) == [(3, 3)]
+        finally:
+            await subscribing.__aexit__(None, None, None)
 
 
 async def test_run_before_prime_is_a_mistake() -> None:
