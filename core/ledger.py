@@ -2,8 +2,8 @@
 
 Gateway and worker both end tasks: a worker when a page succeeds, fails for good or is found
 cancelled; the gateway when it cancels a task that has not started, or the reconciler finds
-one the broker lost. Each goes through `finish`, whose UPDATE only takes a task that has no
-final state yet: the first to finish a task counts it for its batch, in the same transaction,
+one the broker lost. Each goes through `finish` (or `revoke_unstarted`, its form for many
+queued pages of one cancelled batch), whose UPDATE only takes a task that has no final state yet: the first to finish a task counts it for its batch, in the same transaction,
 and every later try (a redelivery after a crash, a copy that outlived the visibility timeout)
 changes nothing. So a batch's counts are exact, and reading them is one row.
 
@@ -106,15 +106,44 @@ async def finish(
     return Finished(True, ended.batch_id, new_tasks, record)
 
 
+async def revoke_unstarted(
+    conn: AsyncConnection, batch_id: str, task_ids: list[str], *, now: dt.datetime
+) -> list[str]:
+    """`finish` with REVOKED ("cancelled") for pages of `batch_id` that never started, all in
+    one UPDATE of the tasks and one of the batch however many (a CancelBatch of a large batch,
+    which page by page waited for the batch's row once a page beside busy workers); the ids of
+    those it ended (not those that ended meanwhile). Inside the caller's transaction, as
+    `finish`; the batch must be asked to cancel already, so that nothing more is enqueued."""
+    if not task_ids:
+        return []
+    ended = list(
+        (
+            await conn.execute(
+                update(TaskRecord)
+                .where(TaskRecord.id.in_(task_ids), TaskRecord.finished_at.is_(None))
+                .values(status="REVOKED", error="cancelled", finished_at=now)
+                .returning(TaskRecord.id)
+            )
+        ).scalars()
+    )
+    if ended:
+        await _count(conn, batch_id, None, Outcome("REVOKED"), window=0, now=now, tasks=len(ended))
+    return ended
+
+
 async def _count(
     conn: AsyncConnection,
     batch_id: str,
-    page: int,
+    page: int | None,
     outcome: Outcome,
     *,
     window: int,
     now: dt.datetime,
+    tasks: int = 1,
 ) -> list[NewTask]:
+    """Count `tasks` pages (one unless revoked together) that ended with `outcome`."""
+    if tasks != 1 and outcome.status != "REVOKED":
+        raise ValueError("only revoked pages, which add nothing but their number, count together")
     counter = getattr(BatchRecord, _COUNTER[outcome.status])
     # The batch row is locked from here to the commit: its pages finish one at a time.
     batch = (
@@ -123,7 +152,7 @@ async def _count(
             .where(BatchRecord.id == batch_id)
             .values(
                 {
-                    counter: counter + 1,
+                    counter: counter + tasks,
                     BatchRecord.found: BatchRecord.found + (outcome.found or 0),
                     BatchRecord.created: BatchRecord.created + (outcome.created or 0),
                     BatchRecord.updated: BatchRecord.updated + (outcome.updated or 0),
@@ -142,7 +171,7 @@ async def _count(
         elif failures == MAX_BATCH_ERRORS + 1:
             changes["error"] = f"{batch.error}; and more (ListTasks with its batch_id)"
     stop_page = batch.stop_page
-    if batch.until_known and outcome.status == "SUCCESS" and outcome.created == 0:
+    if batch.until_known and outcome.status == "SUCCESS" and outcome.created == 0 and page:
         stop_page = page if stop_page is None else min(stop_page, page)
         changes["stop_page"] = stop_page
     new_tasks: list[NewTask] = []

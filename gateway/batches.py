@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.batching import Batcher
 from core.db import BatchRecord, TaskRecord, dialect_insert, single_statement, utcnow
-from core.ledger import NewTask, Outcome, finish, task_row
+from core.ledger import NewTask, revoke_unstarted, task_row
 from gateway.database import store_errors
 from gateway.health import OnUnavailable, nobody
 from gateway.records import MAX_READ_TOGETHER
@@ -234,10 +234,8 @@ class BatchRecords:
                         .returning(TaskRecord.id, TaskRecord.started_at)
                     )
                 ).all()
-                for page in pages:
-                    if page.started_at is None:
-                        await finish(conn, page.id, Outcome("REVOKED", error="cancelled"), window=0)
-                        ended.append(page.id)
+                unstarted = [page.id for page in pages if page.started_at is None]
+                ended = await revoke_unstarted(conn, batch_id, unstarted, now=now)
                 if not pages:  # nothing left to finish it (an "until known" batch between pages)
                     await conn.execute(
                         update(BatchRecord)

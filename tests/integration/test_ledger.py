@@ -20,7 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import BatchRecord, TaskRecord, create_engine, utcnow
-from core.ledger import FINAL, Finished, Outcome, finish
+from core.ledger import FINAL, Finished, Outcome, finish, revoke_unstarted
 from core.migrate import upgrade_to_head
 from gateway.batches import BatchRecords, StoredBatch
 from gateway.records import IssuedTask, TaskRecords
@@ -373,6 +373,30 @@ async def test_cancelling_a_batch_none_of_whose_pages_started_finishes_it(
     assert sorted(running) == sorted(pages.values())  # told to the workers, as a hint
     # Another client cannot cancel it, nor see it.
     assert await BatchRecords(engine, LIFETIME).cancel("mallory", batch.id) == (None, [])
+
+
+async def test_pages_revoked_together_count_once_beside_pages_ending_on_their_own(
+    engine: AsyncEngine,
+) -> None:
+    """revoke_unstarted ends many queued pages in one statement: a page that ended meanwhile
+    (its worker was faster) is neither ended again nor counted twice, and the batch's counts
+    are the sum of its pages' own outcomes."""
+    batch, pages = await make_batch(engine, 1, 300)
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(BatchRecord).where(BatchRecord.id == batch.id).values(cancel_requested_at=T0)
+        )
+    assert (await end(engine, pages[7], success(created=3))).counted
+    async with engine.begin() as conn:
+        ended = await revoke_unstarted(conn, batch.id, list(pages.values()), now=T0)
+    assert sorted(ended) == sorted(task for page, task in pages.items() if page != 7)
+    async with engine.begin() as conn:
+        assert await revoke_unstarted(conn, batch.id, list(pages.values()), now=T0) == []
+    rows = await task_rows(engine, batch.id)
+    assert {row.status for page, row in rows.items() if page != 7} == {"REVOKED"}
+    counted = await batch_row(engine, batch.id)
+    assert (counted.pages_succeeded, counted.pages_cancelled, counted.created) == (1, 299, 3)
+    assert counted.finished_at is not None
 
 
 async def test_a_batch_finishes_no_earlier_than_its_last_page(engine: AsyncEngine) -> None:
