@@ -3,8 +3,9 @@
 Gateway and worker both end tasks: a worker when a page succeeds, fails for good or is found
 cancelled; the gateway when it cancels a task that has not started, or the reconciler finds
 one the broker lost. Each goes through `finish` (or `revoke_unstarted`, its form for many
-queued pages of one cancelled batch), whose UPDATE only takes a task that has no final state yet: the first to finish a task counts it for its batch, in the same transaction,
-and every later try (a redelivery after a crash, a copy that outlived the visibility timeout)
+queued pages of one cancelled batch), whose UPDATE only takes a task that has no final state
+yet: the first to finish a task counts it for its batch, in the same transaction, and every
+later try (a redelivery after a crash, a copy that outlived the visibility timeout)
 changes nothing. So a batch's counts are exact, and reading them is one row.
 
 An "until known" batch enqueues its next pages here too, as its pages finish: a page is added
