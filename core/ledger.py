@@ -172,7 +172,8 @@ async def _count(
         elif failures == MAX_BATCH_ERRORS + 1:
             changes["error"] = f"{batch.error}; and more (ListTasks with its batch_id)"
     stop_page = batch.stop_page
-    if batch.until_known and outcome.status == "SUCCESS" and outcome.created == 0 and page:
+    knew_all = outcome.status == "SUCCESS" and outcome.created == 0 and page is not None
+    if batch.until_known and knew_all:
         stop_page = page if stop_page is None else min(stop_page, page)
         changes["stop_page"] = stop_page
     new_tasks: list[NewTask] = []

@@ -139,12 +139,8 @@ class Cluster:
         process in its namespace (`ip netns pids`), PostgreSQL's backends included."""
         spent: dict[str, float] = {}
         for host in self.net.hosts:
-            listed = subprocess.run(
-                [network.IP, "netns", "pids", self.net.netns(host)],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
             total = 0.0
-            for pid in listed.stdout.split():
+            for pid in ip("netns", "pids", self.net.netns(host), check=False).split():
                 with contextlib.suppress(psutil.Error):
                     times = psutil.Process(int(pid)).cpu_times()
                     total += times.user + times.system
