@@ -10,6 +10,11 @@ is what a repeat of the request_id waits for.
 A caller without a request_id that is cancelled before its group is cut is left out of it: no
 record, no message. A claimed record is issued whether or not its caller still waits, so that
 a publish is never cut in half. Once cut, a group goes through whatever its callers do.
+
+A failed publish may have reached the broker after all (its answer lost, or its write held in
+a socket through a partition and sent once the link healed). A worker runs no task without a
+record, so such a message, once its record is dropped, never runs; and a record is dropped
+only while no worker has started it: one started first is kept, and its caller hears OK.
 """
 
 from __future__ import annotations
@@ -85,7 +90,12 @@ class Issuer:
             raise
         failed = [(issue.task, error) for issue, error in zip(issues, errors, strict=True) if error]
         if failed:
-            await self._forget(failed)
+            # A task a worker started meanwhile did reach the broker: its caller hears so.
+            started = await self._forget(failed)
+            errors = [
+                None if issue.task.id in started else error
+                for issue, error in zip(issues, errors, strict=True)
+            ]
         confirmed = [
             issue.task.id
             for issue, error in zip(issues, errors, strict=True)
@@ -102,13 +112,19 @@ class Issuer:
                 )
         return errors
 
-    async def _forget(self, failed: list[tuple[IssuedTask, BaseException]]) -> None:
-        for task, reason in failed:
-            log.warning("publish of task %s failed: %s; its record is dropped", task.id, reason)
+    async def _forget(self, failed: list[tuple[IssuedTask, BaseException]]) -> set[str]:
+        """Drop the records of tasks whose publish failed; the ids a worker had started."""
         try:
-            await self._records.forget_many([task.id for task, _ in failed])
+            started = await self._records.forget_many([task.id for task, _ in failed])
         except StoreUnavailable:
             log.exception("could not drop the records of %d unpublished tasks", len(failed))
+            return set()
+        for task, reason in failed:
+            if task.id in started:
+                log.warning("publish of task %s said %s, yet a worker started it", task.id, reason)
+            else:
+                log.warning("publish of task %s failed: %s; its record is dropped", task.id, reason)
+        return started
 
     async def drain(self) -> None:
         """Wait until every group cut so far is issued."""

@@ -218,10 +218,21 @@ class TaskRecords:
                 update(TaskRecord).where(TaskRecord.id.in_(task_ids)).values(published_at=utcnow())
             )
 
-    async def forget_many(self, task_ids: list[str]) -> None:
-        """Drop the records of tasks that never reached the broker."""
+    async def forget_many(self, task_ids: list[str]) -> set[str]:
+        """Drop the records of tasks whose publish failed, unless a worker has started one
+        meanwhile (a message that reached the broker although its answer did not reach us).
+
+        The ids that were started and kept. A worker runs no task without a record
+        (`worker.task`), so a message delivered after its record was dropped (a write that
+        sat in a socket through a partition) never runs: "nothing was enqueued" holds.
+        """
         async with store_errors(self._on_unavailable), single_statement(self._engine) as conn:
-            await conn.execute(delete(TaskRecord).where(TaskRecord.id.in_(task_ids)))
+            dropped = await conn.execute(
+                delete(TaskRecord)
+                .where(TaskRecord.id.in_(task_ids), TaskRecord.deliveries == 0)
+                .returning(TaskRecord.id)
+            )
+            return set(task_ids) - set(dropped.scalars())
 
     async def purge_expired(self) -> int:
         """Drop the task and batch records older than their lifetime; how many tasks went."""

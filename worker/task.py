@@ -287,6 +287,11 @@ def run_harvest(task: HarvestTask, page: int, turns_missed: int = 0) -> dict[str
         start: TaskStart | None = getattr(task.request, "start", None)
         if start is None:  # the prerun hook could not reach the database: try again here
             start = runtime.records.run(runtime.records.start(task_id))
+        if start.deliveries == 0:
+            # Its publish was reported failed (the record dropped, the caller told nothing was
+            # enqueued) yet the message arrived, or its record expired: not ours to run.
+            log.warning("page %d: task %s has no record; not run", page, task_id)
+            return _result(task_pb2.UploadResult(page=page))
         if start.finished:
             log.info("page %d: task %s has ended already (cancelled); not run", page, task_id)
             return _result(task_pb2.UploadResult(page=page))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import time
@@ -12,16 +13,18 @@ from dataclasses import dataclass
 
 import pytest
 import redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.celery_config import make_celery
 from core.db import create_engine
 from core.migrate import upgrade_to_head
 from core.settings import Settings
 from gateway.celery_queue import CeleryQueue, PublishingCelery
-from gateway.errors import QueueUnavailable
+from gateway.errors import QueueUnavailable, Unavailable
 from gateway.issuing import Issuer
 from gateway.records import IssuedTask, TaskRecords
-from tests.support.processes import RedisServer
+from tests.support.processes import RedisPause, RedisServer
+from worker.store import record_start
 
 pytestmark = pytest.mark.postgres
 
@@ -34,6 +37,7 @@ class Issuing:
     issuer: Issuer
     records: TaskRecords
     broker: redis.Redis
+    engine: AsyncEngine
 
 
 @asynccontextmanager
@@ -51,7 +55,7 @@ async def issuing(database_url: str, broker: RedisServer) -> AsyncIterator[Issui
     records = TaskRecords(engine, dt.timedelta(hours=1))
     client = redis.Redis.from_url(broker.url)
     try:
-        yield Issuing(Issuer(records, queue), records, client)
+        yield Issuing(Issuer(records, queue), records, client, engine)
     finally:
         client.close()
         queue.close()
@@ -110,3 +114,46 @@ async def test_a_caller_gone_before_its_group_is_cut_issues_nothing(
         assert await it.records.get("alice", abandoned.id) is None
         assert queued_ids(it.broker) == {kept.id}
         assert leaving.cancelled()
+
+
+async def test_a_failed_publish_drops_its_record_unless_a_worker_started_it(
+    postgres_url: str, own_redis: RedisServer
+) -> None:
+    # A worker runs no task without a record (tests/unit/test_task.py), so a message that
+    # reaches the broker after its publish was reported failed never runs; one a worker
+    # started first did reach the broker, and keeps its record.
+    unstarted, started = IssuedTask.new("alice", None, 1), IssuedTask.new("alice", None, 2)
+
+    async with issuing(postgres_url, own_redis) as it:
+        await it.records.add_many([unstarted, started])
+        assert await record_start(it.engine, started.id) == 1
+
+        kept = await it.records.forget_many([unstarted.id, started.id])
+
+        assert kept == {started.id}
+        assert await record_start(it.engine, unstarted.id) == 0
+        assert await it.records.get("alice", started.id) is not None
+
+
+async def test_a_task_a_worker_started_while_its_publish_timed_out_counts_as_issued(
+    postgres_url: str, own_redis: RedisServer
+) -> None:
+    paused = RedisPause(own_redis)
+
+    async with issuing(postgres_url, own_redis) as it:
+        task, created = await it.records.claim("alice", "request-1", 1)
+        assert created
+        paused.pause()
+        try:
+            issuing_it = asyncio.ensure_future(it.issuer.issue(task, give_up(), claimed=True))
+            assert await record_start(it.engine, task.id) == 1  # a worker got it meanwhile
+            # Its caller may hear UNAVAILABLE ("it may still run") if the verdict is late.
+            with contextlib.suppress(Unavailable):
+                await issuing_it
+            await it.issuer.drain()
+        finally:
+            paused.resume()
+        stored = await it.records.get("alice", task.id)
+        # Kept and marked published: a repeat of its request_id gets it, and it is not sent again.
+        assert stored is not None and stored.started_at is not None
+        assert stored.published_at is not None

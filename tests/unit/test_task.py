@@ -485,6 +485,17 @@ def test_a_task_cancelled_before_it_started_is_revoked_and_not_harvested(
     assert runtime.outcomes() == [Outcome("REVOKED", error="cancelled")]
 
 
+def test_a_task_without_a_record_is_not_run(runtime: FakeRuntime, harvest: FakeHarvest) -> None:
+    # Its publish was reported failed and its record dropped, yet the message got through.
+    runtime.deliveries = 0
+
+    result = run(FakeTask(runtime, deliveries=None))
+
+    assert harvest.calls == []
+    assert runtime.outcomes() == []
+    assert result["found"] == 0 and result["created"] == 0
+
+
 def test_a_task_that_ended_already_is_not_run_again(
     runtime: FakeRuntime, harvest: FakeHarvest
 ) -> None:
