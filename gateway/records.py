@@ -6,7 +6,9 @@ endless PENDING, and a repeated request_id return the task it first created. Dat
 leave this module as `StoreUnavailable` (`gateway.database`).
 
 Records are read together: the reads that arrive while one runs (or in the same event-loop
-turn) are one `WHERE id IN (...)` (`core.batching.Batcher`). One event batch from a worker
+turn) are one `WHERE id IN (...)` (`core.batching.Batcher`); request_ids are claimed together
+the same way, in one INSERT (a transaction of its own per claim cost an Upload with a
+request_id three times the CPU of one without). One event batch from a worker
 (64 tasks started at once) wakes as many WatchStatus streams, each reading its record at
 once; read one by one, they queued for the pool's connections behind one another.
 """
@@ -29,8 +31,9 @@ from gateway.database import store_errors
 from gateway.errors import StoreUnavailable
 from gateway.health import OnUnavailable, nobody
 
-# The most records one read asks for; more waiting go in the next read.
+# The most records one read asks for, or one claim writes; more waiting go in the next.
 MAX_READ_TOGETHER = 500
+MAX_CLAIMS_TOGETHER = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +137,12 @@ class _Read:
     found: IssuedTask | None = None
 
 
+@dataclass(slots=True)
+class _Claim:
+    new: IssuedTask  # the record it makes if its request_id is free
+    claimed: tuple[IssuedTask, bool] | None = None
+
+
 class TaskRecords:
     def __init__(
         self,
@@ -148,6 +157,12 @@ class TaskRecords:
         # Built once: a statement built per batch costs its construction and cache key anew.
         self._add_statement = insert(TaskRecord)
         self._reads = Batcher(self._read_together, max_size=MAX_READ_TOGETHER)
+        self._claim_statement = (
+            self._insert(TaskRecord)
+            .on_conflict_do_nothing(index_elements=["client", "request_id"])
+            .returning(TaskRecord.id)
+        )
+        self._claims = Batcher(self._claim_together, max_size=MAX_CLAIMS_TOGETHER)
 
     def _expired(self, task: IssuedTask, now: dt.datetime) -> bool:
         return task.enqueued_at + self._lifetime < now
@@ -162,32 +177,75 @@ class TaskRecords:
 
         The second item is True when the record is new (the caller must publish the task).
         Concurrent claims of one request_id make exactly one record: the insert skips on the
-        unique (client, request_id) constraint and the losers read the winner's row.
+        unique (client, request_id) constraint and the losers read the winner's row. Claimed
+        with the others that arrive meanwhile (`_claim_together`).
         """
-        new = IssuedTask.new(client, request_id, page)
-        statement = self._insert(TaskRecord).values(**new.as_row())
-        async with store_errors(self._on_unavailable), self._engine.begin() as conn:
+        claim = _Claim(IssuedTask.new(client, request_id, page))
+        await self._claims.submit(claim)
+        assert claim.claimed is not None
+        return claim.claimed
+
+    async def _claim_together(self, claims: list[_Claim]) -> None:
+        """One INSERT for every claim's record, then one read of the rows that held theirs.
+
+        A request_id claimed twice in one batch is one row: the later claims get the first's
+        task, as they would from another call. An expired holder, or one gone before it was
+        read (dropped after a failed publish), is settled by a claim of its own (`_claim_alone`).
+        """
+        first: dict[tuple[str, str | None], _Claim] = {}
+        for claim in claims:
+            first.setdefault((claim.new.client, claim.new.request_id), claim)
+        async with store_errors(self._on_unavailable), single_statement(self._engine) as conn:
             inserted = await conn.execute(
-                statement.on_conflict_do_nothing(index_elements=["client", "request_id"]).returning(
-                    TaskRecord.id
-                )
+                self._claim_statement, [claim.new.as_row() for claim in first.values()]
             )
-            if inserted.first() is not None:
-                return new, True
-            row = (
-                await conn.execute(
-                    select(TaskRecord).where(
-                        TaskRecord.client == client, TaskRecord.request_id == request_id
-                    )
+            made = set(inserted.scalars())
+            held = [key for key, claim in first.items() if claim.new.id not in made]
+            rows = {}
+            if held:
+                statement = select(TaskRecord).where(
+                    tuple_(TaskRecord.client, TaskRecord.request_id).in_(held)
                 )
-            ).one()
-            existing = IssuedTask.from_row(row)
-            if not self._expired(existing, new.enqueued_at):
-                return existing, False
-            # The old task's record has expired: the request_id is free again.
-            await conn.execute(delete(TaskRecord).where(TaskRecord.id == existing.id))
-            await conn.execute(statement)
-            return new, True
+                rows = {(row.client, row.request_id): row for row in await conn.execute(statement)}
+        for key, claim in first.items():
+            if claim.new.id in made:
+                claim.claimed = (claim.new, True)
+            elif (row := rows.get(key)) is not None and not self._expired(
+                existing := IssuedTask.from_row(row), claim.new.enqueued_at
+            ):
+                claim.claimed = (existing, False)
+            else:
+                claim.claimed = await self._claim_alone(claim.new)
+        for claim in claims:
+            if claim.claimed is None:  # a repeat within the batch
+                winner = first[(claim.new.client, claim.new.request_id)]
+                assert winner.claimed is not None
+                claim.claimed = (winner.claimed[0], False)
+
+    async def _claim_alone(self, new: IssuedTask) -> tuple[IssuedTask, bool]:
+        """`claim` in a transaction of its own: replaces an expired holder of the request_id,
+        and tries again when the holder went before it could be read."""
+        holder = (TaskRecord.client == new.client) & (TaskRecord.request_id == new.request_id)
+        statement = self._insert(TaskRecord).values(**new.as_row())
+        while True:
+            async with store_errors(self._on_unavailable), self._engine.begin() as conn:
+                inserted = await conn.execute(
+                    statement.on_conflict_do_nothing(
+                        index_elements=["client", "request_id"]
+                    ).returning(TaskRecord.id)
+                )
+                if inserted.first() is not None:
+                    return new, True
+                row = (await conn.execute(select(TaskRecord).where(holder))).first()
+                if row is None:
+                    continue
+                existing = IssuedTask.from_row(row)
+                if not self._expired(existing, new.enqueued_at):
+                    return existing, False
+                # The old task's record has expired: the request_id is free again.
+                await conn.execute(delete(TaskRecord).where(TaskRecord.id == existing.id))
+                await conn.execute(statement)
+                return new, True
 
     async def get(self, client: str, task_id: str) -> IssuedTask | None:
         """The client's live record of `task_id`, or None (never issued to it, or expired).

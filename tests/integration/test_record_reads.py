@@ -154,3 +154,56 @@ async def test_the_record_a_worker_s_event_carries_is_the_one_the_gateway_reads(
     steps = [through_the_event(r) for r in (start.record, retried, again.record, finished.record)]
     progress = [step.progress for step in steps if step is not None]
     assert progress == sorted(progress) and len(set(progress)) == 4
+
+
+class Inserts:
+    """The INSERT statements the engine runs on `table` from now on (executemany counts once)."""
+
+    def __init__(self, engine: AsyncEngine, table: str) -> None:
+        self.statements = 0
+
+        def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            if statement.lstrip().upper().startswith("INSERT") and table in statement:
+                self.statements += 1
+
+        event.listen(engine.sync_engine, "before_cursor_execute", seen)
+
+
+async def test_claims_made_together_are_one_insert_and_each_request_id_one_record(
+    engine: AsyncEngine,
+) -> None:
+    records = TaskRecords(engine, LIFETIME)
+    held, _ = await records.claim("alice", "held", 7)
+    inserts = Inserts(engine, "task_records")
+    asked = [("alice", f"r{n}", n) for n in range(1, 41)]
+    asked += [("bob", "r1", 1), ("alice", "held", 7), ("alice", "r1", 1)]
+
+    claimed = await asyncio.gather(*(records.claim(*one) for one in asked))
+
+    assert inserts.statements <= 2  # one, or two if the claims were cut in two batches
+    by_request = {}
+    for (client, request_id, page), (task, created) in zip(asked, claimed, strict=True):
+        assert (task.client, task.request_id, task.page) == (client, request_id, page)
+        by_request.setdefault((client, request_id), []).append((task.id, created))
+    # Each request_id has one task; only one of its claims created it.
+    for key, answers in by_request.items():
+        assert len({task_id for task_id, _ in answers}) == 1, key
+        assert sum(created for _, created in answers) == (0 if key == ("alice", "held") else 1)
+    assert by_request[("alice", "held")][0][0] == held.id
+    assert by_request[("alice", "r1")][0][0] != by_request[("bob", "r1")][0][0]
+    for (client, _), answers in by_request.items():
+        assert await records.get(client, answers[0][0]) is not None
+
+
+async def test_a_claim_of_an_expired_request_id_makes_a_new_task(engine: AsyncEngine) -> None:
+    old, _ = await TaskRecords(engine, LIFETIME).claim("alice", "again", 3)
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(TaskRecord)
+            .where(TaskRecord.id == old.id)
+            .values(enqueued_at=old.enqueued_at - 2 * LIFETIME)
+        )
+
+    new, created = await TaskRecords(engine, LIFETIME).claim("alice", "again", 3)
+
+    assert created and new.id != old.id
