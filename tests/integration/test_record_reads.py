@@ -181,7 +181,7 @@ async def test_claims_made_together_are_one_insert_and_each_request_id_one_recor
     claimed = await asyncio.gather(*(records.claim(*one) for one in asked))
 
     assert inserts.statements <= 2  # one, or two if the claims were cut in two batches
-    by_request = {}
+    by_request: dict[tuple[str, str], list[tuple[str, bool]]] = {}
     for (client, request_id, page), (task, created) in zip(asked, claimed, strict=True):
         assert (task.client, task.request_id, task.page) == (client, request_id, page)
         by_request.setdefault((client, request_id), []).append((task.id, created))
