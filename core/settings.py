@@ -233,8 +233,9 @@ class Settings(BaseSettings):
         gt=0,
         description="Longest the gateway waits on each step of a call to Redis or the database "
         "(connecting, one command or statement, a free pooled connection), and the bound of the "
-        "worker's database connects: a dependency slower than this counts as down, and the call "
-        "answers UNAVAILABLE. At most half of `PUBLISH_TIMEOUT_SECONDS`.",
+        "worker's database connects and (2 s at least) of its calls to the fleet's politeness "
+        "budget in Redis: a dependency slower than this counts as down, and the call answers "
+        "UNAVAILABLE. At most half of `PUBLISH_TIMEOUT_SECONDS`.",
     )
     token_signing_key: str | None = Field(
         default=None,

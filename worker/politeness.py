@@ -18,7 +18,14 @@ process's clock of Redis's. A new start comes a window after the count-th latest
 Crawl-delay after the latest), so a request that leaves late only pushes the starts that come
 a count after it, by its own lateness, instead of losing its place; the log's figures only
 ever come down, so no grant made on an earlier figure can overrun a window. A request that
-could not leave within LATE_SEND_SECONDS is not sent, and its place leaves the log.
+could not leave within its turn's allowance is not sent, and its place leaves the log.
+
+The allowance is LATE_SEND_SECONDS on top of what the way to the site costs every request
+before it can leave, whatever the machine's load: twice the error of this process's reading of
+Redis's clock (a request waits for the latest the start may be on our clock and is measured
+from the earliest) and the setup of a connection to the host (its handshake, last measured).
+Both are known before the grant, so the log holds the allowance the request is held to; it is
+capped at the lease, past which the request would no longer hold its slot.
 
 Starts are also paced (START_SPREAD), so that a window's count does not go out at once. A turn
 is granted up to RESERVE_AHEAD_SECONDS before its start, and its request leaves at the start.
@@ -52,19 +59,24 @@ KEY_PREFIX = "harvester.polite:"
 # the site's is a window of sends this much longer. The sender's own lateness is not in it:
 # the log holds when each request really left.
 WINDOW_MARGIN = 0.07
-# The latest a request may leave after its start; one that would leave later is not sent and
-# asks for another turn. Until its send is known, the log counts the request as leaving this
-# late, which holds back only the start a count after it (a window later): so it can be far
-# longer than a machine's usual lateness without costing the budget anything.
+# How late a request may leave after its start, beyond what its way to the site costs (the
+# clock's error, a connection's setup: `HostBudget._allowance`); one that would leave later is
+# not sent and asks for another turn. Until its send is known, the log counts the request as
+# leaving as late as its allowance, which holds back only the start a count after it (a window
+# later): so it can be far longer than a machine's usual lateness without costing the budget
+# anything.
 LATE_SEND_SECONDS = 0.2
 # A request that leaves later than this after its start is counted as late (a worker that
 # counts many is short of CPU for its concurrency); it is still sent.
 NOTED_LATE_SECONDS = 0.02
+CONNECT_STARTED_EVENT = "connection.connect_tcp.started"
 HEADERS_SENT_EVENT = "http11.send_request_headers.started"
 HEADERS_OUT_EVENT = "http11.send_request_headers.complete"
 # A waiter for a concurrency slot asks again this often at most; a release in its own process
 # wakes it sooner.
 SLOT_POLL_SECONDS = 0.02
+# The least a call to the budget in Redis waits (connecting, one command); a longer dependency
+# bound (DEPENDENCY_TIMEOUT_SECONDS, for a slow link) widens it: a call cut short fails the try.
 REDIS_TIMEOUT_SECONDS = 2.0
 CLOCK_READING_SECONDS = 10.0
 # Starts are at least this share of the window's mean spacing (window / count) apart: a
@@ -178,29 +190,55 @@ class Turn:
     check that its request leaves in time and the word to the fleet's log of when it left
     (`trace`, httpcore's trace extension)."""
 
-    __slots__ = ("_report", "_reporting", "_sent", "due", "held_back", "late", "waited")
+    __slots__ = (
+        "_connecting",
+        "_on_setup",
+        "_report",
+        "_reporting",
+        "_sent",
+        "allowance",
+        "due",
+        "held_back",
+        "late",
+        "waited",
+    )
 
     def __init__(
         self,
         due: float,
         waited: float,
         report: Callable[[float], Coroutine[None, None, None]] | None = None,
+        *,
+        allowance: float = LATE_SEND_SECONDS,
+        on_setup: Callable[[float], None] | None = None,
     ) -> None:
         self.due = due  # the earliest its start can be, in this process's time.monotonic()
         self.waited = waited
+        # How late after `due` its request may leave: what the log holds it to.
+        self.allowance = allowance
         self.late = 0.0  # how long after its start its request left
         self.held_back = False  # its request was stopped before it was sent
         self._report = report
         self._reporting: asyncio.Task[None] | None = None
+        self._on_setup = on_setup  # told how long the connection took to be ready, if one was made
+        self._connecting: float | None = None
         self._sent = False
 
     async def trace(self, event: str, info: dict[str, object]) -> None:
-        if event == HEADERS_SENT_EVENT and not self._sent:
-            late = time.monotonic() - self.due
-            if late > LATE_SEND_SECONDS:
+        if event == CONNECT_STARTED_EVENT and not self._sent and self._connecting is None:
+            self._connecting = time.monotonic()
+        elif event == HEADERS_SENT_EVENT and not self._sent:
+            now = time.monotonic()
+            if self._connecting is not None and self._on_setup is not None:
+                # Told before the check: a request held back by a long handshake has the next
+                # turn allow for it (its connection is closed, so that turn connects again).
+                self._on_setup(now - self._connecting)
+            late = now - self.due
+            if late > self.allowance:
                 self.held_back = True
                 raise LateForTurn(
-                    f"the request would have left {late * 1000:.0f} ms after its start"
+                    f"the request would have left {late * 1000:.0f} ms after its start "
+                    f"(it was allowed {self.allowance * 1000:.0f} ms)"
                 )
             self.late = late
             self._sent = True
@@ -230,6 +268,10 @@ class RedisClock:
         self.error = math.inf  # seconds either way
         self._read_at = -math.inf
 
+    @property
+    def read(self) -> bool:
+        return self.error < math.inf
+
     def observe(self, asked_at: float, answered_at: float, redis_now: float) -> None:
         error = (answered_at - asked_at) / 2
         if error <= self.error or answered_at - self._read_at > CLOCK_READING_SECONDS:
@@ -257,11 +299,20 @@ class HostBudget:
         self._clock = RedisClock()
         self._lines: dict[str, asyncio.Lock] = {}
         self._released: dict[str, asyncio.Event] = {}
+        self._setup: dict[str, float] = {}  # the last connection's setup to each host, seconds
 
     @classmethod
-    def from_url(cls, url: str, prefix: str, limits: BudgetLimits) -> HostBudget:
+    def from_url(
+        cls,
+        url: str,
+        prefix: str,
+        limits: BudgetLimits,
+        *,
+        dependency_timeout: float = REDIS_TIMEOUT_SECONDS,
+    ) -> HostBudget:
+        timeout = max(REDIS_TIMEOUT_SECONDS, dependency_timeout)
         client = aioredis.Redis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         return cls(client, prefix, limits)
 
@@ -297,7 +348,7 @@ class HostBudget:
         pace = self.pace(crawl_delay)
         try:
             async with asyncio.timeout(max_wait):
-                start_at, due = await self._reserve(host, lease_id, pace)
+                start_at, due, allowance = await self._reserve(host, lease_id, pace)
                 # Not before the start Redis gave, measured from after its answer came back.
                 await asyncio.sleep(max(start_at - time.monotonic(), 0.0))
         except TimeoutError as exc:
@@ -313,7 +364,10 @@ class HostBudget:
         async def report(sent_at: float) -> None:
             await self._report_sent(host, lease_id, sent_at)
 
-        turn = Turn(due, time.monotonic() - started, report)
+        def on_setup(seconds: float) -> None:
+            self._setup[host] = seconds
+
+        turn = Turn(due, time.monotonic() - started, report, allowance=allowance, on_setup=on_setup)
         try:
             yield turn
         finally:
@@ -321,21 +375,49 @@ class HostBudget:
             # A request held back gives its place back too: it never reached the site.
             await self._release(host, lease_id, unsent=turn.held_back)
 
-    async def _reserve(self, host: str, lease_id: str, pace: Pace) -> tuple[float, float]:
+    def _allowance(self, host: str) -> float:
+        """How late after its due time a request on `host` may leave: LATE_SEND_SECONDS, and
+        what every request pays before it can leave. It waits until the latest its start may
+        be on our clock and is measured from the earliest (twice the clock's error); and it may
+        have to set up a connection (as long as the last one to the host took; until one is
+        measured, a round trip to Redis, the handshake's one round trip, stands in)."""
+        error = self._clock.error
+        setup = self._setup.get(host, 2 * error)
+        return min(LATE_SEND_SECONDS + setup + 2 * error, self._limits.lease_seconds)
+
+    async def _read_clock(self, host: str) -> None:
+        """Read Redis's clock on its own, once per process: the first grant needs the clock's
+        error to say its allowance; each grant's answer reads the clock again after that."""
+        try:
+            asked_at = time.monotonic()
+            seconds, micros = await self._client.time()
+            answered_at = time.monotonic()
+        except (RedisError, OSError) as exc:
+            raise RetryableError(
+                f"the fleet's budget for {host} in Redis is unreachable: {exc}"
+            ) from exc
+        self._clock.observe(asked_at, answered_at, seconds + micros / 1_000_000)
+
+    async def _reserve(self, host: str, lease_id: str, pace: Pace) -> tuple[float, float, float]:
         """A granted start on `host`, in this process's time.monotonic(): when the request may
-        leave (no earlier than Redis's start) and when it is due (no later than it)."""
+        leave (no earlier than Redis's start), when it is due (no later than it), and how late
+        after that it may leave (what the log holds it to)."""
         line = self._lines.setdefault(host, asyncio.Lock())
         released = self._released.setdefault(host, asyncio.Event())
         async with line:  # FIFO: the process's waiters for a host queue here; one asks Redis
             while True:
+                if not self._clock.read:
+                    await self._read_clock(host)
+                # Said before the answer's reading: the log holds the request to this one.
+                allowance = self._allowance(host)
                 asked_at = time.monotonic()
-                granted, wait, why, redis_now = await self._ask(host, lease_id, pace)
+                granted, wait, why, redis_now = await self._ask(host, lease_id, pace, allowance)
                 answered_at = time.monotonic()
                 self._clock.observe(asked_at, answered_at, redis_now)
                 if granted:
                     start = self._clock.local(redis_now + wait)
                     error = self._clock.error
-                    return start + error, start - error
+                    return start + error, start - error, allowance
                 if why == "full":
                     # A slot frees when a request ends, which Redis cannot tell us.
                     released.clear()
@@ -345,8 +427,11 @@ class HostBudget:
                 else:
                     await asyncio.sleep(wait)
 
-    async def _ask(self, host: str, lease_id: str, pace: Pace) -> tuple[bool, float, str, float]:
-        """(granted, seconds to wait, why, Redis's clock in seconds)."""
+    async def _ask(
+        self, host: str, lease_id: str, pace: Pace, allowance: float
+    ) -> tuple[bool, float, str, float]:
+        """(granted, seconds to wait, why, Redis's clock in seconds); a grant enters its request
+        in the log as leaving `allowance` after its start at the latest."""
         limits = self._limits
         args: list[float | int | str] = [
             pace.window * 1000.0,
@@ -356,7 +441,7 @@ class HostBudget:
             limits.lease_seconds * 1000.0,
             lease_id,
             RESERVE_AHEAD_SECONDS * 1000.0,
-            LATE_SEND_SECONDS * 1000.0,
+            allowance * 1000.0,
             START_SPREAD * pace.window / pace.count * 1000.0,
         ]
         try:

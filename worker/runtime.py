@@ -222,7 +222,12 @@ class WorkerRuntime(LoopThread):
             concurrency=settings.source_max_concurrency,
             lease_seconds=settings.source_lease_seconds,
         )
-        return HostBudget.from_url(url, settings.redis_key_prefix, limits)
+        return HostBudget.from_url(
+            url,
+            settings.redis_key_prefix,
+            limits,
+            dependency_timeout=settings.dependency_timeout_seconds,
+        )
 
     def _robots_cache(self) -> RobotsCache:
         return RobotsCache(

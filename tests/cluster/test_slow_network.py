@@ -9,7 +9,6 @@ way, dropping 5% at random, each way.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -18,16 +17,7 @@ from tests.cluster.harness import Cluster
 from tests.cluster.scenarios import settle_through
 from tests.faults.ledger import Ledger, record, sample_links
 
-pytestmark = [
-    pytest.mark.timeout(600),
-    # Not passing yet (issue 21 stays open for it): over this link the workers come up, then
-    # their Redis calls (events, the politeness budget, robots.txt's cache) time out after
-    # minutes and no page finishes within the bound. CLUSTER_SLOW_LINK=1 runs it.
-    pytest.mark.skipif(
-        os.environ.get("CLUSTER_SLOW_LINK") != "1",
-        reason="scenario 4 does not pass yet: Redis calls over the user-space slow link time out",
-    ),
-]
+pytestmark = pytest.mark.timeout(600)
 
 DELAY, LOSS = 0.2, 0.05
 # A round trip is 400 ms and a lost segment costs a retransmission timeout: the workers' bounds

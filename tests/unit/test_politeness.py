@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from worker.politeness import (
     CLOCK_READING_SECONDS,
+    CONNECT_STARTED_EVENT,
     HEADERS_OUT_EVENT,
     HEADERS_SENT_EVENT,
     LATE_SEND_SECONDS,
@@ -66,6 +67,32 @@ async def test_a_request_later_than_its_turn_allows_is_held_back_and_not_reporte
         await late.trace(HEADERS_SENT_EVENT, {})
     await late.reported()
     assert late.held_back and reported == []
+
+
+async def test_a_turn_holds_its_request_to_its_allowance_and_says_its_setup() -> None:
+    setups: list[float] = []
+    allowance = LATE_SEND_SECONDS + 0.3  # a slow link's clock error and handshake
+    due = time.monotonic() - LATE_SEND_SECONDS - 0.1
+    turn = Turn(due, 0.0, allowance=allowance, on_setup=setups.append)
+    await turn.trace(CONNECT_STARTED_EVENT, {})
+    await turn.trace(HEADERS_SENT_EVENT, {})  # later than LATE_SEND_SECONDS, within its allowance
+    assert not turn.held_back and turn.late > LATE_SEND_SECONDS
+    assert len(setups) == 1 and setups[0] >= 0
+    reused = Turn(time.monotonic() - allowance - 0.01, 0.0, allowance=allowance)
+    with pytest.raises(LateForTurn, match="allowed 500 ms"):
+        await reused.trace(HEADERS_SENT_EVENT, {})
+    assert reused.held_back
+
+
+def test_a_turn_allows_for_the_clock_error_and_the_handshake_up_to_the_lease() -> None:
+    budget = HostBudget(aioredis.Redis(), "p:", BudgetLimits(5.0, 4, 1.0))
+    budget._clock.observe(10.0, 10.4, 1000.2)  # a 400 ms round trip: 200 ms either way
+    # Until a handshake is measured, a round trip to Redis stands in for it.
+    assert budget._allowance("h") == pytest.approx(LATE_SEND_SECONDS + 0.4 + 0.4)
+    budget._setup["h"] = 0.1
+    assert budget._allowance("h") == pytest.approx(LATE_SEND_SECONDS + 0.1 + 0.4)
+    budget._setup["h"] = 5.0
+    assert budget._allowance("h") == 1.0  # the lease: past it the slot is no longer held
 
 
 async def test_a_request_is_reported_once_when_its_headers_are_out() -> None:
