@@ -43,6 +43,9 @@ class _Issue:
     claimed: bool  # its record exists already (a request_id's), unpublished
     # The Upload's trace context, for its message (the group is published from another's).
     trace_headers: dict[str, str] | None = None
+    # False for a re-issue of a record whose first publish may have gone out (its caller
+    # heard OK): a failure now must not drop the record of a task that may be queued.
+    droppable: bool = True
 
 
 class Issuer:
@@ -51,17 +54,20 @@ class Issuer:
         self._queue = queue
         self._groups = Batcher(self._issue_many, MAX_ISSUE_BATCH)
 
-    async def issue(self, task: IssuedTask, give_up: float, *, claimed: bool = False) -> None:
+    async def issue(
+        self, task: IssuedTask, give_up: float, *, claimed: bool = False, droppable: bool = True
+    ) -> None:
         """Record (unless `claimed`) and enqueue `task` unless `give_up` (monotonic) passes first.
 
         Raises StoreUnavailable or QueueUnavailable (an Unavailable either way): then nothing
-        was sent and the record is gone again. At `give_up` the caller stops waiting whatever
-        holds its group (a database or broker that hangs, a group before it that does): then
-        it hears UNAVAILABLE, and its task goes out later, or not at all, as its group fares.
+        was sent and the record is gone again (a re-issue, not `droppable`, keeps it). At
+        `give_up` the caller stops waiting whatever holds its group (a database or broker that
+        hangs, a group before it that does): then it hears UNAVAILABLE, and its task goes out
+        later, or not at all, as its group fares.
         """
         # give_up is time.monotonic(), the loop's clock. A moment later than the publish's own
         # give_up, so that its verdict (and the dropped record) reaches the caller first.
-        issue = _Issue(task, give_up, claimed, tracing.current_headers())
+        issue = _Issue(task, give_up, claimed, tracing.current_headers(), droppable)
         waited = asyncio.timeout_at(give_up + VERDICT_MARGIN_SECONDS)
         try:
             async with waited:
@@ -72,7 +78,6 @@ class Issuer:
             raise Unavailable(UNCONFIRMED, cause="no answer before the caller's deadline") from None
 
     async def _issue_many(self, issues: list[_Issue]) -> list[BaseException | None]:
-        tasks = [issue.task for issue in issues]
         fresh = [issue.task for issue in issues if not issue.claimed]
         try:
             if fresh:
@@ -86,9 +91,13 @@ class Issuer:
         except BaseException as exc:
             # Whatever stopped it (the database or broker unreachable, the loop closing), the
             # records must not outlive it; an INSERT cancelled mid-way may have gone out.
-            await self._forget([(task, exc) for task in tasks])
+            await self._forget([(issue.task, exc) for issue in issues if issue.droppable])
             raise
-        failed = [(issue.task, error) for issue, error in zip(issues, errors, strict=True) if error]
+        failed = [
+            (issue.task, error)
+            for issue, error in zip(issues, errors, strict=True)
+            if error and issue.droppable
+        ]
         if failed:
             # A task a worker started meanwhile did reach the broker: its caller hears so.
             started = await self._forget(failed)
@@ -114,6 +123,8 @@ class Issuer:
 
     async def _forget(self, failed: list[tuple[IssuedTask, BaseException]]) -> set[str]:
         """Drop the records of tasks whose publish failed; the ids a worker had started."""
+        if not failed:
+            return set()
         try:
             started = await self._records.forget_many([task.id for task, _ in failed])
         except StoreUnavailable:

@@ -34,6 +34,8 @@ from gateway.health import OnUnavailable, nobody
 # The most records one read asks for, or one claim writes; more waiting go in the next.
 MAX_READ_TOGETHER = 500
 MAX_CLAIMS_TOGETHER = 256
+# Tries of a claim whose request_id's holder keeps going or changing under it.
+CLAIM_TRIES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,56 +187,80 @@ class TaskRecords:
         assert claim.claimed is not None
         return claim.claimed
 
-    async def _claim_together(self, claims: list[_Claim]) -> None:
+    async def _claim_together(self, claims: list[_Claim]) -> list[BaseException | None]:
         """One INSERT for every claim's record, then one read of the rows that held theirs.
 
         A request_id claimed twice in one batch is one row: the later claims get the first's
         task, as they would from another call. An expired holder, or one gone before it was
         read (dropped after a failed publish), is settled by a claim of its own (`_claim_alone`).
+        Each claim hears its own outcome: once the INSERT has committed, a failure after it
+        fails only the claims it concerns, never one whose record was written.
         """
         first: dict[tuple[str, str | None], _Claim] = {}
         for claim in claims:
             first.setdefault((claim.new.client, claim.new.request_id), claim)
+        # In key order, so that two gateways' INSERTs wait for each other's rows in one order
+        # (a multi-row INSERT waits on every uncommitted row it conflicts with: no deadlock).
+        ordered = sorted(first.items(), key=lambda item: (item[0][0], item[0][1] or ""))
         async with store_errors(self._on_unavailable), single_statement(self._engine) as conn:
             inserted = await conn.execute(
-                self._claim_statement, [claim.new.as_row() for claim in first.values()]
+                self._claim_statement, [claim.new.as_row() for _, claim in ordered]
             )
             made = set(inserted.scalars())
-            held = [key for key, claim in first.items() if claim.new.id not in made]
-            rows = {}
-            if held:
-                statement = select(TaskRecord).where(
-                    tuple_(TaskRecord.client, TaskRecord.request_id).in_(held)
-                )
-                rows = {(row.client, row.request_id): row for row in await conn.execute(statement)}
-        for key, claim in first.items():
+        for claim in first.values():
             if claim.new.id in made:
                 claim.claimed = (claim.new, True)
-            elif (row := rows.get(key)) is not None and not self._expired(
+        held = [key for key, claim in first.items() if claim.claimed is None]
+        errors: dict[tuple[str, str | None], BaseException] = {}
+        rows: dict[tuple[str, str | None], Any] = {}
+        if held:
+            statement = select(TaskRecord).where(
+                tuple_(TaskRecord.client, TaskRecord.request_id).in_(held)
+            )
+            try:
+                async with (
+                    store_errors(self._on_unavailable),
+                    single_statement(self._engine) as conn,
+                ):
+                    rows = {(r.client, r.request_id): r for r in await conn.execute(statement)}
+            except StoreUnavailable as exc:
+                errors = dict.fromkeys(held, exc)
+        for key in held:
+            if key in errors:
+                continue
+            claim = first[key]
+            row = rows.get(key)
+            if row is not None and not self._expired(
                 existing := IssuedTask.from_row(row), claim.new.enqueued_at
             ):
                 claim.claimed = (existing, False)
-            else:
+                continue
+            try:
                 claim.claimed = await self._claim_alone(claim.new)
+            except Exception as exc:
+                errors[key] = exc
+        outcome: list[BaseException | None] = []
         for claim in claims:
-            if claim.claimed is None:  # a repeat within the batch
-                winner = first[(claim.new.client, claim.new.request_id)]
-                assert winner.claimed is not None
+            key = (claim.new.client, claim.new.request_id)
+            winner = first[key]
+            if claim is not winner and winner.claimed is not None:  # a repeat within the batch
                 claim.claimed = (winner.claimed[0], False)
+            outcome.append(errors.get(key))
+        return outcome
 
     async def _claim_alone(self, new: IssuedTask) -> tuple[IssuedTask, bool]:
         """`claim` in a transaction of its own: replaces an expired holder of the request_id,
-        and tries again when the holder went before it could be read."""
+        and tries again when the holder went, or another claim replaced it, meanwhile."""
         holder = (TaskRecord.client == new.client) & (TaskRecord.request_id == new.request_id)
-        statement = self._insert(TaskRecord).values(**new.as_row())
-        while True:
+        statement = (
+            self._insert(TaskRecord)
+            .values(**new.as_row())
+            .on_conflict_do_nothing(index_elements=["client", "request_id"])
+            .returning(TaskRecord.id)
+        )
+        for _ in range(CLAIM_TRIES):
             async with store_errors(self._on_unavailable), self._engine.begin() as conn:
-                inserted = await conn.execute(
-                    statement.on_conflict_do_nothing(
-                        index_elements=["client", "request_id"]
-                    ).returning(TaskRecord.id)
-                )
-                if inserted.first() is not None:
+                if (await conn.execute(statement)).first() is not None:
                     return new, True
                 row = (await conn.execute(select(TaskRecord).where(holder))).first()
                 if row is None:
@@ -242,10 +268,14 @@ class TaskRecords:
                 existing = IssuedTask.from_row(row)
                 if not self._expired(existing, new.enqueued_at):
                     return existing, False
-                # The old task's record has expired: the request_id is free again.
-                await conn.execute(delete(TaskRecord).where(TaskRecord.id == existing.id))
-                await conn.execute(statement)
-                return new, True
+                # The old task's record has expired: the request_id is free again, unless
+                # another claim has just taken it (then the next try reads that one).
+                gone = await conn.execute(
+                    delete(TaskRecord).where(TaskRecord.id == existing.id).returning(TaskRecord.id)
+                )
+                if gone.first() is not None and (await conn.execute(statement)).first():
+                    return new, True
+        raise StoreUnavailable(f"request_id {new.request_id!r} changed hands {CLAIM_TRIES} times")
 
     async def get(self, client: str, task_id: str) -> IssuedTask | None:
         """The client's live record of `task_id`, or None (never issued to it, or expired).
@@ -285,12 +315,13 @@ class TaskRecords:
         sat in a socket through a partition) never runs: "nothing was enqueued" holds.
         """
         async with store_errors(self._on_unavailable), single_statement(self._engine) as conn:
-            dropped = await conn.execute(
-                delete(TaskRecord)
-                .where(TaskRecord.id.in_(task_ids), TaskRecord.deliveries == 0)
-                .returning(TaskRecord.id)
+            await conn.execute(
+                delete(TaskRecord).where(TaskRecord.id.in_(task_ids), TaskRecord.deliveries == 0)
             )
-            return set(task_ids) - set(dropped.scalars())
+            # What is left was started (a record already gone is not "started"): read after
+            # the DELETE has committed, not in its snapshot.
+            kept = await conn.execute(select(TaskRecord.id).where(TaskRecord.id.in_(task_ids)))
+            return set(kept.scalars())
 
     async def purge_expired(self) -> int:
         """Drop the task and batch records older than their lifetime; how many tasks went."""

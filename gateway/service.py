@@ -267,7 +267,10 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
                 return current
             if utcnow() - current.enqueued_at > dt.timedelta(seconds=2 * self._publish_timeout):
                 left = None if deadline is None else give_up - loop.time()
-                await self._issuer.issue(current, self._give_up(left), claimed=True)
+                # Its first publish may have gone out: a failure now keeps the record.
+                await self._issuer.issue(
+                    current, self._give_up(left), claimed=True, droppable=False
+                )
                 return current
             if loop.time() > give_up:
                 raise Unavailable("this request_id is still being enqueued; retry shortly", 0.5)

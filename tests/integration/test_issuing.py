@@ -128,7 +128,8 @@ async def test_a_failed_publish_drops_its_record_unless_a_worker_started_it(
         await it.records.add_many([unstarted, started])
         assert await record_start(it.engine, started.id) == 1
 
-        kept = await it.records.forget_many([unstarted.id, started.id])
+        gone = IssuedTask.new("alice", None, 3)  # never recorded, or dropped by another call
+        kept = await it.records.forget_many([unstarted.id, started.id, gone.id])
 
         assert kept == {started.id}
         assert await record_start(it.engine, unstarted.id) == 0
@@ -157,3 +158,15 @@ async def test_a_task_a_worker_started_while_its_publish_timed_out_counts_as_iss
         # Kept and marked published: a repeat of its request_id gets it, and it is not sent again.
         assert stored is not None and stored.started_at is not None
         assert stored.published_at is not None
+
+
+async def test_a_re_issue_that_fails_keeps_its_record(
+    postgres_url: str, own_redis: RedisServer
+) -> None:
+    # Its first publish may have gone out and been answered OK: the task may be queued.
+    async with issuing(postgres_url, own_redis) as it:
+        task, _ = await it.records.claim("alice", "request-1", 1)
+        own_redis.stop()
+        with pytest.raises(QueueUnavailable):
+            await it.issuer.issue(task, give_up(), claimed=True, droppable=False)
+        assert await it.records.get("alice", task.id) is not None

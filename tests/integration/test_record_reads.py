@@ -163,7 +163,7 @@ class Inserts:
         self.statements = 0
 
         def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-            if statement.lstrip().upper().startswith("INSERT") and table in statement:
+            if statement.lstrip().upper().startswith(f"INSERT INTO {table.upper()} "):
                 self.statements += 1
 
         event.listen(engine.sync_engine, "before_cursor_execute", seen)
@@ -174,13 +174,13 @@ async def test_claims_made_together_are_one_insert_and_each_request_id_one_recor
 ) -> None:
     records = TaskRecords(engine, LIFETIME)
     held, _ = await records.claim("alice", "held", 7)
-    inserts = Inserts(engine, "task_records")
+    inserts = Inserts(engine, "tasks")
     asked = [("alice", f"r{n}", n) for n in range(1, 41)]
     asked += [("bob", "r1", 1), ("alice", "held", 7), ("alice", "r1", 1)]
 
     claimed = await asyncio.gather(*(records.claim(*one) for one in asked))
 
-    assert inserts.statements <= 2  # one, or two if the claims were cut in two batches
+    assert 1 <= inserts.statements <= 2  # one, or two if the claims were cut in two batches
     by_request: dict[tuple[str, str], list[tuple[str, bool]]] = {}
     for (client, request_id, page), (task, created) in zip(asked, claimed, strict=True):
         assert (task.client, task.request_id, task.page) == (client, request_id, page)
