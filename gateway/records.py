@@ -252,15 +252,10 @@ class TaskRecords:
         """`claim` in a transaction of its own: replaces an expired holder of the request_id,
         and tries again when the holder went, or another claim replaced it, meanwhile."""
         holder = (TaskRecord.client == new.client) & (TaskRecord.request_id == new.request_id)
-        statement = (
-            self._insert(TaskRecord)
-            .values(**new.as_row())
-            .on_conflict_do_nothing(index_elements=["client", "request_id"])
-            .returning(TaskRecord.id)
-        )
+        row_of_new = new.as_row()
         for _ in range(CLAIM_TRIES):
             async with store_errors(self._on_unavailable), self._engine.begin() as conn:
-                if (await conn.execute(statement)).first() is not None:
+                if (await conn.execute(self._claim_statement, row_of_new)).first() is not None:
                     return new, True
                 row = (await conn.execute(select(TaskRecord).where(holder))).first()
                 if row is None:
@@ -273,7 +268,10 @@ class TaskRecords:
                 gone = await conn.execute(
                     delete(TaskRecord).where(TaskRecord.id == existing.id).returning(TaskRecord.id)
                 )
-                if gone.first() is not None and (await conn.execute(statement)).first():
+                if (
+                    gone.first() is not None
+                    and (await conn.execute(self._claim_statement, row_of_new)).first()
+                ):
                     return new, True
         raise StoreUnavailable(f"request_id {new.request_id!r} changed hands {CLAIM_TRIES} times")
 

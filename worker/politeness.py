@@ -393,9 +393,7 @@ class HostBudget:
             seconds, micros = await self._client.time()
             answered_at = time.monotonic()
         except (RedisError, OSError) as exc:
-            raise RetryableError(
-                f"the fleet's budget for {host} in Redis is unreachable: {exc}"
-            ) from exc
+            raise _budget_unreachable(host, exc) from exc
         self._clock.observe(asked_at, answered_at, seconds + micros / 1_000_000)
 
     async def _reserve(self, host: str, lease_id: str, pace: Pace) -> tuple[float, float, float]:
@@ -447,10 +445,7 @@ class HostBudget:
         try:
             raw = await self._take_turn(keys=self._keys(host), args=args)
         except (RedisError, OSError) as exc:
-            # Without the shared budget no request may go out: the fleet would overrun the site.
-            raise RetryableError(
-                f"the fleet's budget for {host} in Redis is unreachable: {exc}"
-            ) from exc
+            raise _budget_unreachable(host, exc) from exc
         granted, wait_ms, why, now_ms = int(raw[0]), float(raw[1]), _text(raw[2]), float(raw[3])
         return bool(granted), max(wait_ms, 0.0) / 1000.0, why, now_ms / 1000.0
 
@@ -490,6 +485,11 @@ class HostBudget:
             log.warning("could not pause the fleet's requests to %s: %s", host, exc)
         else:
             log.info("the fleet pauses its requests to %s for %.1f s (Retry-After)", host, seconds)
+
+
+def _budget_unreachable(host: str, exc: BaseException) -> RetryableError:
+    # Without the shared budget no request may go out: the fleet would overrun the site.
+    return RetryableError(f"the fleet's budget for {host} in Redis is unreachable: {exc}")
 
 
 def _text(value: bytes | str) -> str:
