@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,33 +79,59 @@ async def finish(
 
     Call it inside a transaction (`engine.begin()`), which it leaves to the caller to commit.
     """
-    if outcome.status not in FINAL:
-        raise ValueError(f"{outcome.status} is not a final state")
+    (finished,) = await finish_many(conn, [(task_id, outcome)], window=window, now=now)
+    return finished
+
+
+async def finish_many(
+    conn: AsyncConnection,
+    ends: Sequence[tuple[str, Outcome]],
+    *,
+    window: int,
+    now: dt.datetime | None = None,
+) -> list[Finished]:
+    """`finish` of each (task id, outcome) in `ends`, in the caller's one transaction: the ends
+    a worker's tasks reach together commit once. What each did, in the order of `ends`; a task
+    named twice is ended (and counted) by the first.
+
+    Rows are locked in one order whoever calls (the tasks' by id, then their batches' by id),
+    so that two workers ending pages of the same batches never wait on each other in a circle.
+    """
+    for _, outcome in ends:
+        if outcome.status not in FINAL:
+            raise ValueError(f"{outcome.status} is not a final state")
     now = now or utcnow()
-    ended = (
-        await conn.execute(
-            update(TaskRecord)
-            .where(TaskRecord.id == task_id, TaskRecord.finished_at.is_(None))
-            .values(
-                status=outcome.status,
-                error=outcome.error,
-                finished_at=now,
-                found=outcome.found,
-                created=outcome.created,
-                updated=outcome.updated,
-                skipped=outcome.skipped,
-                not_modified=outcome.not_modified,
+    done: list[Finished | None] = [None] * len(ends)
+    counting: list[tuple[str, int, int, Any]] = []  # (batch id, page, index in ends, row)
+    for index in sorted(range(len(ends)), key=lambda i: ends[i][0]):
+        task_id, outcome = ends[index]
+        ended = (
+            await conn.execute(
+                update(TaskRecord)
+                .where(TaskRecord.id == task_id, TaskRecord.finished_at.is_(None))
+                .values(
+                    status=outcome.status,
+                    error=outcome.error,
+                    finished_at=now,
+                    found=outcome.found,
+                    created=outcome.created,
+                    updated=outcome.updated,
+                    skipped=outcome.skipped,
+                    not_modified=outcome.not_modified,
+                )
+                .returning(*TaskRecord.__table__.columns)
             )
-            .returning(*TaskRecord.__table__.columns)
-        )
-    ).first()
-    if ended is None:
-        return Finished()
-    record = task_columns(ended)
-    if ended.batch_id is None:
-        return Finished(counted=True, record=record)
-    new_tasks = await _count(conn, ended.batch_id, ended.page, outcome, window=window, now=now)
-    return Finished(True, ended.batch_id, new_tasks, record)
+        ).first()
+        if ended is None:
+            done[index] = Finished()
+        elif ended.batch_id is None:
+            done[index] = Finished(counted=True, record=task_columns(ended))
+        else:
+            counting.append((ended.batch_id, ended.page, index, ended))
+    for batch_id, page, index, ended in sorted(counting, key=lambda end: end[:3]):
+        new_tasks = await _count(conn, batch_id, page, ends[index][1], window=window, now=now)
+        done[index] = Finished(True, batch_id, new_tasks, task_columns(ended))
+    return [finished or Finished() for finished in done]
 
 
 async def revoke_unstarted(

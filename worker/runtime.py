@@ -28,12 +28,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.batching import Batcher
 from core.db import create_engine
 from core.events import EventPublisher, TaskChanged, record_json
+from core.ledger import Finished, Outcome
 from core.settings import Settings
 from worker.fetch import FetchLimits, make_client
 from worker.politeness import NOTED_LATE_SECONDS, BudgetLimits, HostBudget
 from worker.robots import RobotsCache
 from worker.source import PoliteSource, SourcePolicy, robots_fetcher
-from worker.store import TaskStart, start_tasks
+from worker.store import TaskStart, finish_tasks, start_tasks
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,13 @@ class _Start:
     start: TaskStart | None = None
 
 
+@dataclass(slots=True)
+class _End:
+    task_id: str
+    outcome: Outcome
+    finished: Finished | None = None
+
+
 class TaskRecords(LoopThread):
     """The tasks' own records (start, retry, end) and their events, on a loop of their own.
 
@@ -117,8 +125,9 @@ class TaskRecords(LoopThread):
     its record, and its watchers, only after all of them. On this loop it waits for the GIL
     at most, and for WORKER_RECORD_CONNECTIONS connections that only these short writes use.
 
-    Tasks start in bursts (a worker's slots fill at once): the starts that arrive together are
-    written by one UPDATE and said by one pipeline of events (`start`).
+    Tasks start in bursts (a worker's slots fill at once) and end in bursts (their pages come
+    back together): the starts that arrive together are written by one UPDATE, the ends by one
+    transaction, and each group said by one pipeline of events (`start`, `end`).
     """
 
     def __init__(self, settings: Settings, events_url: str) -> None:
@@ -126,6 +135,8 @@ class TaskRecords(LoopThread):
         self.engine: AsyncEngine = bounded_engine(settings, settings.worker_record_connections)
         self.events: EventPublisher = self.run(_make_publisher(events_url, settings))
         self._starts = Batcher(self._write_starts, max_size=settings.worker_concurrency)
+        self._ends = Batcher(self._write_ends, max_size=settings.worker_concurrency)
+        self._window = settings.until_known_window
 
     async def start(self, task_id: str) -> TaskStart:
         """Count a start of `task_id` and mark it STARTED (`worker.store.start_tasks`), then say
@@ -151,6 +162,25 @@ class TaskRecords(LoopThread):
                 start.start = written.get(task_id, TaskStart(0))
             waiting = again
         await self.events.publish_all([said(start.task_id, start.start) for start in starts])
+
+    async def end(self, task_id: str, outcome: Outcome) -> Finished:
+        """Give `task_id` its final state, counted once for its batch (`worker.store.finish_tasks`),
+        then say so; with the other ends that arrive meanwhile."""
+        end = _End(task_id, outcome)
+        await self._ends.submit(end)
+        assert end.finished is not None
+        return end.finished
+
+    async def _write_ends(self, ends: list[_End]) -> None:
+        finished = await finish_tasks(
+            self.engine, [(end.task_id, end.outcome) for end in ends], self._window
+        )
+        events = []
+        for end, done in zip(ends, finished, strict=True):
+            end.finished = done
+            record = None if done.record is None else record_json(done.record)
+            events.append(TaskChanged(end.task_id, done.batch_id, record))
+        await self.events.publish_all(events)
 
     def close(self) -> None:
         try:

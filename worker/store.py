@@ -38,7 +38,7 @@ from core.db import (
     task_columns,
     utcnow,
 )
-from core.ledger import Finished, Outcome, finish
+from core.ledger import Finished, Outcome, finish_many
 from worker.errors import RetryableError
 from worker.parse import ProjectItem
 
@@ -307,11 +307,13 @@ async def record_retry(engine: AsyncEngine, task_id: str, error: str) -> dict[st
     return await _with_retries(engine, mark)
 
 
-async def finish_task(engine: AsyncEngine, task_id: str, outcome: Outcome, window: int) -> Finished:
-    """`core.ledger.finish` in a transaction of its own, retried like every store."""
+async def finish_tasks(
+    engine: AsyncEngine, ends: Sequence[tuple[str, Outcome]], window: int
+) -> list[Finished]:
+    """`core.ledger.finish_many` in a transaction of its own, retried like every store."""
 
-    async def end(conn: AsyncConnection) -> Finished:
-        return await finish(conn, task_id, outcome, window=window)
+    async def end(conn: AsyncConnection) -> list[Finished]:
+        return await finish_many(conn, ends, window=window)
 
     return await _with_retries(engine, end, transaction=True)
 

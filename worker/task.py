@@ -21,7 +21,7 @@ from core import logs, tracing
 from core.celery_config import HARVEST_TASK_NAME
 from core.events import ProjectsChanged, TaskChanged, record_json
 from core.gc_tuning import collector_paused
-from core.ledger import Finished, Outcome
+from core.ledger import Outcome
 from projects.v1 import task_pb2
 from worker import failpoints, metrics
 from worker.errors import Cancelled, PermanentError, RetryableError
@@ -33,7 +33,6 @@ from worker.runtime import TaskRecords, WorkerRuntime
 from worker.store import (
     TaskStart,
     cancel_requested,
-    finish_task,
     load_page_memo,
     mark_published,
     record_retry,
@@ -203,7 +202,7 @@ class HarvestTask(Task):  # type: ignore[type-arg]
 
 
 # A task's state changes: each is recorded and then said (an event for its watchers) in one
-# visit to the records' loop (worker.runtime.TaskRecords), not two; starts are its own.
+# visit to the records' loop (worker.runtime.TaskRecords), not two; starts and ends are its own.
 
 
 async def _retry_and_say(records: TaskRecords, task_id: str, error: str) -> None:
@@ -214,22 +213,11 @@ async def _retry_and_say(records: TaskRecords, task_id: str, error: str) -> None
         await records.events.publish(TaskChanged(task_id, record["batch_id"], record_json(record)))
 
 
-async def _end_and_say(
-    records: TaskRecords, task_id: str, outcome: Outcome, window: int
-) -> Finished:
-    finished = await finish_task(records.engine, task_id, outcome, window)
-    record = None if finished.record is None else record_json(finished.record)
-    await records.events.publish(TaskChanged(task_id, finished.batch_id, record))
-    return finished
-
-
 def _ended(task: HarvestTask, outcome: Outcome) -> None:
     """Record the task's final state (counted once for its batch) and say so; publish the pages
     an "until known" batch enqueued as it did."""
-    runtime = task.runtime
-    records = runtime.records
-    window = runtime.settings.until_known_window
-    finished = records.run(_end_and_say(records, str(task.request.id), outcome, window))
+    records = task.runtime.records
+    finished = records.run(records.end(str(task.request.id), outcome))
     for new in finished.new_tasks:
         task.app.send_task(HARVEST_TASK_NAME, args=[new.page], task_id=new.id)
     if finished.new_tasks:

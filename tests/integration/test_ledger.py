@@ -20,7 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import BatchRecord, TaskRecord, create_engine, utcnow
-from core.ledger import FINAL, Finished, Outcome, finish, revoke_unstarted
+from core.ledger import FINAL, Finished, Outcome, finish, finish_many, revoke_unstarted
 from core.migrate import upgrade_to_head
 from gateway.batches import BatchRecords, StoredBatch
 from gateway.records import IssuedTask, TaskRecords
@@ -44,9 +44,17 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 async def end(
     engine: AsyncEngine, task_id: str, outcome: Outcome, *, window: int = 0, now: Any = None
 ) -> Finished:
-    """One finish in a transaction of its own, as the worker's `finish_task` runs it."""
+    """One finish in a transaction of its own, as a lone end in the worker's `finish_tasks`."""
     async with engine.begin() as conn:
         return await finish(conn, task_id, outcome, window=window, now=now)
+
+
+async def end_together(
+    engine: AsyncEngine, ends: list[tuple[str, Outcome]], *, window: int = 0, now: Any = None
+) -> list[Finished]:
+    """Ends in one transaction, as the worker's `finish_tasks` writes those that come together."""
+    async with engine.begin() as conn:
+        return await finish_many(conn, ends, window=window, now=now)
 
 
 def success(created: int = 10, found: int = 10, updated: int = 0, skipped: int = 0) -> Outcome:
@@ -482,3 +490,87 @@ async def test_starts_written_together_count_each_task_once_and_leave_out_the_un
     assert (await batch_row(engine, batch.id)).started_at is None
     with pytest.raises(ValueError, match="counted once"):
         await start_tasks(engine, [pages[2], pages[2]])
+
+
+# --- ends written together ----------------------------------------------------------------------
+
+
+async def test_ends_written_together_count_as_the_same_ends_one_by_one(engine: AsyncEngine) -> None:
+    rng = random.Random(31)
+    outcomes = {
+        page: success(created=rng.randint(0, 9), found=rng.randint(0, 12), updated=1)
+        if rng.random() < 0.6
+        else Outcome(rng.choice(("FAILURE", "REVOKED")), error=f"page {page} went wrong")
+        for page in range(1, 9)
+    }
+    order = list(outcomes)
+    rng.shuffle(order)
+    apart, apart_pages = await make_batch(engine, 1, 8)
+    for page in order:
+        await end(engine, apart_pages[page], outcomes[page], now=T0)
+    together, together_pages = await make_batch(engine, 1, 8)
+    lone = IssuedTask.new(CLIENT, None, 3)
+    await TaskRecords(engine, LIFETIME).add_many([lone])
+    ends = [(together_pages[page], outcomes[page]) for page in order]
+    # The lone task, a page named twice (a copy of its task), a task nobody issued.
+    ends += [(lone.id, success()), (together_pages[order[0]], success(created=99))]
+    ends += [("00000000-0000-4000-8000-000000000000", success())]
+
+    results = await end_together(engine, ends, now=T0)
+
+    assert [result.counted for result in results] == [True] * 9 + [False, False]
+    assert [result.batch_id for result in results[:8]] == [together.id] * 8
+    assert results[8] == Finished(counted=True, record=results[8].record)
+    for result, (task_id, outcome) in zip(results[:9], ends, strict=False):
+        assert result.record is not None and result.record["id"] == task_id
+        assert result.record["status"] == outcome.status
+    columns = [
+        *("pages_succeeded", "pages_failed", "pages_cancelled", "pages_total", "stop_page"),
+        *("found", "created", "updated", "skipped", "finished_at"),
+    ]
+    one_by_one, grouped = await batch_row(engine, apart.id), await batch_row(engine, together.id)
+    assert [getattr(grouped, c) for c in columns] == [getattr(one_by_one, c) for c in columns]
+    assert grouped.finished_at == T0
+    # The same failures named, in page order rather than the order they came in.
+    assert sorted((grouped.error or "").split("; ")) == sorted((one_by_one.error or "").split("; "))
+    fields = ("status", "error", "found", "created", "updated", "skipped", "finished_at")
+    apart_rows, together_rows = (
+        await task_rows(engine, apart.id),
+        await task_rows(engine, together.id),
+    )
+    for page in outcomes:
+        assert [getattr(together_rows[page], f) for f in fields] == [
+            getattr(apart_rows[page], f) for f in fields
+        ], page
+
+
+async def test_ends_together_of_an_until_known_batch_enqueue_its_window_once(
+    engine: AsyncEngine,
+) -> None:
+    batch, pages = await make_batch(engine, 1, 30, until_known=True, window=4)
+    ends = [(pages[page], success(created=10)) for page in (3, 1, 4, 2)]
+
+    results = await end_together(engine, ends, window=4)
+
+    # Each end in the group sees those before it, as ends one after another do: 5, 6, 7, 8.
+    assert sorted(task.page for result in results for task in result.new_tasks) == [5, 6, 7, 8]
+    assert sorted(await task_rows(engine, batch.id)) == list(range(1, 9))
+    counted = await batch_row(engine, batch.id)
+    assert (counted.pages_succeeded, counted.next_page, counted.pages_total) == (4, 9, 8)
+
+
+async def test_groups_of_ends_of_the_same_batches_never_deadlock(engine: AsyncEngine) -> None:
+    # Two workers' groups, each ending a page of batch A and one of batch B, named in opposite
+    # orders: locked in the order named, each would hold one batch's row and wait for the
+    # other's (PostgreSQL then aborts one with a deadlock).
+    first, first_pages = await make_batch(engine, 1, 20)
+    second, second_pages = await make_batch(engine, 1, 20)
+    for page in range(1, 21, 2):
+        one = [(first_pages[page], success()), (second_pages[page], success())]
+        other = [(second_pages[page + 1], success()), (first_pages[page + 1], success())]
+        results = await asyncio.gather(end_together(engine, one), end_together(engine, other))
+        assert all(r.counted for group in results for r in group)
+    for batch in (first, second):
+        counted = await batch_row(engine, batch.id)
+        assert (counted.pages_succeeded, counted.created) == (20, 200)
+        assert counted.finished_at is not None

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import event, insert
 
 from core.db import TaskRecord, utcnow
+from core.ledger import Finished, Outcome
 from core.migrate import upgrade_to_head
 from core.settings import Settings
 from worker import runtime as runtime_module
@@ -99,6 +100,44 @@ def test_starts_that_arrive_together_are_one_update_and_a_task_started_twice_cou
         assert [start.deliveries for start in starts] == [1, *[1] * 14, 2]
         # The fifteen distinct ones in one statement, the second start of ids[0] after it.
         assert len(updates) == 2
+    finally:
+        runtime.close()
+
+
+def test_ends_that_arrive_together_are_one_transaction_and_a_task_ended_twice_counts_once(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        _env_file=None,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'projects.db'}",
+        source_url="http://127.0.0.1:9/projects?page={page}",
+        worker_concurrency=16,
+    )
+    runtime = WorkerRuntime(settings, "redis://127.0.0.1:9/0")  # its events go nowhere
+    records = runtime.records
+    try:
+        records.run(upgrade_to_head(records.engine))
+        ids = [str(uuid.uuid4()) for _ in range(15)]
+        records.run(_issue(records.engine, ids))
+        transactions: list[object] = []
+        event.listen(records.engine.sync_engine, "begin", transactions.append)
+
+        async def burst() -> list[Finished]:
+            # Sixteen ends at once, as sixteen task threads make them; one task twice, as a
+            # copy that outlived its visibility timeout would.
+            ends = [*ids, ids[0]]
+            return list(
+                await asyncio.gather(
+                    *(records.end(i, Outcome("SUCCESS", found=n)) for n, i in enumerate(ends))
+                )
+            )
+
+        ended = records.run(burst())
+
+        assert [finished.counted for finished in ended] == [True] * 15 + [False]
+        assert [(finished.record or {}).get("found") for finished in ended[:15]] == list(range(15))
+        # All sixteen were submitted in one loop turn: one group, one transaction.
+        assert len(transactions) == 1
     finally:
         runtime.close()
 

@@ -58,8 +58,8 @@ class FakeEvents:
 
 class FakeRuntime:
     """What run_harvest uses of a WorkerRuntime: settings, engine, events, and run() for the
-    record's writes (start_task, finish_task, record_retry, mark_published: the `harvest`
-    fixture fakes them, each adding a tuple naming it to `ran`, as publish does)."""
+    record's writes (start_task, finish_task, record_retry, mark_published: this fake and the
+    `harvest` fixture fake them, each adding a tuple naming it to `ran`, as publish does)."""
 
     def __init__(self, settings: Settings, deliveries: int = 1) -> None:
         self.settings = settings
@@ -78,6 +78,12 @@ class FakeRuntime:
         self.ran.append(("start_task",))
         await self.events.publish(TaskChanged(task_id))
         return TaskStart(self.deliveries, self.cancelled, self.finished)
+
+    async def end(self, task_id: str, outcome: Outcome) -> Finished:
+        """As TaskRecords.end: the record's final state, then its event."""
+        self.ran.append(("finish_task", outcome))
+        await self.events.publish(TaskChanged(task_id))
+        return Finished(counted=True)
 
     cancelled = False
     finished = False
@@ -151,14 +157,9 @@ def harvest(monkeypatch: pytest.MonkeyPatch, runtime: FakeRuntime) -> FakeHarves
     fake = FakeHarvest()
     monkeypatch.setattr(task_module, "harvest", fake)
 
-    async def finish_task(engine: Any, task_id: str, outcome: Outcome, window: int) -> Finished:
-        runtime.ran.append(("finish_task", outcome))
-        return Finished(counted=True)
-
     async def record_retry(engine: Any, task_id: str, error: str) -> None:
         runtime.ran.append(("record_retry",))
 
-    monkeypatch.setattr(task_module, "finish_task", finish_task)
     monkeypatch.setattr(task_module, "record_retry", record_retry)
     return fake
 
