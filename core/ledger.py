@@ -30,7 +30,13 @@ from core.db import BatchRecord, TaskRecord, task_columns, utcnow
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 # A batch keeps the errors of this many failed pages in its own error.
 MAX_BATCH_ERRORS = 20
-_COUNTER = {"SUCCESS": "pages_succeeded", "FAILURE": "pages_failed", "REVOKED": "pages_cancelled"}
+_COUNTERS = {
+    "SUCCESS": BatchRecord.pages_succeeded,
+    "FAILURE": BatchRecord.pages_failed,
+    "REVOKED": BatchRecord.pages_cancelled,
+}
+# What a batch sums over its pages.
+_SUMS = (BatchRecord.found, BatchRecord.created, BatchRecord.updated, BatchRecord.skipped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +97,9 @@ async def finish_many(
     now: dt.datetime | None = None,
 ) -> list[Finished]:
     """`finish` of each (task id, outcome) in `ends`, in the caller's one transaction: the ends
-    a worker's tasks reach together commit once. What each did, in the order of `ends`; a task
-    named twice is ended (and counted) by the first.
+    a worker's tasks reach together commit once, and those of one batch move its row in one
+    UPDATE. What each did, in the order of `ends`; a task named twice is ended (and counted)
+    by the first.
 
     Rows are locked in one order whoever calls (the tasks' by id, then their batches' by id),
     so that two workers ending pages of the same batches never wait on each other in a circle.
@@ -128,9 +135,16 @@ async def finish_many(
             done[index] = Finished(counted=True, record=task_columns(ended))
         else:
             counting.append((ended.batch_id, ended.page, index, ended))
+    by_batch: dict[str, list[tuple[int, int, Any]]] = {}
     for batch_id, page, index, ended in sorted(counting, key=lambda end: end[:3]):
-        new_tasks = await _count(conn, batch_id, page, ends[index][1], window=window, now=now)
-        done[index] = Finished(True, batch_id, new_tasks, task_columns(ended))
+        by_batch.setdefault(batch_id, []).append((page, index, ended))
+    for batch_id, pages in by_batch.items():
+        ended_pages = [(page, ends[index][1]) for page, index, _ in pages]
+        new_tasks = await _count(conn, batch_id, ended_pages, window=window, now=now)
+        for _, index, ended in pages:
+            # The pages the batch enqueued go to one of its ends, to publish once.
+            done[index] = Finished(True, batch_id, new_tasks, task_columns(ended))
+            new_tasks = []
     return [finished or Finished() for finished in done]
 
 
@@ -155,53 +169,61 @@ async def revoke_unstarted(
         ).scalars()
     )
     if ended:
-        await _count(conn, batch_id, None, Outcome("REVOKED"), window=0, now=now, tasks=len(ended))
+        await _count(conn, batch_id, [(None, Outcome("REVOKED"))] * len(ended), window=0, now=now)
     return ended
 
 
 async def _count(
     conn: AsyncConnection,
     batch_id: str,
-    page: int | None,
-    outcome: Outcome,
+    ended: Sequence[tuple[int | None, Outcome]],
     *,
     window: int,
     now: dt.datetime,
-    tasks: int = 1,
 ) -> list[NewTask]:
-    """Count `tasks` pages (one unless revoked together) that ended with `outcome`."""
-    if tasks != 1 and outcome.status != "REVOKED":
-        raise ValueError("only revoked pages, which add nothing but their number, count together")
-    counter = getattr(BatchRecord, _COUNTER[outcome.status])
-    # The batch row is locked from here to the commit: its pages finish one at a time.
+    """Count pages of `batch_id` that ended, each (page, or None when unknown; its outcome),
+    in one UPDATE of the batch's row however many: counts and errors as if they had ended one
+    by one in page order, and the "until known" window moved once, after all of them (so none
+    is enqueued when one of them knew every project it listed)."""
+    # The batch row is locked from here to the commit: its pages' ends wait for it in turn.
     batch = (
         await conn.execute(
             update(BatchRecord)
             .where(BatchRecord.id == batch_id)
             .values(
                 {
-                    counter: counter + tasks,
-                    BatchRecord.found: BatchRecord.found + (outcome.found or 0),
-                    BatchRecord.created: BatchRecord.created + (outcome.created or 0),
-                    BatchRecord.updated: BatchRecord.updated + (outcome.updated or 0),
-                    BatchRecord.skipped: BatchRecord.skipped + (outcome.skipped or 0),
+                    counter: counter + sum(o.status == status for _, o in ended)
+                    for status, counter in _COUNTERS.items()
+                }
+                | {
+                    column: column + sum(getattr(o, column.key) or 0 for _, o in ended)
+                    for column in _SUMS
                 }
             )
             .returning(*BatchRecord.__table__.columns)
         )
     ).one()
     changes: dict[str, Any] = {}
-    if outcome.status == "FAILURE":
-        failures = batch.pages_failed
-        if failures <= MAX_BATCH_ERRORS:
+    failures = [(page, outcome) for page, outcome in ended if outcome.status == "FAILURE"]
+    error = batch.error
+    for failed, (page, outcome) in enumerate(
+        failures, start=batch.pages_failed - len(failures) + 1
+    ):
+        if failed <= MAX_BATCH_ERRORS:
             line = f"page {page}: {outcome.error or 'failed'}"
-            changes["error"] = f"{batch.error}; {line}" if batch.error else line
-        elif failures == MAX_BATCH_ERRORS + 1:
-            changes["error"] = f"{batch.error}; and more (ListTasks with its batch_id)"
+            error = f"{error}; {line}" if error else line
+        elif failed == MAX_BATCH_ERRORS + 1:
+            error = f"{error}; and more (ListTasks with its batch_id)"
+    if error != batch.error:
+        changes["error"] = error
     stop_page = batch.stop_page
-    knew_all = outcome.status == "SUCCESS" and outcome.created == 0 and page is not None
-    if batch.until_known and knew_all:
-        stop_page = page if stop_page is None else min(stop_page, page)
+    known = [
+        page
+        for page, outcome in ended
+        if page is not None and outcome.status == "SUCCESS" and outcome.created == 0
+    ]
+    if batch.until_known and known:
+        stop_page = min(known if stop_page is None else [*known, stop_page])
         changes["stop_page"] = stop_page
     new_tasks: list[NewTask] = []
     if batch.until_known and stop_page is None and batch.cancel_requested_at is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import BatchRecord, TaskRecord, create_engine, utcnow
@@ -515,8 +515,20 @@ async def test_ends_written_together_count_as_the_same_ends_one_by_one(engine: A
     # The lone task, a page named twice (a copy of its task), a task nobody issued.
     ends += [(lone.id, success()), (together_pages[order[0]], success(created=99))]
     ends += [("00000000-0000-4000-8000-000000000000", success())]
+    batch_updates: list[str] = []
 
-    results = await end_together(engine, ends, now=T0)
+    def count(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE BATCHES"):
+            batch_updates.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", count)
+    try:
+        results = await end_together(engine, ends, now=T0)
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", count)
+
+    # Eight pages of one batch: its counts in one UPDATE, its errors and end in another.
+    assert len(batch_updates) == 2, batch_updates
 
     assert [result.counted for result in results] == [True] * 9 + [False, False]
     assert [result.batch_id for result in results[:8]] == [together.id] * 8
