@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from core.db import BatchRecord, TaskRecord, task_columns, utcnow
+from core.db import BatchRecord, TaskRecord, UtcDateTime, task_columns, utcnow
 
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 # A batch keeps the errors of this many failed pages in its own error.
@@ -73,6 +73,37 @@ class Finished:
     record: dict[str, Any] | None = field(default=None, compare=False)
 
 
+# A task's end and a batch's count, built once: a worker runs them for every page, and building
+# and keying a statement anew cost it more CPU than running it.
+_END = (
+    update(TaskRecord)
+    .where(TaskRecord.id == bindparam("task_id"), TaskRecord.finished_at.is_(None))
+    .values(
+        status=bindparam("end_status"),
+        error=bindparam("end_error"),
+        finished_at=bindparam("end_time", type_=UtcDateTime()),
+        found=bindparam("end_found"),
+        created=bindparam("end_created"),
+        updated=bindparam("end_updated"),
+        skipped=bindparam("end_skipped"),
+        not_modified=bindparam("end_not_modified"),
+    )
+    .returning(*TaskRecord.__table__.columns)
+)
+_COUNT = (
+    update(BatchRecord)
+    .where(BatchRecord.id == bindparam("batch_id"))
+    .values(
+        {
+            counter: counter + bindparam(f"add_{status.lower()}")
+            for status, counter in _COUNTERS.items()
+        }
+        | {column: column + bindparam(f"add_{column.key}") for column in _SUMS}
+    )
+    .returning(*BatchRecord.__table__.columns)
+)
+
+
 async def finish(
     conn: AsyncConnection,
     task_id: str,
@@ -112,23 +143,17 @@ async def finish_many(
     counting: list[tuple[str, int, int, Any]] = []  # (batch id, page, index in ends, row)
     for index in sorted(range(len(ends)), key=lambda i: ends[i][0]):
         task_id, outcome = ends[index]
-        ended = (
-            await conn.execute(
-                update(TaskRecord)
-                .where(TaskRecord.id == task_id, TaskRecord.finished_at.is_(None))
-                .values(
-                    status=outcome.status,
-                    error=outcome.error,
-                    finished_at=now,
-                    found=outcome.found,
-                    created=outcome.created,
-                    updated=outcome.updated,
-                    skipped=outcome.skipped,
-                    not_modified=outcome.not_modified,
-                )
-                .returning(*TaskRecord.__table__.columns)
-            )
-        ).first()
+        values = {
+            "end_status": outcome.status,
+            "end_error": outcome.error,
+            "end_time": now,
+            "end_found": outcome.found,
+            "end_created": outcome.created,
+            "end_updated": outcome.updated,
+            "end_skipped": outcome.skipped,
+            "end_not_modified": outcome.not_modified,
+        }
+        ended = (await conn.execute(_END, {"task_id": task_id, **values})).first()
         if ended is None:
             done[index] = Finished()
         elif ended.batch_id is None:
@@ -185,24 +210,13 @@ async def _count(
     in one UPDATE of the batch's row however many: counts and errors as if they had ended one
     by one in page order, and the "until known" window moved once, after all of them (so none
     is enqueued when one of them knew every project it listed)."""
+    added = {
+        f"add_{status.lower()}": sum(o.status == status for _, o in ended) for status in _COUNTERS
+    } | {
+        f"add_{column.key}": sum(getattr(o, column.key) or 0 for _, o in ended) for column in _SUMS
+    }
     # The batch row is locked from here to the commit: its pages' ends wait for it in turn.
-    batch = (
-        await conn.execute(
-            update(BatchRecord)
-            .where(BatchRecord.id == batch_id)
-            .values(
-                {
-                    counter: counter + sum(o.status == status for _, o in ended)
-                    for status, counter in _COUNTERS.items()
-                }
-                | {
-                    column: column + sum(getattr(o, column.key) or 0 for _, o in ended)
-                    for column in _SUMS
-                }
-            )
-            .returning(*BatchRecord.__table__.columns)
-        )
-    ).one()
+    batch = (await conn.execute(_COUNT, {"batch_id": batch_id, **added})).one()
     changes: dict[str, Any] = {}
     failures = [(page, outcome) for page, outcome in ended if outcome.status == "FAILURE"]
     error = batch.error

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, case, delete, func, literal, or_, select, update
+from sqlalchemy import bindparam, case, delete, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -198,6 +198,32 @@ class TaskStart:
     record: dict[str, Any] | None = field(default=None, compare=False)
 
 
+# A start, built once (see _CANCEL_REQUESTED).
+_START = (
+    update(TaskRecord)
+    .where(TaskRecord.id.in_(bindparam("task_ids", expanding=True)))
+    .values(
+        deliveries=TaskRecord.deliveries + 1,
+        # A task that ended before it started (cancelled) was never started.
+        started_at=case(
+            (
+                TaskRecord.finished_at.is_(None),
+                func.coalesce(TaskRecord.started_at, bindparam("started", type_=UtcDateTime())),
+            ),
+            else_=TaskRecord.started_at,
+        ),
+        status=case((TaskRecord.finished_at.is_(None), "STARTED"), else_=TaskRecord.status),
+    )
+    .returning(
+        *TaskRecord.__table__.columns,
+        select(BatchRecord.started_at)
+        .where(BatchRecord.id == TaskRecord.batch_id)
+        .scalar_subquery()
+        .label("batch_started_at"),
+    )
+)
+
+
 async def start_tasks(
     engine: AsyncEngine, task_ids: Sequence[str], now: dt.datetime | None = None
 ) -> dict[str, TaskStart]:
@@ -208,33 +234,7 @@ async def start_tasks(
     started = now or utcnow()
 
     async def mark(conn: AsyncConnection) -> dict[str, TaskStart]:
-        rows = (
-            await conn.execute(
-                update(TaskRecord)
-                .where(TaskRecord.id.in_(task_ids))
-                .values(
-                    deliveries=TaskRecord.deliveries + 1,
-                    # A task that ended before it started (cancelled) was never started.
-                    started_at=case(
-                        (
-                            TaskRecord.finished_at.is_(None),
-                            func.coalesce(TaskRecord.started_at, literal(started, UtcDateTime())),
-                        ),
-                        else_=TaskRecord.started_at,
-                    ),
-                    status=case(
-                        (TaskRecord.finished_at.is_(None), "STARTED"), else_=TaskRecord.status
-                    ),
-                )
-                .returning(
-                    *TaskRecord.__table__.columns,
-                    select(BatchRecord.started_at)
-                    .where(BatchRecord.id == TaskRecord.batch_id)
-                    .scalar_subquery()
-                    .label("batch_started_at"),
-                )
-            )
-        ).all()
+        rows = (await conn.execute(_START, {"task_ids": list(task_ids), "started": started})).all()
         # Only a batch's first start writes its row: the pages' ends lock that row to count
         # themselves, and every start waiting on them would queue behind the batch's ends.
         unstarted_batches = {
@@ -275,15 +275,22 @@ async def record_start(engine: AsyncEngine, task_id: str, now: dt.datetime | Non
     return (await start_task(engine, task_id, now)).deliveries
 
 
+# The statements of every page, built once: building and keying one anew each call cost a
+# worker more CPU than executing it (bench/README.md, "A worker's CPU a page").
+_CANCEL_REQUESTED = select(TaskRecord.cancel_requested_at).where(
+    TaskRecord.id == bindparam("task_id")
+)
+_PAGE_MEMO = select(PageMemo.etag, PageMemo.last_modified, PageMemo.links).where(
+    PageMemo.url == bindparam("page_url")
+)
+_FORGET_PAGE = delete(PageMemo).where(PageMemo.url == bindparam("page_url"))
+
+
 async def cancel_requested(engine: AsyncEngine, task_id: str) -> bool:
     """Whether a cancel of `task_id` has been asked for (the check before a task stores)."""
 
     async def read(conn: AsyncConnection) -> bool:
-        row = (
-            await conn.execute(
-                select(TaskRecord.cancel_requested_at).where(TaskRecord.id == task_id)
-            )
-        ).first()
+        row = (await conn.execute(_CANCEL_REQUESTED, {"task_id": task_id})).first()
         return row is not None and row.cancel_requested_at is not None
 
     return await _with_retries(engine, read)
@@ -340,13 +347,7 @@ class RememberedPage:
 
 async def load_page_memo(engine: AsyncEngine, url: str) -> RememberedPage | None:
     async def read(conn: AsyncConnection) -> RememberedPage | None:
-        memo = (
-            await conn.execute(
-                select(PageMemo.etag, PageMemo.last_modified, PageMemo.links).where(
-                    PageMemo.url == url
-                )
-            )
-        ).first()
+        memo = (await conn.execute(_PAGE_MEMO, {"page_url": url})).first()
         if memo is None:
             return None
         return RememberedPage(memo.etag, memo.last_modified, list(json.loads(memo.links)))
@@ -362,7 +363,7 @@ async def remember_page(
 
     async def write(conn: AsyncConnection) -> None:
         if not (etag or last_modified):
-            await conn.execute(delete(PageMemo).where(PageMemo.url == url))
+            await conn.execute(_FORGET_PAGE, {"page_url": url})
             return
         values = {
             "url": url,
@@ -371,16 +372,22 @@ async def remember_page(
             "links": json.dumps(links),
             "fetched_at": utcnow(),
         }
-        statement = dialect_insert(engine.dialect.name)(PageMemo).values(values)
-        await conn.execute(
-            statement.on_conflict_do_update(
-                index_elements=[PageMemo.url],
-                set_={name: statement.excluded[name] for name in values if name != "url"},
-            )
-        )
+        await conn.execute(_remember_statement(engine.dialect.name), values)
 
     if len(url.encode()) <= MAX_URL_LENGTH:
         await _with_retries(engine, write)
+
+
+@functools.cache
+def _remember_statement(dialect: str) -> Any:
+    statement = dialect_insert(dialect)(PageMemo)
+    return statement.on_conflict_do_update(
+        index_elements=[PageMemo.url],
+        set_={name: statement.excluded[name] for name in _MEMO_COLUMNS},
+    )
+
+
+_MEMO_COLUMNS = ("etag", "last_modified", "links", "fetched_at")
 
 
 async def refresh_seen(engine: AsyncEngine, links: Sequence[str], batch_size: int) -> None:
