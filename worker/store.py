@@ -276,7 +276,7 @@ async def record_start(engine: AsyncEngine, task_id: str, now: dt.datetime | Non
 
 
 # The statements of every page, built once: building and keying one anew each call cost a
-# worker more CPU than executing it (bench/README.md, "A worker's CPU a page").
+# worker more CPU than executing it (bench/README.md, "Figures behind the code's comments").
 _CANCEL_REQUESTED = select(TaskRecord.cancel_requested_at).where(
     TaskRecord.id == bindparam("task_id")
 )
