@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.batching import Batcher
 from core.db import BatchRecord, TaskRecord, UtcDateTime, dialect_insert, single_statement, utcnow
-from core.ledger import Outcome, finish
+from core.ledger import Outcome, finish, finish_many
 from gateway.database import store_errors
 from gateway.errors import StoreUnavailable
 from gateway.health import OnUnavailable, nobody
@@ -344,15 +344,19 @@ class TaskRecords:
     async def mark_lost(self, reasons: dict[str, str]) -> None:
         """End these never-started tasks FAILURE, saying why they will not run."""
         async with store_errors(self._on_unavailable), self._engine.begin() as conn:
-            for task_id, reason in reasons.items():
+            lost = []
+            # Rows locked as a worker's ends lock them (tasks by id, then their batches by id:
+            # `core.ledger.finish_many`), so that the two never wait on each other in a circle.
+            for task_id in sorted(reasons):
                 ended = await conn.execute(
                     update(TaskRecord)
                     .where(TaskRecord.id == task_id, TaskRecord.started_at.is_(None))
-                    .values(lost_reason=reason)
+                    .values(lost_reason=reasons[task_id])
                 )
                 if ended.rowcount:
-                    # No further page of an "until known" batch is enqueued from here.
-                    await finish(conn, task_id, Outcome("FAILURE", error=reason), window=0)
+                    lost.append((task_id, Outcome("FAILURE", error=reasons[task_id])))
+            # No further page of an "until known" batch is enqueued from here.
+            await finish_many(conn, lost, window=0)
 
     async def cancel(self, client: str, task_id: str) -> IssuedTask | None:
         """Ask for `task_id` to be cancelled; end it REVOKED at once if it has not started.

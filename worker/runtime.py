@@ -18,7 +18,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -30,6 +30,7 @@ from core.db import create_engine
 from core.events import EventPublisher, TaskChanged, record_json
 from core.ledger import Finished, Outcome
 from core.settings import Settings
+from worker.errors import RetryableError
 from worker.fetch import FetchLimits, make_client
 from worker.politeness import NOTED_LATE_SECONDS, BudgetLimits, HostBudget
 from worker.robots import RobotsCache
@@ -171,16 +172,33 @@ class TaskRecords(LoopThread):
         assert end.finished is not None
         return end.finished
 
-    async def _write_ends(self, ends: list[_End]) -> None:
-        finished = await finish_tasks(
-            self.engine, [(end.task_id, end.outcome) for end in ends], self._window
-        )
+    async def _write_ends(self, ends: list[_End]) -> Sequence[BaseException | None] | None:
+        try:
+            finished = await finish_tasks(
+                self.engine, [(end.task_id, end.outcome) for end in ends], self._window
+            )
+        except RetryableError:
+            raise  # the database: each end is tried again by its task
+        except Exception:
+            if len(ends) == 1:
+                raise
+            # Something about one end (an error text the database refuses, say) fails only
+            # that end: the others are written alone.
+            errors: list[BaseException | None] = []
+            for end in ends:
+                try:
+                    await self._write_ends([end])
+                    errors.append(None)
+                except Exception as exc:
+                    errors.append(exc)
+            return errors
         events = []
         for end, done in zip(ends, finished, strict=True):
             end.finished = done
             record = None if done.record is None else record_json(done.record)
             events.append(TaskChanged(end.task_id, done.batch_id, record))
         await self.events.publish_all(events)
+        return None
 
     def close(self) -> None:
         try:

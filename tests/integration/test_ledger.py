@@ -564,7 +564,7 @@ async def test_ends_together_of_an_until_known_batch_enqueue_its_window_once(
 
     results = await end_together(engine, ends, window=4)
 
-    # Each end in the group sees those before it, as ends one after another do: 5, 6, 7, 8.
+    # The window moved once, after all four: up to the lowest unfinished page (5) + 4 - 1.
     assert sorted(task.page for result in results for task in result.new_tasks) == [5, 6, 7, 8]
     assert sorted(await task_rows(engine, batch.id)) == list(range(1, 9))
     counted = await batch_row(engine, batch.id)
@@ -586,3 +586,34 @@ async def test_groups_of_ends_of_the_same_batches_never_deadlock(engine: AsyncEn
         counted = await batch_row(engine, batch.id)
         assert (counted.pages_succeeded, counted.created) == (20, 200)
         assert counted.finished_at is not None
+
+
+async def test_tasks_judged_lost_end_failure_and_count_for_their_batches_once(
+    engine: AsyncEngine,
+) -> None:
+    first, first_pages = await make_batch(engine, 1, 3)
+    second, second_pages = await make_batch(engine, 1, 2)
+    lone = IssuedTask.new(CLIENT, None, 9)
+    records = TaskRecords(engine, LIFETIME)
+    await records.add_many([lone])
+    await start_task(engine, first_pages[3])  # a worker has it: not lost
+    reasons = {
+        second_pages[1]: "the broker lost it",
+        first_pages[2]: "the broker lost it",
+        lone.id: "the broker lost it",
+        first_pages[3]: "the broker lost it",
+    }
+
+    await records.mark_lost(reasons)
+    await records.mark_lost(reasons)  # judged again: nothing more
+
+    rows = await task_rows(engine, first.id)
+    assert (rows[2].status, rows[2].lost_reason, rows[2].error) == (
+        "FAILURE",
+        *["the broker lost it"] * 2,
+    )
+    assert (rows[3].status, rows[3].lost_reason) == ("STARTED", None)
+    assert (await task_rows(engine, second.id))[1].status == "FAILURE"
+    for batch, page in ((first, 2), (second, 1)):
+        counted = await batch_row(engine, batch.id)
+        assert (counted.pages_failed, counted.error) == (1, f"page {page}: the broker lost it")

@@ -142,6 +142,34 @@ def test_ends_that_arrive_together_are_one_transaction_and_a_task_ended_twice_co
         runtime.close()
 
 
+def test_an_end_the_database_cannot_write_fails_alone_not_its_group(tmp_path: Path) -> None:
+    settings = Settings(
+        _env_file=None,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'projects.db'}",
+        source_url="http://127.0.0.1:9/projects?page={page}",
+        worker_concurrency=16,
+    )
+    runtime = WorkerRuntime(settings, "redis://127.0.0.1:9/0")  # its events go nowhere
+    records = runtime.records
+    try:
+        records.run(upgrade_to_head(records.engine))
+        ids = [str(uuid.uuid4()) for _ in range(4)]
+        records.run(_issue(records.engine, ids))
+        outcomes = [Outcome("SUCCESS"), Outcome("RETRY"), Outcome("FAILURE", error="x")]
+        outcomes.append(Outcome("SUCCESS"))
+
+        async def burst() -> list[Any]:
+            ends = (records.end(i, o) for i, o in zip(ids, outcomes, strict=True))
+            return list(await asyncio.gather(*ends, return_exceptions=True))
+
+        ended = records.run(burst())
+
+        assert isinstance(ended[1], ValueError)  # not a final state: that end alone fails
+        assert [e.counted for e in (ended[0], ended[2], ended[3])] == [True, True, True]
+    finally:
+        runtime.close()
+
+
 async def _issue(engine: Any, ids: list[str]) -> None:
     async with engine.begin() as conn:
         await conn.execute(

@@ -58,7 +58,7 @@ class FakeEvents:
 
 class FakeRuntime:
     """What run_harvest uses of a WorkerRuntime: settings, engine, events, and run() for the
-    record's writes (start_task, finish_task, record_retry, mark_published: this fake and the
+    record's writes (a start, an end, record_retry, mark_published: this fake and the
     `harvest` fixture fake them, each adding a tuple naming it to `ran`, as publish does)."""
 
     def __init__(self, settings: Settings, deliveries: int = 1) -> None:
