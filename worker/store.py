@@ -198,7 +198,9 @@ class TaskStart:
     record: dict[str, Any] | None = field(default=None, compare=False)
 
 
-# A start, built once (see _CANCEL_REQUESTED).
+# The statements of every page (a start here, the cancel check and the memo below), built once:
+# building and keying one anew each call cost a worker more CPU than executing it
+# (bench/README.md, "Figures behind the code's comments").
 _START = (
     update(TaskRecord)
     .where(TaskRecord.id.in_(bindparam("task_ids", expanding=True)))
@@ -275,8 +277,6 @@ async def record_start(engine: AsyncEngine, task_id: str, now: dt.datetime | Non
     return (await start_task(engine, task_id, now)).deliveries
 
 
-# The statements of every page, built once: building and keying one anew each call cost a
-# worker more CPU than executing it (bench/README.md, "Figures behind the code's comments").
 _CANCEL_REQUESTED = select(TaskRecord.cancel_requested_at).where(
     TaskRecord.id == bindparam("task_id")
 )
@@ -378,6 +378,9 @@ async def remember_page(
         await _with_retries(engine, write)
 
 
+_MEMO_COLUMNS = ("etag", "last_modified", "links", "fetched_at")
+
+
 @functools.cache
 def _remember_statement(dialect: str) -> Any:
     statement = dialect_insert(dialect)(PageMemo)
@@ -385,9 +388,6 @@ def _remember_statement(dialect: str) -> Any:
         index_elements=[PageMemo.url],
         set_={name: statement.excluded[name] for name in _MEMO_COLUMNS},
     )
-
-
-_MEMO_COLUMNS = ("etag", "last_modified", "links", "fetched_at")
 
 
 async def refresh_seen(engine: AsyncEngine, links: Sequence[str], batch_size: int) -> None:

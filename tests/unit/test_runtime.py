@@ -7,6 +7,7 @@ import concurrent.futures
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from core.migrate import upgrade_to_head
 from core.settings import Settings
 from worker import runtime as runtime_module
 from worker.errors import RetryableError
-from worker.runtime import LoopThread, WorkerRuntime
+from worker.runtime import LoopThread, TaskRecords, WorkerRuntime
 from worker.store import TaskStart, record_start
 
 
@@ -68,106 +69,93 @@ def test_tasks_share_worker_db_connections_and_wait_a_bounded_time_for_one(
 
 
 def test_starts_that_arrive_together_are_one_update_and_a_task_started_twice_counts_twice(
-    tmp_path: Path,
+    records: TaskRecords,
 ) -> None:
-    settings = Settings(
-        _env_file=None,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'projects.db'}",
-        source_url="http://127.0.0.1:9/projects?page={page}",
-        worker_concurrency=16,
-    )
-    runtime = WorkerRuntime(settings, "redis://127.0.0.1:9/0")  # its events go nowhere
-    records = runtime.records
-    try:
-        records.run(upgrade_to_head(records.engine))
-        ids = [str(uuid.uuid4()) for _ in range(15)]
-        records.run(_issue(records.engine, ids))
-        updates: list[str] = []
+    ids = _issued(records, 15)
+    updates: list[str] = []
 
-        def count_updates(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
-            if statement.lstrip().upper().startswith("UPDATE TASKS"):
-                updates.append(statement)
+    def count_updates(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE TASKS"):
+            updates.append(statement)
 
-        event.listen(records.engine.sync_engine, "before_cursor_execute", count_updates)
+    event.listen(records.engine.sync_engine, "before_cursor_execute", count_updates)
 
-        async def burst() -> list[TaskStart]:
-            # Sixteen starts at once, as sixteen task threads make them; one task twice, as a
-            # redelivery that lands in the same burst would.
-            return list(await asyncio.gather(*(records.start(i) for i in [*ids, ids[0]])))
+    async def burst() -> list[TaskStart]:
+        # Sixteen starts at once, as sixteen task threads make them; one task twice, as a
+        # redelivery that lands in the same burst would.
+        return list(await asyncio.gather(*(records.start(i) for i in [*ids, ids[0]])))
 
-        starts = records.run(burst())
+    starts = records.run(burst())
 
-        assert [start.deliveries for start in starts] == [1, *[1] * 14, 2]
-        # The fifteen distinct ones in one statement, the second start of ids[0] after it.
-        assert len(updates) == 2
-    finally:
-        runtime.close()
+    assert [start.deliveries for start in starts] == [1, *[1] * 14, 2]
+    # The fifteen distinct ones in one statement, the second start of ids[0] after it.
+    assert len(updates) == 2
 
 
 def test_ends_that_arrive_together_are_one_transaction_and_a_task_ended_twice_counts_once(
-    tmp_path: Path,
+    records: TaskRecords,
 ) -> None:
-    settings = Settings(
-        _env_file=None,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'projects.db'}",
-        source_url="http://127.0.0.1:9/projects?page={page}",
-        worker_concurrency=16,
-    )
-    runtime = WorkerRuntime(settings, "redis://127.0.0.1:9/0")  # its events go nowhere
-    records = runtime.records
-    try:
-        records.run(upgrade_to_head(records.engine))
-        ids = [str(uuid.uuid4()) for _ in range(15)]
-        records.run(_issue(records.engine, ids))
-        transactions: list[object] = []
-        event.listen(records.engine.sync_engine, "begin", transactions.append)
+    ids = _issued(records, 15)
+    transactions: list[object] = []
+    event.listen(records.engine.sync_engine, "begin", transactions.append)
 
-        async def burst() -> list[Finished]:
-            # Sixteen ends at once, as sixteen task threads make them; one task twice, as a
-            # copy that outlived its visibility timeout would.
-            ends = [*ids, ids[0]]
-            return list(
-                await asyncio.gather(
-                    *(records.end(i, Outcome("SUCCESS", found=n)) for n, i in enumerate(ends))
-                )
+    async def burst() -> list[Finished]:
+        # Sixteen ends at once, as sixteen task threads make them; one task twice, as a
+        # copy that outlived its visibility timeout would.
+        ends = [*ids, ids[0]]
+        return list(
+            await asyncio.gather(
+                *(records.end(i, Outcome("SUCCESS", found=n)) for n, i in enumerate(ends))
             )
+        )
 
-        ended = records.run(burst())
+    ended = records.run(burst())
 
-        assert [finished.counted for finished in ended] == [True] * 15 + [False]
-        assert [(finished.record or {}).get("found") for finished in ended[:15]] == list(range(15))
-        # All sixteen were submitted in one loop turn: one group, one transaction.
-        assert len(transactions) == 1
-    finally:
-        runtime.close()
+    assert [finished.counted for finished in ended] == [True] * 15 + [False]
+    assert [(finished.record or {}).get("found") for finished in ended[:15]] == list(range(15))
+    # All sixteen were submitted in one loop turn: one group, one transaction.
+    assert len(transactions) == 1
 
 
-def test_an_end_the_database_cannot_write_fails_alone_not_its_group(tmp_path: Path) -> None:
+def test_an_end_the_database_cannot_write_fails_alone_not_its_group(
+    records: TaskRecords,
+) -> None:
+    ids = _issued(records, 4)
+    outcomes = [Outcome("SUCCESS"), Outcome("RETRY"), Outcome("FAILURE", error="x")]
+    outcomes.append(Outcome("SUCCESS"))
+
+    async def burst() -> list[Any]:
+        ends = (records.end(i, o) for i, o in zip(ids, outcomes, strict=True))
+        return list(await asyncio.gather(*ends, return_exceptions=True))
+
+    ended = records.run(burst())
+
+    assert isinstance(ended[1], ValueError)  # not a final state: that end alone fails
+    assert [e.counted for e in (ended[0], ended[2], ended[3])] == [True, True, True]
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Iterator[TaskRecords]:
+    """A worker process's records on a migrated SQLite file; its events go nowhere."""
     settings = Settings(
         _env_file=None,
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'projects.db'}",
         source_url="http://127.0.0.1:9/projects?page={page}",
         worker_concurrency=16,
     )
-    runtime = WorkerRuntime(settings, "redis://127.0.0.1:9/0")  # its events go nowhere
-    records = runtime.records
+    runtime = WorkerRuntime(settings, "redis://127.0.0.1:9/0")
     try:
-        records.run(upgrade_to_head(records.engine))
-        ids = [str(uuid.uuid4()) for _ in range(4)]
-        records.run(_issue(records.engine, ids))
-        outcomes = [Outcome("SUCCESS"), Outcome("RETRY"), Outcome("FAILURE", error="x")]
-        outcomes.append(Outcome("SUCCESS"))
-
-        async def burst() -> list[Any]:
-            ends = (records.end(i, o) for i, o in zip(ids, outcomes, strict=True))
-            return list(await asyncio.gather(*ends, return_exceptions=True))
-
-        ended = records.run(burst())
-
-        assert isinstance(ended[1], ValueError)  # not a final state: that end alone fails
-        assert [e.counted for e in (ended[0], ended[2], ended[3])] == [True, True, True]
+        runtime.records.run(upgrade_to_head(runtime.records.engine))
+        yield runtime.records
     finally:
         runtime.close()
+
+
+def _issued(records: TaskRecords, count: int) -> list[str]:
+    """The ids of `count` tasks recorded as the gateway records them."""
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    records.run(_issue(records.engine, ids))
+    return ids
 
 
 async def _issue(engine: Any, ids: list[str]) -> None:
