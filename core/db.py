@@ -166,6 +166,12 @@ def task_columns(row: Any) -> dict[str, Any]:
     return {column.name: mapping[column.name] for column in TaskRecord.__table__.columns}
 
 
+def batch_columns(row: Any) -> dict[str, Any]:
+    """A row's BatchRecord columns by name, as `task_columns` for a task's."""
+    mapping = row._mapping
+    return {column.name: mapping[column.name] for column in BatchRecord.__table__.columns}
+
+
 class BatchRecord(Base):
     """A range of pages asked for as one (UploadPages), and its pages' counts.
 

@@ -5,8 +5,9 @@ gateway process listens with one subscriber (`listen`) and wakes the watch strea
 Events wake watchers and are never the truth: a woken watcher reads the database, and a
 watcher also reads it on a slow timer, so a lost event (Redis down, a gateway that was
 restarting) costs latency, never data. A worker's TaskChanged also carries the task's record as
-its commit left it (`record`), so that a watcher it wakes can send that state without reading
-the database; one that cannot tell it is newer than what it sent reads the database as before.
+its commit left it (`record`), and its batch's when the commit moved that (`batch`), so that a
+watcher it wakes can send that state without reading the database; one that cannot tell it is
+newer than what it sent reads the database as before.
 
 The channel lives on the broker's Redis, or the result backend's when the broker is AMQP,
 prefixed by REDIS_KEY_PREFIX like every key.
@@ -49,13 +50,17 @@ class ProjectsChanged:
 
 @dataclass(frozen=True, slots=True)
 class TaskChanged:
-    """A task's record changed (started, retried, finished), and so maybe its batch's."""
+    """A task's record changed (started, retried, finished), and maybe its batch's."""
 
     task_id: str
+    # The batch whose record the commit may have moved too (its watchers are woken); None when
+    # it moved no batch's: a lone task, or a page whose start or retry left its batch as it was.
     batch_id: str | None = None
     # The task's record (its columns by name) as the commit this event follows left it, JSON
     # values with times as ISO 8601 strings (`record_json`); None: the writer did not have it.
     record: Mapping[str, Any] | None = None
+    # The batch's record as the commit left it, likewise; None: the writer did not have it.
+    batch: Mapping[str, Any] | None = None
 
 
 def record_json(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,6 +93,8 @@ def _encode(event: Event) -> str:
         message: dict[str, Any] = {"kind": "task", "task": event.task_id, "batch": event.batch_id}
         if event.record is not None:
             message["record"] = event.record
+        if event.batch is not None:
+            message["batch_record"] = event.batch
         return json.dumps(message)
     return json.dumps({"kind": "projects", "revision": event.revision})
 
@@ -100,10 +107,12 @@ def _decode(data: bytes | str) -> Event | None:
         if message.get("kind") == "task":
             batch = message.get("batch")
             record = message.get("record")
+            batch_record = message.get("batch_record")
             return TaskChanged(
                 str(message["task"]),
                 None if batch is None else str(batch),
                 record if isinstance(record, dict) else None,
+                batch_record if isinstance(batch_record, dict) else None,
             )
     except (ValueError, KeyError, TypeError, AttributeError):
         pass

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from core.db import BatchRecord, TaskRecord, UtcDateTime, task_columns, utcnow
+from core.db import BatchRecord, TaskRecord, UtcDateTime, batch_columns, task_columns, utcnow
 
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 # A batch keeps the errors of this many failed pages in its own error.
@@ -71,6 +71,9 @@ class Finished:
     new_tasks: list[NewTask] = field(default_factory=list)
     # The task's record as this finish left it (`core.db.task_columns`), when it counted it.
     record: dict[str, Any] | None = field(default=None, compare=False)
+    # Its batch's record as the finish left it (`core.db.batch_columns`): on the last of the
+    # batch's ends in one `finish_many`, whose count moved the batch's row for all of them.
+    batch_record: dict[str, Any] | None = field(default=None, compare=False)
 
 
 # A task's end and a batch's count, built once: a worker runs them for every page, and building
@@ -165,10 +168,14 @@ async def finish_many(
         by_batch.setdefault(batch_id, []).append((page, index, ended))
     for batch_id, pages in by_batch.items():
         ended_pages = [(page, ends[index][1]) for page, index, _ in pages]
-        new_tasks = await _count(conn, batch_id, ended_pages, window=window, now=now)
+        new_tasks, batch = await _count(conn, batch_id, ended_pages, window=window, now=now)
         for _, index, ended in pages:
-            # The pages the batch enqueued go to one of its ends, to publish once.
-            done[index] = Finished(True, batch_id, new_tasks, task_columns(ended))
+            # The pages the batch enqueued go to one of its ends, to publish once; the batch's
+            # record, which all of them moved, to the last.
+            last = index == pages[-1][1]
+            done[index] = Finished(
+                True, batch_id, new_tasks, task_columns(ended), batch if last else None
+            )
             new_tasks = []
     return [finished or Finished() for finished in done]
 
@@ -205,11 +212,12 @@ async def _count(
     *,
     window: int,
     now: dt.datetime,
-) -> list[NewTask]:
+) -> tuple[list[NewTask], dict[str, Any]]:
     """Count pages of `batch_id` that ended, each (page, or None when unknown; its outcome),
     in one UPDATE of the batch's row however many: counts and errors as if they had ended one
     by one in page order, and the "until known" window moved once, after all of them (so none
-    is enqueued when one of them knew every project it listed)."""
+    is enqueued when one of them knew every project it listed). The pages enqueued, and the
+    batch's record as this left it."""
     added = {
         f"add_{status.lower()}": sum(o.status == status for _, o in ended) for status in _COUNTERS
     } | {
@@ -257,7 +265,7 @@ async def _count(
         changes["finished_at"] = now if latest is None else max(now, latest)
     if changes:
         await conn.execute(update(BatchRecord).where(BatchRecord.id == batch_id).values(changes))
-    return new_tasks
+    return new_tasks, batch_columns(batch) | changes
 
 
 async def _enqueue_window(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,33 @@ class StoredBatch:
     def from_row(cls, row: Row[Any]) -> StoredBatch:
         return cls(**{name: getattr(row, name) for name in cls.__dataclass_fields__})
 
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> StoredBatch | None:
+        """The batch from the record a TaskChanged carried (`core.events.record_json`); None
+        when it is not one."""
+        try:
+            values = {name: record[name] for name in cls.__dataclass_fields__}
+            for name in _TIMES:
+                if values[name] is not None:
+                    values[name] = dt.datetime.fromisoformat(values[name]).astimezone(dt.UTC)
+            return cls(**values)
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    @property
+    def progress(self) -> tuple[int, int, int, int, int]:
+        """How far the record has come. Its row changes one write at a time, and each of these
+        only grows with every write that changes what a watcher is sent (an error comes with a
+        failed page, a stop page with a page done), so a later record compares greater."""
+        done = self.pages_succeeded + self.pages_failed + self.pages_cancelled
+        return (
+            int(self.finished_at is not None),
+            int(self.cancel_requested_at is not None),
+            done,
+            self.pages_total,
+            int(self.started_at is not None),
+        )
+
     @property
     def status(self) -> str:
         """PENDING, STARTED, SUCCESS, FAILURE or REVOKED, from the counts."""
@@ -61,6 +89,9 @@ class StoredBatch:
         if self.finished_at is not None:
             return "FAILURE" if self.pages_failed else "SUCCESS"
         return "PENDING" if self.started_at is None else "STARTED"
+
+
+_TIMES = ("enqueued_at", "started_at", "finished_at", "cancel_requested_at")
 
 
 @dataclass(slots=True)

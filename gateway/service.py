@@ -564,11 +564,18 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
         ],
     ) -> AsyncIterator[queue_service_pb2.WatchBatchResponse]:
         batch_id = _check_batch_id(request.id)
+        client = current_client.get()
         last: task_pb2.Batch | None = None
+        at: tuple[int, ...] | None = None  # how far the record last seen had come
         with self._hub.watch(batch_id) as watched, self._resumable():
             while True:
-                watched.take()
-                message = batch_message(await self._batch(batch_id))
+                carried = watched.take()
+                batch = None if at is None else _newer_batch(carried, client, at)
+                if batch is None:
+                    # As for WatchStatus: the first look, the timer, or no newer record.
+                    batch = await self._batch(batch_id)
+                at = batch.progress
+                message = batch_message(batch)
                 if message != last:
                     yield queue_service_pb2.WatchBatchResponse(batch=message)
                     last = message
@@ -584,6 +591,15 @@ def _newer(
     tasks = [IssuedTask.from_record(record) for record in records]
     newer = [task for task in tasks if task and task.client == client and task.progress > at]
     return max(newer, key=lambda task: task.progress, default=None)
+
+
+def _newer_batch(
+    records: list[Mapping[str, Any]], client: str, at: tuple[int, ...]
+) -> StoredBatch | None:
+    """The furthest come of the batch records events carried, if it is further than `at`."""
+    batches = [StoredBatch.from_record(record) for record in records]
+    newer = [batch for batch in batches if batch and batch.client == client and batch.progress > at]
+    return max(newer, key=lambda batch: batch.progress, default=None)
 
 
 def _check_page_field(field: str, page: int, max_page: int) -> None:

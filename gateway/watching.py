@@ -229,9 +229,10 @@ class EventHub:
     """The one subscriber of a gateway process to the workers' events (`core.events`).
 
     It wakes the project feed on ProjectsChanged, and the WatchStatus and WatchBatch streams
-    of a task or its batch on TaskChanged, handing a task's streams the record the event
-    carried. A woken stream sends that record when it is newer than what the stream has sent,
-    else reads the records again; it also reads them on a slow timer, in case an event was lost.
+    of a task or its batch on TaskChanged, handing a task's streams, and its batch's, the
+    record the event carried. A woken stream sends that record when it is newer than what the
+    stream has sent, else reads the records again; it also reads them on a slow timer, in case
+    an event was lost.
     """
 
     def __init__(self, listen: Callable[[], AsyncIterator[Event]]) -> None:
@@ -270,4 +271,4 @@ class EventHub:
                 self._projects.set()
             elif isinstance(event, TaskChanged):
                 self._wake(event.task_id, event.record)
-                self._wake(event.batch_id)
+                self._wake(event.batch_id, event.batch)

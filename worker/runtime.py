@@ -192,12 +192,11 @@ class TaskRecords(LoopThread):
                 except Exception as exc:
                     errors.append(exc)
             return errors
-        events = []
         for end, done in zip(ends, finished, strict=True):
             end.finished = done
-            record = None if done.record is None else record_json(done.record)
-            events.append(TaskChanged(end.task_id, done.batch_id, record))
-        await self.events.publish_all(events)
+        await self.events.publish_all(
+            [said_end(end.task_id, done) for end, done in zip(ends, finished, strict=True)]
+        )
         return None
 
     def close(self) -> None:
@@ -209,10 +208,23 @@ class TaskRecords(LoopThread):
 
 
 def said(task_id: str, start: TaskStart | None) -> TaskChanged:
-    """The event of a start: the record as it left it, so a watcher need not read it."""
-    if start is None or start.record is None:
-        return TaskChanged(task_id, None if start is None else start.batch_id)
-    return TaskChanged(task_id, start.batch_id, record_json(start.record))
+    """The event of a start: the record as it left it, so a watcher need not read it. Only a
+    batch's first start moves the batch's record, so only its event wakes the batch's
+    watchers."""
+    if start is None:
+        return TaskChanged(task_id)
+    batch_id = start.batch_id if start.batch_started else None
+    record = None if start.record is None else record_json(start.record)
+    return TaskChanged(task_id, batch_id, record)
+
+
+def said_end(task_id: str, done: Finished) -> TaskChanged:
+    """The event of an end: the records as it left them. Of a batch's ends written together,
+    the last carries the batch's record, which all of them moved, and wakes its watchers."""
+    record = None if done.record is None else record_json(done.record)
+    if done.batch_record is None:
+        return TaskChanged(task_id, None, record)
+    return TaskChanged(task_id, done.batch_id, record, record_json(done.batch_record))
 
 
 async def _make_publisher(url: str, settings: Settings) -> EventPublisher:

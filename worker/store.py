@@ -196,6 +196,9 @@ class TaskStart:
     batch_id: str | None = None
     # The record as this start left it (`core.db.task_columns`), for its event to carry.
     record: dict[str, Any] | None = field(default=None, compare=False)
+    # This start wrote its batch's start time (the batch's first start); no other moves the
+    # batch's record.
+    batch_started: bool = False
 
 
 # The statements of every page (a start here, the cancel check and the memo below), built once:
@@ -257,6 +260,7 @@ async def start_tasks(
                 row.finished_at is not None,
                 row.batch_id,
                 task_columns(row),
+                row.batch_id in unstarted_batches,
             )
             for row in rows
         }

@@ -207,10 +207,10 @@ class HarvestTask(Task):  # type: ignore[type-arg]
 
 async def _retry_and_say(records: TaskRecords, task_id: str, error: str) -> None:
     record = await record_retry(records.engine, task_id, error)
-    if record is None:
-        await records.events.publish(TaskChanged(task_id))
-    else:
-        await records.events.publish(TaskChanged(task_id, record["batch_id"], record_json(record)))
+    # A retry leaves the task's batch as it was: the batch's watchers are not woken.
+    await records.events.publish(
+        TaskChanged(task_id, record=None if record is None else record_json(record))
+    )
 
 
 def _ended(task: HarvestTask, outcome: Outcome) -> None:

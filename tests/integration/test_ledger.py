@@ -480,7 +480,8 @@ async def test_starts_written_together_count_each_task_once_and_leave_out_the_un
 
     assert set(started) == {*other_batch.values(), pages[1]}
     for task_id in other_batch.values():
-        assert started[task_id] == TaskStart(1, batch_id=lone.id)
+        # The group's first start of the batch: each says it started the batch.
+        assert started[task_id] == TaskStart(1, batch_id=lone.id, batch_started=True)
     assert started[pages[1]] == TaskStart(1, cancelled=True, finished=True, batch_id=batch.id)
     rows = await task_rows(engine, lone.id)
     assert {(row.status, row.started_at, row.deliveries) for row in rows.values()} == {

@@ -20,9 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import TaskRecord, create_engine
 from core.events import TaskChanged, _decode, _encode, record_json
-from core.ledger import Outcome, finish
+from core.ledger import Outcome, finish, finish_many
 from core.migrate import upgrade_to_head
-from gateway.batches import BatchRecords
+from gateway.batches import BatchRecords, StoredBatch
 from gateway.records import IssuedTask, TaskRecords
 from worker.store import record_retry, start_tasks
 
@@ -154,6 +154,48 @@ async def test_the_record_a_worker_s_event_carries_is_the_one_the_gateway_reads(
     steps = [through_the_event(r) for r in (start.record, retried, again.record, finished.record)]
     progress = [step.progress for step in steps if step is not None]
     assert progress == sorted(progress) and len(set(progress)) == 4
+
+
+async def test_the_batch_record_an_end_event_carries_is_the_one_the_gateway_reads(
+    engine: AsyncEngine,
+) -> None:
+    batches = BatchRecords(engine, LIFETIME)
+    claimed = await batches.create("alice", None, 1, 3, until_known=False, window=4)
+    batch_id = claimed.batch.id
+    pages = [task.id for task in claimed.pages]
+
+    def through_the_event(record: dict[str, Any] | None) -> StoredBatch | None:
+        assert record is not None
+        event = _decode(_encode(TaskChanged(pages[0], batch_id, None, record_json(record))))
+        assert isinstance(event, TaskChanged) and event.batch is not None
+        return StoredBatch.from_record(event.batch)
+
+    # Only the starts that wrote the batch's start time moved its record (their events wake
+    # the batch's watchers); a later page's start leaves it as it was.
+    first = await start_tasks(engine, pages[:2])
+    assert [first[page].batch_started for page in pages[:2]] == [True, True]
+    later = await start_tasks(engine, pages[2:])
+    assert later[pages[2]].batch_started is False
+
+    async with engine.begin() as conn:
+        group = await finish_many(
+            conn,
+            [(pages[1], Outcome("FAILURE", error="boom")), (pages[0], Outcome("SUCCESS", 3, 2, 1))],
+            window=4,
+        )
+    # The batch's record goes with the last of its pages ended together (page 2, listed first).
+    assert group[1].batch_record is None and group[0].batch_record is not None
+    counted = await batches.get("alice", batch_id)
+    assert counted is not None and counted.pages_failed == 1 and counted.finished_at is None
+    assert through_the_event(group[0].batch_record) == counted
+
+    async with engine.begin() as conn:
+        (last,) = await finish_many(conn, [(pages[2], Outcome("SUCCESS", 1, 1, 0))], window=4)
+    ended = await batches.get("alice", batch_id)
+    assert ended is not None and ended.finished_at is not None and ended.status == "FAILURE"
+    assert through_the_event(last.batch_record) == ended
+    # Each count moved the record forward, as WatchBatch orders what events carry.
+    assert claimed.batch.progress < counted.progress < ended.progress
 
 
 class Inserts:

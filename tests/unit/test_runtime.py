@@ -20,7 +20,7 @@ from core.migrate import upgrade_to_head
 from core.settings import Settings
 from worker import runtime as runtime_module
 from worker.errors import RetryableError
-from worker.runtime import LoopThread, TaskRecords, WorkerRuntime
+from worker.runtime import LoopThread, TaskRecords, WorkerRuntime, said, said_end
 from worker.store import TaskStart, record_start
 
 
@@ -192,3 +192,18 @@ def test_stopping_a_loop_ends_the_waits_of_threads_whose_work_still_runs_on_it()
     assert not thread.is_alive(), "the waiting thread was left waiting on a stopped loop"
     assert [type(exc) for exc in waited] == [concurrent.futures.CancelledError]
     assert loop_thread.loop.is_closed()
+
+
+def test_only_what_moved_a_batch_s_record_wakes_its_watchers() -> None:
+    batch = {"id": "b", "pages_succeeded": 1}
+    first = said("t1", TaskStart(1, batch_id="b", record={"id": "t1"}, batch_started=True))
+    later = said("t2", TaskStart(1, batch_id="b", record={"id": "t2"}))
+    assert (first.batch_id, later.batch_id) == ("b", None)  # a later start moves no batch
+    assert later.record == {"id": "t2"}
+
+    counted = said_end("t1", Finished(True, "b", [], {"id": "t1"}, batch))
+    in_its_group = said_end("t2", Finished(True, "b", [], {"id": "t2"}))
+    alone = said_end("t3", Finished(True, None, [], {"id": "t3"}))
+    assert (counted.batch_id, counted.batch) == ("b", batch)
+    assert (in_its_group.batch_id, in_its_group.batch) == (None, None)
+    assert (alone.batch_id, alone.record) == (None, {"id": "t3"})

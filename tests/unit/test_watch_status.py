@@ -15,6 +15,7 @@ import pytest
 
 from core.events import TaskChanged, record_json
 from gateway.auth import current_client
+from gateway.batches import StoredBatch
 from gateway.celery_queue import CeleryState
 from gateway.errors import StoreUnavailable
 from gateway.records import IssuedTask
@@ -290,3 +291,128 @@ async def test_another_client_s_record_in_an_event_is_not_sent() -> None:
     ]
     assert seen[-1].result.created == 1  # the database's, not the event's
     assert records.reads == 2
+
+
+# --- the batch record an event carries -----------------------------------------------------
+
+BATCH_ID = "223e4567-e89b-42d3-a456-426614174000"
+BATCH = StoredBatch(
+    id=BATCH_ID,
+    client="alice",
+    request_id=None,
+    first_page=1,
+    last_page=2,
+    until_known=False,
+    stop_page=None,
+    next_page=3,
+    pages_total=2,
+    pages_succeeded=0,
+    pages_failed=0,
+    pages_cancelled=0,
+    found=0,
+    created=0,
+    updated=0,
+    skipped=0,
+    error=None,
+    enqueued_at=T0,
+    started_at=None,
+    finished_at=None,
+    cancel_requested_at=None,
+)
+HALF = dataclasses.replace(BATCH, started_at=T0, pages_succeeded=1, found=3, created=3)
+DONE = dataclasses.replace(HALF, pages_succeeded=2, found=6, created=6, finished_at=T0)
+
+
+class CountingBatches:
+    """The batch as each read finds it, the last one for every later read; counts its reads."""
+
+    def __init__(self, *states: StoredBatch) -> None:
+        self._states = list(states)
+        self.reads = 0
+
+    async def get(self, client: str, batch_id: str) -> StoredBatch:
+        self.reads += 1
+        return self._states.pop(0) if len(self._states) > 1 else self._states[0]
+
+
+def carried_batch(batch: StoredBatch) -> dict[str, Any]:
+    """The batch record a worker's end event carries (record_json of its columns)."""
+    return record_json(dataclasses.asdict(batch))
+
+
+async def watched_batch(batches: CountingBatches, events: list[TaskChanged]) -> list[Any]:
+    """A WatchBatch stream of BATCH_ID whose hub is told `events` after its first answer."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def listen() -> AsyncIterator[Any]:
+        while True:
+            yield await queue.get()
+
+    hub = EventHub(listen)
+    service = QueueService(
+        cast(Any, None),
+        cast(Any, None),
+        cast(Any, None),
+        max_page=10,
+        lifetime_seconds=60,
+        publish_timeout=3.0,
+        batches=cast(Any, batches),
+        batch_limits=BatchLimits(10, 2),
+        hub=hub,
+        events=cast(Any, None),
+        signer=TokenSigner(b"k" * 32, "d"),
+        poll_interval=30.0,  # only events wake the stream
+    )
+    current_client.set("alice")
+    dispatching = asyncio.create_task(hub.run())
+    seen: list[Any] = []
+    try:
+        request = queue_service_pb2.WatchBatchRequest(id=BATCH_ID)
+        async with asyncio.timeout(10):
+            async for message in service.WatchBatch(request, cast(Any, Context())):
+                seen.append(message.batch)
+                if len(seen) == 1:
+                    for event in events:
+                        queue.put_nowait(event)
+    finally:
+        dispatching.cancel()
+    return seen
+
+
+async def test_a_woken_batch_stream_sends_the_record_its_event_carried_without_reading_it() -> None:
+    batches = CountingBatches(BATCH)
+    events = [
+        TaskChanged(TASK_ID, BATCH_ID, None, carried_batch(HALF)),
+        TaskChanged(TASK_ID, BATCH_ID, None, carried_batch(DONE)),
+    ]
+
+    seen = await watched_batch(batches, events)
+
+    assert seen[-1].status == task_pb2.TASK_STATUS_SUCCESS
+    assert seen[-1].pages_succeeded == 2 and seen[-1].totals.created == 6
+    assert seen[-1].HasField("finish_time")
+    assert [batch.pages_succeeded for batch in seen] in ([0, 1, 2], [0, 2])
+    assert batches.reads == 1  # the first look only
+
+
+async def test_a_batch_record_no_newer_than_the_last_sent_is_read_from_the_database() -> None:
+    # The database already says DONE when the stream first looks; an event then carries HALF.
+    batches = CountingBatches(HALF, DONE)
+    stale = TaskChanged(TASK_ID, BATCH_ID, None, carried_batch(BATCH))
+
+    seen = await watched_batch(batches, [stale])
+
+    assert [batch.pages_succeeded for batch in seen] == [1, 2]
+    assert batches.reads == 2  # the first look, and the stale event's read
+
+
+async def test_another_client_s_batch_record_in_an_event_is_not_sent() -> None:
+    batches = CountingBatches(BATCH, DONE)
+    foreign = dataclasses.replace(DONE, client="mallory", created=99)
+
+    seen = await watched_batch(
+        batches, [TaskChanged(TASK_ID, BATCH_ID, None, carried_batch(foreign))]
+    )
+
+    assert seen[-1].totals.created == 6  # the database's, not the event's
+    assert batches.reads == 2
