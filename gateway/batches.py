@@ -246,6 +246,20 @@ class BatchRecords:
         page STARTED for good; their worker ends them REVOKED at its checkpoint."""
         now = utcnow()
         async with store_errors(self._on_unavailable), self._engine.begin() as conn:
+            # Rows locked in the order a worker's ends lock them (`core.ledger.finish_many`):
+            # the unfinished pages by id, then the batch. The batch first, a cancel and a
+            # worker ending a page would each hold what the other waits for, and PostgreSQL
+            # would end one of them: when the cancel's, the call answered UNAVAILABLE.
+            await conn.execute(
+                select(TaskRecord.id)
+                .where(
+                    TaskRecord.batch_id == batch_id,
+                    TaskRecord.client == client,
+                    TaskRecord.finished_at.is_(None),
+                )
+                .order_by(TaskRecord.id)
+                .with_for_update()
+            )
             asked = await conn.execute(
                 update(BatchRecord)
                 .where(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import BatchRecord, TaskRecord, create_engine, utcnow
@@ -587,6 +587,54 @@ async def test_groups_of_ends_of_the_same_batches_never_deadlock(engine: AsyncEn
         counted = await batch_row(engine, batch.id)
         assert (counted.pages_succeeded, counted.created) == (20, 200)
         assert counted.finished_at is not None
+
+
+async def until_a_statement_waits_for_a_lock(engine: AsyncEngine) -> None:
+    """Until another session of this database waits for a row lock (bounded)."""
+    deadline = asyncio.get_running_loop().time() + 30
+    async with engine.connect() as conn:
+        while True:
+            waiting = (
+                await conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+                    )
+                )
+            ).scalar_one()
+            if waiting:
+                return
+            assert asyncio.get_running_loop().time() < deadline, "no statement waited for a lock"
+            await asyncio.sleep(0.01)
+
+
+async def test_a_cancel_and_a_worker_s_end_of_its_batch_never_deadlock(
+    engine: AsyncEngine,
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("row locks are PostgreSQL's: SQLite writes one transaction at a time")
+    batch, pages = await make_batch(engine, 1, 4)
+    await start_task(engine, pages[2])
+    async with engine.connect() as worker:
+        transaction = await worker.begin()
+        # A worker's group of ends has locked its page's row, not yet its batch's.
+        await worker.execute(
+            select(TaskRecord.id).where(TaskRecord.id == pages[2]).with_for_update()
+        )
+        cancel = asyncio.ensure_future(BatchRecords(engine, LIFETIME).cancel(CLIENT, batch.id))
+        await until_a_statement_waits_for_a_lock(engine)
+        # The batch's row locked before its pages', the cancel would hold it now, and this
+        # count would wait for it while the cancel waits for the page: PostgreSQL ends one.
+        (ended,) = await finish_many(worker, [(pages[2], success())], window=0)
+        await transaction.commit()
+    cancelled, revoked = await cancel
+
+    assert ended.counted
+    assert cancelled is not None and cancelled.status == "REVOKED"
+    assert sorted(revoked) == sorted(pages[page] for page in (1, 3, 4))
+    counted = await batch_row(engine, batch.id)
+    assert (counted.pages_succeeded, counted.pages_cancelled) == (1, 3)
+    assert counted.finished_at is not None
 
 
 async def test_tasks_judged_lost_end_failure_and_count_for_their_batches_once(
