@@ -63,6 +63,9 @@ class Publication:
     page: int
     give_up: float  # time.monotonic() past which the caller has stopped waiting
     trace_headers: dict[str, str] | None = None  # the Upload's trace context, when traced
+    # A batch's page: its states live in its record alone (the batch's counts, GetStatus and
+    # the watches read them there), so the worker writes none to Celery's result backend.
+    ignore_result: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +252,7 @@ class CeleryQueue:
             {},
             reply_to=self._app.thread_oid,
             create_sent_event=self._app.conf.task_send_sent_event,
-            ignore_result=None,
+            ignore_result=task.ignore_result or None,
             **options,
         )
         if task.trace_headers is None:

@@ -84,7 +84,13 @@ class Issuer:
                 await self._records.add_many(fresh)
             errors = await self._queue.publish_many(
                 [
-                    Publication(issue.task.id, issue.task.page, issue.give_up, issue.trace_headers)
+                    Publication(
+                        issue.task.id,
+                        issue.task.page,
+                        issue.give_up,
+                        issue.trace_headers,
+                        ignore_result=issue.task.batch_id is not None,
+                    )
                     for issue in issues
                 ]
             )

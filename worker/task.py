@@ -219,7 +219,8 @@ def _ended(task: HarvestTask, outcome: Outcome) -> None:
     records = task.runtime.records
     finished = records.run(records.end(str(task.request.id), outcome))
     for new in finished.new_tasks:
-        task.app.send_task(HARVEST_TASK_NAME, args=[new.page], task_id=new.id)
+        # A batch's page, as the gateway sends one: no states in the result backend.
+        task.app.send_task(HARVEST_TASK_NAME, args=[new.page], task_id=new.id, ignore_result=True)
     if finished.new_tasks:
         records.run(mark_published(records.engine, [new.id for new in finished.new_tasks]))
     metrics.task_ended(outcome.status.lower())

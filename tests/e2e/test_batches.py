@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import re
 import signal
 import time
@@ -22,6 +23,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis
 from google.rpc import error_details_pb2
 
 from projects.v1 import queue_service_pb2, task_pb2
@@ -160,6 +162,22 @@ def wait_for_batch(gateway: Gateway, batch_id: str, timeout: float = 60) -> task
 
 
 # --- the site's pages -----------------------------------------------------------------------
+
+
+def backend_states(stack: Stack, task_ids: list[str]) -> dict[str, str]:
+    """The states Celery's result backend holds of these tasks, by id (none for most)."""
+    prefix = stack.env["REDIS_KEY_PREFIX"]
+    url = stack.env.get("CELERY_RESULT_BACKEND") or stack.env["CELERY_BROKER_URL"]
+    client = redis.Redis.from_url(url)
+    try:
+        found = client.mget([f"{prefix}celery-task-meta-{task_id}" for task_id in task_ids])
+    finally:
+        client.close()
+    return {
+        task_id: json.loads(meta)["status"]
+        for task_id, meta in zip(task_ids, found, strict=True)
+        if meta is not None
+    }
 
 
 def page_numbers(page: int) -> range:
@@ -392,8 +410,9 @@ def test_until_known_stops_after_the_first_page_that_created_nothing(shared: Sta
     site = shared.site
     base = 400  # pages 401..415: 401-403 new, 404-408 harvested first
     serve(site, range(base + 1, base + 16))
-    for page in range(base + 4, base + 9):
-        assert wait_for_task(gateway, upload(gateway, page).id).result.created == PER_PAGE
+    lone = [upload(gateway, page).id for page in range(base + 4, base + 9)]
+    for task_id in lone:
+        assert wait_for_task(gateway, task_id).result.created == PER_PAGE
     before = site.hits()
 
     batch = upload_pages(gateway, base + 1, base + 15, until_known=True)
@@ -413,6 +432,11 @@ def test_until_known_stops_after_the_first_page_that_created_nothing(shared: Sta
     during = {page: hits.get(page, 0) - before.get(page, 0) for page in range(base + 1, base + 16)}
     assert {page: n for page, n in during.items() if n} == dict.fromkeys(fetched, 1)
     assert all(during[page] == 0 for page in range(done.stop_page + WINDOW, base + 16))
+    # A batch's pages, the first window and those the workers enqueued, keep their states in
+    # their records alone; a lone Upload's are in Celery's result backend too.
+    assert len(tasks) > WINDOW
+    assert backend_states(shared, [task.id for task in tasks]) == {}
+    assert set(backend_states(shared, lone).values()) == {"SUCCESS"}
 
 
 # --- cancelling -----------------------------------------------------------------------------

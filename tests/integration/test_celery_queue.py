@@ -19,7 +19,8 @@ from tests.support.services import redis_namespace
 pytestmark = pytest.mark.redis
 
 
-async def test_a_published_task_is_the_message_send_task_would_send() -> None:
+@pytest.mark.parametrize("ignore_result", [False, True], ids=["lone upload", "batch page"])
+async def test_a_published_task_is_the_message_send_task_would_send(ignore_result: bool) -> None:
     prefix = f"test-queue-{uuid.uuid4().hex[:12]}:"
     task_id = str(uuid.uuid4())
     with redis_namespace(prefix) as url:
@@ -33,9 +34,14 @@ async def test_a_published_task_is_the_message_send_task_would_send() -> None:
         queue = CeleryQueue(app, publish_timeout=2.0, dependency_timeout=1.0)
         client = redis.Redis.from_url(url)
         try:
-            ours = await queue.publish_many([Publication(task_id, 7, time.monotonic() + 2.0)])
+            publication = Publication(
+                task_id, 7, time.monotonic() + 2.0, ignore_result=ignore_result
+            )
+            ours = await queue.publish_many([publication])
             assert ours == [None]
-            # What Celery's public API sends for the same task.
+            extra: dict[str, Any] = {"ignore_result": True} if ignore_result else {}
+            # What Celery's public API sends for the same task (a batch's page, as the worker
+            # sends an "until known" batch's next pages: no states in the result backend).
             app.send_task(
                 HARVEST_TASK_NAME,
                 args=[7],
@@ -43,6 +49,7 @@ async def test_a_published_task_is_the_message_send_task_would_send() -> None:
                 retry=False,
                 argsrepr="[7]",
                 kwargsrepr="{}",
+                **extra,
             )
             theirs_raw, ours_raw = client.lrange(f"{prefix}harvest", 0, -1)  # newest first
         finally:
@@ -56,6 +63,7 @@ async def test_a_published_task_is_the_message_send_task_would_send() -> None:
         # The sending thread's id (where an rpc:// backend would answer): ours is sent from
         # the publish thread, theirs from this one.
         assert properties.pop("reply_to")
+        assert message["headers"]["ignore_result"] is (True if ignore_result else None)
         return message
 
     assert comparable(ours_raw) == comparable(theirs_raw)
