@@ -239,10 +239,21 @@ def is_transient(exc: DBAPIError) -> bool:
     """
     if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
         return True
-    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-    if not isinstance(sqlstate, str):
+    sqlstate = _sqlstate(exc)
+    if sqlstate is None:
         return False
     return sqlstate in _CONTENTION_SQLSTATES or sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES)
+
+
+def is_contention(exc: DBAPIError) -> bool:
+    """Whether `exc` is a transaction given up for a concurrent one (a deadlock, a
+    serialization failure, a lock not available): the database answered, and is not down."""
+    return _sqlstate(exc) in _CONTENTION_SQLSTATES
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return sqlstate if isinstance(sqlstate, str) else None
 
 
 def is_unreachable(exc: BaseException) -> bool:

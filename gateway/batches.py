@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.batching import Batcher
 from core.db import BatchRecord, TaskRecord, dialect_insert, single_statement, utcnow
 from core.ledger import NewTask, revoke_unstarted, task_row
-from gateway.database import store_errors
+from gateway.database import retry_contended, store_errors
 from gateway.health import OnUnavailable, nobody
 from gateway.records import MAX_READ_TOGETHER
 
@@ -243,7 +243,16 @@ class BatchRecords:
         next checkpoint, and no more are enqueued. The batch, and the ids of the pages ended
         here, whose queued messages the workers may drop (revoke): not those of running pages,
         whose message may be queued again (a retry, a redelivery) and, dropped, would leave the
-        page STARTED for good; their worker ends them REVOKED at its checkpoint."""
+        page STARTED for good; their worker ends them REVOKED at its checkpoint.
+
+        The transaction runs again when the database gives it up for a concurrent one: an
+        "until known" page enqueued by a worker's end just before the batch's row was locked
+        here is not among the pages locked first, and a worker ending it at once would lock it
+        before the batch, as this does after."""
+        ended = await retry_contended(lambda: self._cancel(client, batch_id))
+        return await self.get(client, batch_id), ended
+
+    async def _cancel(self, client: str, batch_id: str) -> list[str]:
         now = utcnow()
         async with store_errors(self._on_unavailable), self._engine.begin() as conn:
             # Rows locked in the order a worker's ends lock them (`core.ledger.finish_many`):
@@ -287,4 +296,4 @@ class BatchRecords:
                         .where(BatchRecord.id == batch_id, BatchRecord.finished_at.is_(None))
                         .values(finished_at=now)
                     )
-        return await self.get(client, batch_id), ended
+        return ended

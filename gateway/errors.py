@@ -9,6 +9,8 @@
      ├── ResourceExhausted      RESOURCE_EXHAUSTED  + google.rpc.RetryInfo
      └── Unavailable            UNAVAILABLE         + google.rpc.RetryInfo
           ├── StoreUnavailable                      the database did not answer
+          ├── StoreContended                        the database gave up a change for a
+          │                                         concurrent one (a deadlock)
           └── QueueUnavailable                      the broker or the result backend did not
 
 Handlers (and the modules they call: the records, the queue) raise these; `answers_errors` is
@@ -34,6 +36,9 @@ from grpc_status import rpc_status
 log = logging.getLogger(__name__)
 
 STORE_DOWN = "the task database is unreachable; retry shortly"
+STORE_CONTENDED = (
+    "the task database gave up this change for a concurrent one (nothing was changed); retry"
+)
 BROKER_DOWN = "the task broker is unreachable; nothing was enqueued; retry shortly"
 RESULTS_DOWN = "the task result store is unreachable; retry shortly"
 TOO_BUSY = "the gateway could not enqueue it before your deadline; nothing was enqueued; retry"
@@ -116,6 +121,13 @@ class StoreUnavailable(Unavailable):
 
     def __init__(self, cause: str) -> None:
         super().__init__(STORE_DOWN, cause=cause)
+
+
+class StoreContended(Unavailable):
+    """The database answered, but gave up the call's transaction for a concurrent one."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(STORE_CONTENDED, cause=cause)
 
 
 class QueueUnavailable(Unavailable):

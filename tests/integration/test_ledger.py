@@ -637,6 +637,57 @@ async def test_a_cancel_and_a_worker_s_end_of_its_batch_never_deadlock(
     assert counted.finished_at is not None
 
 
+async def test_a_cancel_the_database_gives_up_for_a_deadlock_runs_again(
+    engine: AsyncEngine, database_url: str
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("row locks are PostgreSQL's: SQLite writes one transaction at a time")
+    batch, pages = await make_batch(engine, 1, 2)
+    await start_task(engine, pages[2])  # running: a cancel only marks it
+    reported_down: list[None] = []
+
+    async def down() -> None:
+        reported_down.append(None)
+
+    # The cancel's sessions check for a deadlock after 3 s of waiting, this test's other one
+    # after a minute: PostgreSQL gives up the cancel's transaction, not the other, however
+    # slowly the other comes to wait on a loaded machine (within 3 s).
+    cancelling = create_engine(database_url, pool_size=2)
+
+    @event.listens_for(cancelling.sync_engine, "connect")
+    def later_deadlock_check(connection: Any, _: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("SET deadlock_timeout = '3s'")
+        cursor.close()
+
+    records = BatchRecords(cancelling, LIFETIME, on_unavailable=down)
+    async with engine.connect() as other:
+        transaction = await other.begin()
+        await other.execute(text("SET LOCAL deadlock_timeout = '60s'"))
+        # The batch's row held, as a worker's end holds it while it enqueues an "until known"
+        # page the cancel did not lock first.
+        await other.execute(
+            select(BatchRecord.id).where(BatchRecord.id == batch.id).with_for_update()
+        )
+        cancel = asyncio.ensure_future(records.cancel(CLIENT, batch.id))
+        await until_a_statement_waits_for_a_lock(engine)  # it holds the pages, waits for the batch
+        await other.execute(
+            select(TaskRecord.id).where(TaskRecord.id == pages[2]).with_for_update()
+        )
+        await transaction.commit()
+    try:
+        cancelled, revoked = await cancel
+    finally:
+        await cancelling.dispose()
+
+    assert cancelled is not None and cancelled.cancel_requested_at is not None
+    assert revoked == [pages[1]]
+    assert reported_down == []  # a deadlock is not an outage: the gateway stays SERVING
+    rows = await task_rows(engine, batch.id)
+    assert (rows[1].status, rows[2].status) == ("REVOKED", "STARTED")
+    assert rows[2].cancel_requested_at is not None
+
+
 async def test_tasks_judged_lost_end_failure_and_count_for_their_batches_once(
     engine: AsyncEngine,
 ) -> None:
