@@ -239,8 +239,13 @@ class _Singles:
                 answer = await self.stub.Upload(request, metadata=METADATA, timeout=30)
                 watches.append(asyncio.ensure_future(self._watch(answer.task.id)))
 
-        await asyncio.gather(*(client() for _ in range(UPLOAD_CLIENTS)))
-        tasks = await asyncio.gather(*watches)
+        try:
+            await asyncio.gather(*(client() for _ in range(UPLOAD_CLIENTS)))
+            tasks = await asyncio.gather(*watches)
+        except BaseException:
+            for watch in watches:
+                watch.cancel()
+            raise
         known = time.time()
         _exact(await _rows(self.engine, Project), len(pages), "single Uploads")
         self.observed.append(known - max(_seconds(task.finish_time) for task in tasks))

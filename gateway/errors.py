@@ -9,7 +9,7 @@
      ├── ResourceExhausted      RESOURCE_EXHAUSTED  + google.rpc.RetryInfo
      └── Unavailable            UNAVAILABLE         + google.rpc.RetryInfo
           ├── StoreUnavailable                      the database did not answer
-          ├── StoreContended                        the database gave up a change for a
+          │    └── StoreContended                   it answered, but gave up a change for a
           │                                         concurrent one (a deadlock)
           └── QueueUnavailable                      the broker or the result backend did not
 
@@ -36,9 +36,7 @@ from grpc_status import rpc_status
 log = logging.getLogger(__name__)
 
 STORE_DOWN = "the task database is unreachable; retry shortly"
-STORE_CONTENDED = (
-    "the task database gave up this change for a concurrent one (nothing was changed); retry"
-)
+STORE_CONTENDED = "the task database gave up this change for a concurrent one; retry shortly"
 BROKER_DOWN = "the task broker is unreachable; nothing was enqueued; retry shortly"
 RESULTS_DOWN = "the task result store is unreachable; retry shortly"
 TOO_BUSY = "the gateway could not enqueue it before your deadline; nothing was enqueued; retry"
@@ -123,11 +121,15 @@ class StoreUnavailable(Unavailable):
         super().__init__(STORE_DOWN, cause=cause)
 
 
-class StoreContended(Unavailable):
-    """The database answered, but gave up the call's transaction for a concurrent one."""
+class StoreContended(StoreUnavailable):
+    """The database answered, but gave up the call's transaction for a concurrent one.
+
+    A StoreUnavailable to every caller that handles one (they did before it had a class of its
+    own); only the message differs, and the gateway's health is not told (`gateway.database`).
+    """
 
     def __init__(self, cause: str) -> None:
-        super().__init__(STORE_CONTENDED, cause=cause)
+        Unavailable.__init__(self, STORE_CONTENDED, cause=cause)
 
 
 class QueueUnavailable(Unavailable):

@@ -5,7 +5,8 @@ FAILPOINTS (a setting, empty in production) is a comma-separated list of `point=
 `after_store` (the page is committed to the database, the task not yet acknowledged).
 Actions: `pause` writes `DATA_DIR/failpoint-<point>-<pid>` and sleeps for good, so a test can
 kill the process at exactly that point; `crash` kills the process on the spot (SIGKILL), as an
-out-of-memory kill would.
+out-of-memory kill would; `raise` raises an error the task's own code does not handle, as a
+bug would.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 POINTS = ("before_fetch", "after_store")
-ACTIONS = ("pause", "crash")
+
+
+class FailpointError(RuntimeError):
+    """What the `raise` action raises: an error no handler of the task expects."""
+
+
+ACTIONS = ("pause", "crash", "raise")
 
 
 def parse(spec: str) -> dict[str, tuple[str, int | None]]:
@@ -44,6 +51,8 @@ def hit(spec: str, point: str, page: int, data_dir: Path) -> None:
     log.warning("failpoint %s: %s on page %d", point, action, page)
     if action == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action == "raise":
+        raise FailpointError(f"failpoint {point} on page {page}")
     marker = data_dir / f"failpoint-{point}-{os.getpid()}"
     marker.write_text(str(page))
     threading.Event().wait()  # paused until the test kills the process

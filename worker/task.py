@@ -356,7 +356,16 @@ def _retrying(task: HarvestTask, error: str) -> None:
 
 def register(app: Celery) -> HarvestTask:
     # `throws`: a PermanentError is an expected outcome, logged without a traceback.
-    @app.task(bind=True, base=HarvestTask, name=HARVEST_TASK_NAME, throws=(PermanentError,))
+    # `store_errors_even_if_ignored`: a batch's page (sent with ignore_result) that fails
+    # outside this module's own handling, so that its record never ends, still shows its
+    # FAILURE through the result backend, as a lone Upload's does.
+    @app.task(
+        bind=True,
+        base=HarvestTask,
+        name=HARVEST_TASK_NAME,
+        throws=(PermanentError,),
+        store_errors_even_if_ignored=True,
+    )
     def harvest_page(self: HarvestTask, page: int, turns_missed: int = 0) -> dict[str, Any]:
         return run_harvest(self, page, turns_missed)
 

@@ -326,6 +326,26 @@ def test_a_batch_of_twelve_pages_by_two_workers(any_database: Stack) -> None:
     assert stack.row_counts() == (120, 120)
 
 
+def test_a_batch_page_that_fails_outside_the_task_s_handling_shows_its_failure(
+    fresh: Stack,
+) -> None:
+    """A batch's pages keep no states in the result backend (their records hold them), but an
+    error the task's code does not handle never reaches the record: that FAILURE still shows,
+    through the backend, as a lone Upload's would."""
+    stack = fresh
+    gateway = stack.start_gateway()
+    stack.start_worker("w1", concurrency=2, FAILPOINTS="before_fetch=raise@2")
+    batch = upload_pages(gateway, 1, 3)
+    pages = {task.page: task.id for task in all_tasks(gateway, batch_id=batch.id)}
+
+    assert wait_for(gateway, pages[1], TEST_TOKEN).status == SUCCESS
+    assert wait_for(gateway, pages[3], TEST_TOKEN).status == SUCCESS
+    failed = wait_for(gateway, pages[2], TEST_TOKEN)
+    assert failed.status == FAILURE
+    assert "failpoint before_fetch on page 2" in failed.error
+    assert backend_states(stack, list(pages.values())) == {pages[2]: "FAILURE"}
+
+
 # --- request_id, validation, not found ------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, select, text, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from core.db import BatchRecord, TaskRecord, create_engine, utcnow
 from core.ledger import FINAL, Finished, Outcome, finish, finish_many, revoke_unstarted
@@ -649,16 +649,13 @@ async def test_a_cancel_the_database_gives_up_for_a_deadlock_runs_again(
     async def down() -> None:
         reported_down.append(None)
 
-    # The cancel's sessions check for a deadlock after 3 s of waiting, this test's other one
-    # after a minute: PostgreSQL gives up the cancel's transaction, not the other, however
-    # slowly the other comes to wait on a loaded machine (within 3 s).
-    cancelling = create_engine(database_url, pool_size=2)
-
-    @event.listens_for(cancelling.sync_engine, "connect")
-    def later_deadlock_check(connection: Any, _: Any) -> None:
-        cursor = connection.cursor()
-        cursor.execute("SET deadlock_timeout = '3s'")
-        cursor.close()
+    # The cancel's sessions check for a deadlock after 5 s of waiting (a setting of the
+    # session, from its start), this test's other one after a minute: PostgreSQL gives up the
+    # cancel's transaction, not the other, however slowly the other comes to wait on a loaded
+    # machine (within 5 s).
+    cancelling = create_async_engine(
+        database_url, connect_args={"server_settings": {"deadlock_timeout": "5s"}}
+    )
 
     records = BatchRecords(cancelling, LIFETIME, on_unavailable=down)
     async with engine.connect() as other:

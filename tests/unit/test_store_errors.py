@@ -39,6 +39,9 @@ async def test_a_transaction_given_up_for_a_concurrent_one_is_not_an_outage(
     assert health.downs == 0
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
     assert raised.value.message == STORE_CONTENDED
+    # Every caller that handles a store outage handles this too (a published Upload's
+    # mark_published, the purge loop): they did before it had a class of its own.
+    assert isinstance(raised.value, StoreUnavailable)
 
 
 @pytest.mark.parametrize("sqlstate", ["08006", "57P01", "53300"])
