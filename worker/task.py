@@ -334,6 +334,16 @@ def run_harvest(task: HarvestTask, page: int, turns_missed: int = 0) -> dict[str
         log.warning("page %d, try %d failed (%s); retrying in %.1f s", page, tries, exc, delay)
         _retrying(task, str(exc))
         _retry(task, exc, delay)
+    except Exception as exc:
+        # An error this module does not expect (a bug): the record ends FAILURE as well, so
+        # that the page's batch counts it and can end; Celery logs and stores it as ever.
+        if (done := succeeded_meanwhile(task, page)) is not None:
+            return done
+        unexpected = (
+            f"page {page} failed unexpectedly ({type(exc).__name__}: {exc}); see the worker's log"
+        )
+        _ended_or_retry(task, Outcome("FAILURE", error=unexpected))
+        raise
     log.info(
         "page %d: found %d, created %d, updated %d, skipped %d",
         page,
@@ -357,8 +367,8 @@ def _retrying(task: HarvestTask, error: str) -> None:
 def register(app: Celery) -> HarvestTask:
     # `throws`: a PermanentError is an expected outcome, logged without a traceback.
     # `store_errors_even_if_ignored`: a batch's page (sent with ignore_result) that fails
-    # outside this module's own handling, so that its record never ends, still shows its
-    # FAILURE through the result backend, as a lone Upload's does.
+    # where run_harvest cannot record it (before it runs, or while its end is written) still
+    # shows its FAILURE through the result backend, as a lone Upload's does.
     @app.task(
         bind=True,
         base=HarvestTask,

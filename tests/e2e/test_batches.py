@@ -326,23 +326,26 @@ def test_a_batch_of_twelve_pages_by_two_workers(any_database: Stack) -> None:
     assert stack.row_counts() == (120, 120)
 
 
-def test_a_batch_page_that_fails_outside_the_task_s_handling_shows_its_failure(
+def test_a_batch_page_failing_with_an_error_nothing_expects_ends_and_its_batch_too(
     fresh: Stack,
 ) -> None:
-    """A batch's pages keep no states in the result backend (their records hold them), but an
-    error the task's code does not handle never reaches the record: that FAILURE still shows,
-    through the backend, as a lone Upload's would."""
+    """An error the task's code does not expect (a bug; here a failpoint's) ends the page
+    FAILURE in its record, so its batch counts it and ends; and Celery stores it too, although
+    a batch's pages keep nothing else in the result backend."""
     stack = fresh
     gateway = stack.start_gateway()
     stack.start_worker("w1", concurrency=2, FAILPOINTS="before_fetch=raise@2")
     batch = upload_pages(gateway, 1, 3)
     pages = {task.page: task.id for task in all_tasks(gateway, batch_id=batch.id)}
 
-    assert wait_for(gateway, pages[1], TEST_TOKEN).status == SUCCESS
-    assert wait_for(gateway, pages[3], TEST_TOKEN).status == SUCCESS
-    failed = wait_for(gateway, pages[2], TEST_TOKEN)
+    done = wait_for_batch(gateway, batch.id)
+    assert done.status == FAILURE
+    assert (done.pages_succeeded, done.pages_failed) == (2, 1)
+    assert done.error.startswith("page 2: page 2 failed unexpectedly (FailpointError: "), done
+    failed = get_status(gateway, pages[2])
     assert failed.status == FAILURE
     assert "failpoint before_fetch on page 2" in failed.error
+    assert {get_status(gateway, pages[page]).status for page in (1, 3)} == {SUCCESS}
     assert backend_states(stack, list(pages.values())) == {pages[2]: "FAILURE"}
 
 

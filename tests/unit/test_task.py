@@ -465,6 +465,23 @@ def test_a_permanent_failure_is_recorded_saying_why(
     assert runtime.outcomes() == [Outcome("FAILURE", error="source answered 404")]
 
 
+def test_an_error_nothing_expects_is_recorded_as_a_failure_and_raised(
+    runtime: FakeRuntime, harvest: FakeHarvest
+) -> None:
+    error = KeyError("title")
+    harvest.error = error
+
+    with pytest.raises(KeyError) as caught:
+        run(FakeTask(runtime))
+
+    assert caught.value is error  # Celery logs and stores it as it is
+    (outcome,) = runtime.outcomes()
+    assert outcome.status == "FAILURE"
+    assert outcome.error == (
+        f"page {PAGE} failed unexpectedly (KeyError: 'title'); see the worker's log"
+    )
+
+
 def test_a_retry_is_recorded_and_nothing_ends(runtime: FakeRuntime, harvest: FakeHarvest) -> None:
     harvest.error = RetryableError("503")
 
