@@ -25,7 +25,8 @@ before it can leave, whatever the machine's load: twice the error of this proces
 Redis's clock (a request waits for the latest the start may be on our clock and is measured
 from the earliest) and the setup of a connection to the host (its handshake, last measured).
 Both are known before the grant, so the log holds the allowance the request is held to; it is
-capped at the lease, past which the request would no longer hold its slot.
+capped so that a request that leaves that late, and runs for as long as a fetch may, still ends
+within its slot's lease.
 
 Starts are also paced (START_SPREAD), so that a window's count does not go out at once. A turn
 is granted up to RESERVE_AHEAD_SECONDS before its start, and its request leaves at the start.
@@ -174,6 +175,9 @@ class BudgetLimits:
     requests_per_second: float
     concurrency: int
     lease_seconds: float
+    # The longest a request runs once it has left (FETCH_TIMEOUT_SECONDS): its slot's lease
+    # must outlast it, so a request may leave only that long before the lease ends.
+    request_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +387,12 @@ class HostBudget:
         measured, a round trip to Redis, the handshake's one round trip, stands in)."""
         error = self._clock.error
         setup = self._setup.get(host, 2 * error)
-        return min(LATE_SEND_SECONDS + setup + 2 * error, self._limits.lease_seconds)
+        # Past this, a request leaving late would still run when its slot's lease (taken at
+        # the grant, up to RESERVE_AHEAD_SECONDS before its start) ran out, and the slot could
+        # be granted again: one more request in flight than SOURCE_MAX_CONCURRENCY.
+        limits = self._limits
+        latest = limits.lease_seconds - RESERVE_AHEAD_SECONDS - limits.request_seconds
+        return max(0.0, min(LATE_SEND_SECONDS + setup + 2 * error, latest))
 
     async def _read_clock(self, host: str) -> None:
         """Read Redis's clock on its own, once per process: the first grant needs the clock's

@@ -281,6 +281,7 @@ class WorkerRuntime(LoopThread):
             requests_per_second=settings.source_max_requests_per_second,
             concurrency=settings.source_max_concurrency,
             lease_seconds=settings.source_lease_seconds,
+            request_seconds=settings.fetch_timeout_seconds,
         )
         return HostBudget.from_url(
             url,

@@ -14,6 +14,7 @@ from worker.politeness import (
     HEADERS_OUT_EVENT,
     HEADERS_SENT_EVENT,
     LATE_SEND_SECONDS,
+    RESERVE_AHEAD_SECONDS,
     WINDOW_MARGIN,
     BudgetLimits,
     HostBudget,
@@ -85,14 +86,16 @@ async def test_a_turn_holds_its_request_to_its_allowance_and_says_its_setup() ->
 
 
 def test_a_turn_allows_for_the_clock_error_and_the_handshake_up_to_the_lease() -> None:
-    budget = HostBudget(aioredis.Redis(), "p:", BudgetLimits(5.0, 4, 1.0))
+    budget = HostBudget(aioredis.Redis(), "p:", BudgetLimits(5.0, 4, 11.0, request_seconds=9.0))
     budget._clock.observe(10.0, 10.4, 1000.2)  # a 400 ms round trip: 200 ms either way
     # Until a handshake is measured, a round trip to Redis stands in for it.
     assert budget._allowance("h") == pytest.approx(LATE_SEND_SECONDS + 0.4 + 0.4)
     budget._setup["h"] = 0.1
     assert budget._allowance("h") == pytest.approx(LATE_SEND_SECONDS + 0.1 + 0.4)
     budget._setup["h"] = 5.0
-    assert budget._allowance("h") == 1.0  # the lease: past it the slot is no longer held
+    # A request leaving later than this, then running for as long as a fetch may, would
+    # outlive its slot's lease (taken at the grant, ahead of its start).
+    assert budget._allowance("h") == pytest.approx(11.0 - RESERVE_AHEAD_SECONDS - 9.0)
 
 
 async def test_a_request_is_reported_once_when_its_headers_are_out() -> None:
