@@ -239,21 +239,22 @@ def is_transient(exc: DBAPIError) -> bool:
     """
     if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
         return True
-    sqlstate = _sqlstate(exc)
-    if sqlstate is None:
+    code = sqlstate(exc)
+    if code is None:
         return False
-    return sqlstate in _CONTENTION_SQLSTATES or sqlstate.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES)
+    return code in _CONTENTION_SQLSTATES or code.startswith(_UNAVAILABLE_SQLSTATE_PREFIXES)
 
 
 def is_contention(exc: DBAPIError) -> bool:
     """Whether `exc` is a transaction given up for a concurrent one (a deadlock, a
     serialization failure, a lock not available): the database answered, and is not down."""
-    return _sqlstate(exc) in _CONTENTION_SQLSTATES
+    return sqlstate(exc) in _CONTENTION_SQLSTATES
 
 
-def _sqlstate(exc: DBAPIError) -> str | None:
-    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-    return sqlstate if isinstance(sqlstate, str) else None
+def sqlstate(exc: DBAPIError) -> str | None:
+    """The SQLSTATE of the driver's error under `exc` (asyncpg's or psycopg's), if it has one."""
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return code if isinstance(code, str) else None
 
 
 def is_unreachable(exc: BaseException) -> bool:

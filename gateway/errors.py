@@ -117,8 +117,8 @@ class Unavailable(ServiceError):
 class StoreUnavailable(Unavailable):
     """The database did not answer (or not in time)."""
 
-    def __init__(self, cause: str) -> None:
-        super().__init__(STORE_DOWN, cause=cause)
+    def __init__(self, cause: str, message: str = STORE_DOWN) -> None:
+        super().__init__(message, cause=cause)
 
 
 class StoreContended(StoreUnavailable):
@@ -129,7 +129,7 @@ class StoreContended(StoreUnavailable):
     """
 
     def __init__(self, cause: str) -> None:
-        Unavailable.__init__(self, STORE_CONTENDED, cause=cause)
+        super().__init__(cause, STORE_CONTENDED)
 
 
 class QueueUnavailable(Unavailable):

@@ -20,13 +20,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 POINTS = ("before_fetch", "after_store")
+ACTIONS = ("pause", "crash", "raise")
 
 
 class FailpointError(RuntimeError):
     """What the `raise` action raises: an error no handler of the task expects."""
-
-
-ACTIONS = ("pause", "crash", "raise")
 
 
 def parse(spec: str) -> dict[str, tuple[str, int | None]]:

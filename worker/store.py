@@ -35,6 +35,7 @@ from core.db import (
     dialect_insert,
     is_transient,
     single_statement,
+    sqlstate,
     task_columns,
     utcnow,
 )
@@ -59,11 +60,6 @@ class StoreCounts:
     revision: int = field(default=0, compare=False)
 
 
-def _sqlstate(exc: DBAPIError) -> str | None:
-    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-    return code if isinstance(code, str) else None
-
-
 async def _with_retries(
     engine: AsyncEngine,
     work: Callable[[AsyncConnection], Awaitable[T]],
@@ -81,7 +77,7 @@ async def _with_retries(
                 raise
             # A statement past its statement_timeout: the database is too slow, not contended,
             # and trying again at once would only wait as long again.
-            if attempt == LOCAL_ATTEMPTS or _sqlstate(exc) == STATEMENT_TIMED_OUT:
+            if attempt == LOCAL_ATTEMPTS or sqlstate(exc) == STATEMENT_TIMED_OUT:
                 raise RetryableError(f"database busy or unreachable: {exc.orig!r}") from exc
         except (OSError, PoolTimeout) as exc:
             # No answer within its bound (TimeoutError): the database hangs; the task's next

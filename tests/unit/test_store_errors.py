@@ -77,25 +77,24 @@ async def test_a_contended_transaction_runs_again_until_it_is_not() -> None:
     assert calls == CONTENDED_ATTEMPTS
 
 
-async def test_a_transaction_contended_every_time_answers_contended_and_an_outage_at_once() -> None:
+@pytest.mark.parametrize(
+    ("error", "calls_made"),
+    [
+        (StoreContended("deadlock detected"), CONTENDED_ATTEMPTS),  # contended every time
+        (StoreUnavailable("connection refused"), 1),  # an outage is not waited out here
+    ],
+)
+async def test_a_contention_that_lasts_or_an_outage_is_raised_as_it_is(
+    error: StoreUnavailable, calls_made: int
+) -> None:
     calls = 0
 
-    async def contended() -> None:
+    async def failing() -> None:
         nonlocal calls
         calls += 1
-        raise StoreContended("deadlock detected")
+        raise error
 
-    with pytest.raises(StoreContended):
-        await retry_contended(contended)
-    assert calls == CONTENDED_ATTEMPTS
-
-    calls = 0
-
-    async def down() -> None:
-        nonlocal calls
-        calls += 1
-        raise StoreUnavailable("connection refused")
-
-    with pytest.raises(StoreUnavailable):
-        await retry_contended(down)
-    assert calls == 1  # an outage is not waited out here
+    with pytest.raises(type(error)) as raised:
+        await retry_contended(failing)
+    assert raised.value is error
+    assert calls == calls_made
