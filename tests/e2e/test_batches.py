@@ -431,9 +431,11 @@ def test_invalid_batches_name_the_field(shared: Stack) -> None:
 def test_until_known_stops_after_the_first_page_that_created_nothing(shared: Stack) -> None:
     gateway = shared.gateways[0]
     site = shared.site
-    base = 400  # pages 401..415: 401-403 new, 404-408 harvested first
+    # Pages 401..415: 401-405 new, 406-410 harvested first. The stop lies past the first window,
+    # so the pages from 405 on can only have been enqueued by the workers.
+    base = 400
     serve(site, range(base + 1, base + 16))
-    lone = [upload(gateway, page).id for page in range(base + 4, base + 9)]
+    lone = [upload(gateway, page).id for page in range(base + 6, base + 11)]
     for task_id in lone:
         assert wait_for_task(gateway, task_id).result.created == PER_PAGE
     before = site.hits()
@@ -442,8 +444,8 @@ def test_until_known_stops_after_the_first_page_that_created_nothing(shared: Sta
     assert batch.until_known and batch.pages_total == WINDOW  # the first window only
     done = wait_for_batch(gateway, batch.id)
     assert done.status == SUCCESS
-    assert done.stop_page == base + 4
-    assert done.totals.created == 3 * PER_PAGE
+    assert done.stop_page == base + 6
+    assert done.totals.created == 5 * PER_PAGE
     tasks = all_tasks(gateway, batch_id=batch.id)
     fetched = sorted(task.page for task in tasks)
     assert len(tasks) == done.pages_total == done.pages_succeeded
