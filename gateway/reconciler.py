@@ -15,6 +15,7 @@ import logging
 
 from core.db import utcnow
 from gateway.celery_queue import CeleryQueue
+from gateway.database import retry_contended
 from gateway.errors import Unavailable
 from gateway.records import TaskRecords
 
@@ -61,9 +62,14 @@ class Reconciler:
                 template = LOST_BY_BROKER if task.published_at else NEVER_PUBLISHED
                 missing[task.id] = template.format(enqueued=task.enqueued_at)
         lost = {task_id: reason for task_id, reason in missing.items() if task_id in self._suspects}
-        self._suspects = set(missing) - set(lost)
+        # Until they are marked, the lost stay suspects: a pass whose mark fails leaves them to
+        # the next one, not to two more.
+        self._suspects = set(missing)
         if lost:
-            await self._records.mark_lost(lost)
+            # A worker's end may lock the same batch rows at the same moment (a deadlock or a
+            # serialization failure the database resolves by giving one up): ours runs again.
+            await retry_contended(lambda: self._records.mark_lost(lost))
+            self._suspects -= set(lost)
             log.error(
                 "%d task(s) lost before a worker saw them: %s", len(lost), ", ".join(sorted(lost))
             )

@@ -15,7 +15,7 @@ import pytest
 
 from core.db import utcnow
 from gateway.celery_queue import CeleryQueue, CeleryState
-from gateway.errors import StoreUnavailable
+from gateway.errors import StoreContended, StoreUnavailable
 from gateway.reconciler import LOST_BY_BROKER, NEVER_PUBLISHED, Reconciler
 from gateway.records import IssuedTask, TaskRecords
 
@@ -43,6 +43,8 @@ class FakeRecords:
         self.cutoffs: list[dt.datetime] = []
         self.marked: list[dict[str, str]] = []
         self.failures: list[Exception] = []  # raised by the next passes, one each
+        self.mark_failures: list[Exception] = []  # raised by the next marks, one each
+        self.marks_tried = 0
         self.some_marked = asyncio.Event()
 
     async def unstarted_before(self, cutoff: dt.datetime) -> list[IssuedTask]:
@@ -52,6 +54,9 @@ class FakeRecords:
         return [t for t in self.unstarted if t.lost_reason is None]
 
     async def mark_lost(self, reasons: dict[str, str]) -> None:
+        self.marks_tried += 1
+        if self.mark_failures:
+            raise self.mark_failures.pop(0)
         self.marked.append(dict(reasons))
         self.some_marked.set()
         self.unstarted = [
@@ -272,4 +277,33 @@ async def test_run_forever_logs_a_failed_pass_and_keeps_going(
 
     assert "reconciler pass failed" in caplog.text
     assert "a bug" in caplog.text
+    assert records.marked == [{lost.id: LOST_BY_BROKER.format(enqueued=ENQUEUED)}]
+
+
+async def test_a_mark_the_database_gives_up_for_a_concurrent_change_runs_again() -> None:
+    # A worker's end locking the same batch row: a deadlock, one side given up.
+    lost = task(1)
+    records, queue = FakeRecords(lost), FakeQueue()
+    records.mark_failures = [StoreContended("deadlock detected")]
+    judge = reconciler(records, queue)
+
+    await judge.run_once()
+    assert await judge.run_once() == {lost.id}
+
+    assert records.marks_tried == 2
+    assert records.marked == [{lost.id: LOST_BY_BROKER.format(enqueued=ENQUEUED)}]
+
+
+async def test_tasks_a_failed_mark_left_unmarked_are_marked_by_the_next_pass() -> None:
+    lost = task(1)
+    records, queue = FakeRecords(lost), FakeQueue()
+    records.mark_failures = [StoreUnavailable("connection refused")]
+    judge = reconciler(records, queue)
+
+    await judge.run_once()
+    with pytest.raises(StoreUnavailable):
+        await judge.run_once()
+    assert records.marked == []
+    # Still suspects after two passes: the next pass marks them, it does not start over.
+    assert await judge.run_once() == {lost.id}
     assert records.marked == [{lost.id: LOST_BY_BROKER.format(enqueued=ENQUEUED)}]
