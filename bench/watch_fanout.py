@@ -56,6 +56,7 @@ from bench.services import (
 )
 from core.db import create_engine
 from core.events import EventPublisher, ProjectsChanged, events_url
+from core.settings import Settings
 from projects.v1 import project_pb2, project_service_pb2, project_service_pb2_grpc
 from tests.support.processes import PYTHON, clean_environment
 from tests.support.stack import TEST_TOKEN
@@ -325,7 +326,9 @@ def _setup(
             GATEWAY_MAX_CONCURRENT_RPCS=str(max(4096, 4 * streams)),
         )
         with gateway(directory, env) as (process, address):
-            publisher = EventPublisher(events_url(redis_url, redis_url), prefix)
+            publisher = EventPublisher(
+                events_url(redis_url, redis_url), prefix, Settings().dependency_timeout_seconds
+            )
             setup = _Setup(name, streams, database_url, loop, publisher, process.pid)
             try:
                 per_process = [

@@ -33,8 +33,6 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 CHANNEL = "harvester.events"
-# An event is a hint: a publish that cannot be made at once is dropped, not waited for.
-PUBLISH_TIMEOUT_SECONDS = 1.0
 LISTEN_RETRY_SECONDS = 1.0
 # How soon the listening thread notices that it should stop.
 LISTEN_POLL_SECONDS = 0.5
@@ -121,12 +119,17 @@ def _decode(data: bytes | str) -> Event | None:
 
 
 class EventPublisher:
-    """The worker's side: publish events on the process's event loop."""
+    """The worker's side: publish events on the process's event loop.
 
-    def __init__(self, url: str, prefix: str) -> None:
+    An event is a hint: a publish that cannot be made within `timeout` (DEPENDENCY_TIMEOUT_SECONDS,
+    for the connect and for the whole publish) is dropped, not waited for.
+    """
+
+    def __init__(self, url: str, prefix: str, timeout: float) -> None:
         self._client = aioredis.Redis.from_url(
-            url, socket_timeout=PUBLISH_TIMEOUT_SECONDS, socket_connect_timeout=1.0
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
+        self._timeout = timeout
         self._channel = prefix + CHANNEL
         self._failing = False
 
@@ -137,7 +140,7 @@ class EventPublisher:
     async def publish_all(self, events: Sequence[Event]) -> None:
         """Publish `events` in order, in one round trip; failures as for `publish`."""
         try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
+            async with asyncio.timeout(self._timeout):
                 if len(events) == 1:
                     await self._client.publish(self._channel, _encode(events[0]))
                 else:

@@ -234,7 +234,9 @@ class Settings(BaseSettings):
         description="Longest the gateway waits on each step of a call to Redis or the database "
         "(connecting, one command or statement, a free pooled connection), and the bound of the "
         "worker's database connects and (2 s at least) of its calls to the fleet's politeness "
-        "budget in Redis: a dependency slower than this counts as down, and the call answers "
+        "budget in Redis, and of a watch event's publish (an event that cannot be published "
+        "within it is dropped; watchers catch up by timer): a dependency slower than this "
+        "counts as down, and the call answers "
         "UNAVAILABLE. At most half of `PUBLISH_TIMEOUT_SECONDS`.",
     )
     token_signing_key: str | None = Field(

@@ -227,7 +227,9 @@ async def build_gateway(settings: Settings, tokens: list[ApiToken]) -> Gateway:
         batches=BatchRecords(engine, lifetime, on_unavailable=dependencies.mark_down),
         batch_limits=BatchLimits(settings.max_batch_pages, settings.until_known_window),
         hub=hub,
-        events=EventPublisher(events, settings.redis_key_prefix),
+        events=EventPublisher(
+            events, settings.redis_key_prefix, settings.dependency_timeout_seconds
+        ),
         signer=signer,
         poll_interval=settings.watch_poll_interval_seconds,
     )

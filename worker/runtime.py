@@ -228,7 +228,7 @@ def said_end(task_id: str, done: Finished) -> TaskChanged:
 
 
 async def _make_publisher(url: str, settings: Settings) -> EventPublisher:
-    return EventPublisher(url, settings.redis_key_prefix)
+    return EventPublisher(url, settings.redis_key_prefix, settings.dependency_timeout_seconds)
 
 
 class WorkerRuntime(LoopThread):
