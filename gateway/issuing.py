@@ -8,8 +8,10 @@ find it): the group skips its INSERT and, once the message is sent, marks it pub
 is what a repeat of the request_id waits for.
 
 A caller without a request_id that is cancelled before its group is cut is left out of it: no
-record, no message. A claimed record is issued whether or not its caller still waits, so that
-a publish is never cut in half. Once cut, a group goes through whatever its callers do.
+record, no message. A request_id's claim and the issue of the record it made run to their end
+whether or not their caller still waits (`claim`), so that no claimed record is left without a
+publish, and a publish is never cut in half. Once cut, a group goes through whatever its
+callers do.
 
 A failed publish may have reached the broker after all (its answer lost, or its write held in
 a socket through a partition and sent once the link healed). A worker runs no task without a
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from core import tracing
@@ -53,6 +56,35 @@ class Issuer:
         self._records = records
         self._queue = queue
         self._groups = Batcher(self._issue_many, MAX_ISSUE_BATCH)
+        self._claims: set[asyncio.Future[tuple[IssuedTask, bool]]] = set()
+
+    async def claim(
+        self, client: str, request_id: str, page: int, give_up: Callable[[], float]
+    ) -> tuple[IssuedTask, bool]:
+        """The record that holds `request_id`, and whether this call made it; one it made is
+        issued as `issue` does, giving up at `give_up()`.
+
+        Once asked for, the claim and that issue go on whatever the caller does: a caller gone
+        between the two would leave a claimed record that nothing publishes until a repeat of
+        the request_id finds it abandoned, 2 x PUBLISH_TIMEOUT_SECONDS later.
+        """
+        work = asyncio.ensure_future(self._claim_and_issue(client, request_id, page, give_up))
+        self._claims.add(work)
+        work.add_done_callback(self._claim_done)
+        return await asyncio.shield(work)
+
+    async def _claim_and_issue(
+        self, client: str, request_id: str, page: int, give_up: Callable[[], float]
+    ) -> tuple[IssuedTask, bool]:
+        task, created = await self._records.claim(client, request_id, page)
+        if created:
+            await self.issue(task, give_up(), claimed=True)
+        return task, created
+
+    def _claim_done(self, work: asyncio.Future[tuple[IssuedTask, bool]]) -> None:
+        self._claims.discard(work)
+        if not work.cancelled():
+            work.exception()  # its caller may have gone: read here so it is not logged as lost
 
     async def issue(
         self, task: IssuedTask, give_up: float, *, claimed: bool = False, droppable: bool = True
@@ -144,5 +176,6 @@ class Issuer:
         return started
 
     async def drain(self) -> None:
-        """Wait until every group cut so far is issued."""
+        """Wait until every claim asked for and every group cut so far is issued."""
+        await asyncio.gather(*self._claims, return_exceptions=True)
         await self._groups.drain()

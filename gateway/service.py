@@ -233,9 +233,10 @@ class QueueService(queue_service_pb2_grpc.QueueServiceServicer):
             task = IssuedTask.new(client, None, request.page)
             await self._issuer.issue(task, self._give_up(deadline))
             return queue_service_pb2.UploadResponse(task=describe(task, None))
-        task, created = await self._records.claim(client, request_id, request.page)
+        task, created = await self._issuer.claim(
+            client, request_id, request.page, lambda: self._give_up(deadline)
+        )
         if created:
-            await self._issuer.issue(task, self._give_up(deadline), claimed=True)
             return queue_service_pb2.UploadResponse(task=describe(task, None))
         if task.page != request.page:
             raise AlreadyExists(

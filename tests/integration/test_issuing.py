@@ -36,6 +36,7 @@ PUBLISH_TIMEOUT = 1.0
 class Issuing:
     issuer: Issuer
     records: TaskRecords
+    queue: CeleryQueue
     broker: redis.Redis
     engine: AsyncEngine
 
@@ -55,7 +56,7 @@ async def issuing(database_url: str, broker: RedisServer) -> AsyncIterator[Issui
     records = TaskRecords(engine, dt.timedelta(hours=1))
     client = redis.Redis.from_url(broker.url)
     try:
-        yield Issuing(Issuer(records, queue), records, client, engine)
+        yield Issuing(Issuer(records, queue), records, queue, client, engine)
     finally:
         client.close()
         queue.close()
@@ -114,6 +115,53 @@ async def test_a_caller_gone_before_its_group_is_cut_issues_nothing(
         assert await it.records.get("alice", abandoned.id) is None
         assert queued_ids(it.broker) == {kept.id}
         assert leaving.cancelled()
+
+
+class GatedClaims(TaskRecords):
+    """Records whose claims, once written, wait for `gate` before they return."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine, dt.timedelta(hours=1))
+        self.claimed = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def claim(self, client: str, request_id: str, page: int) -> tuple[IssuedTask, bool]:
+        claimed = await super().claim(client, request_id, page)
+        self.claimed.set()
+        await self.gate.wait()
+        return claimed
+
+
+async def test_a_caller_gone_once_its_request_id_is_claimed_still_has_it_published(
+    postgres_url: str, own_redis: RedisServer
+) -> None:
+    async with issuing(postgres_url, own_redis) as it:
+        records = GatedClaims(it.engine)
+        issuer = Issuer(records, it.queue)
+        caller = asyncio.ensure_future(issuer.claim("alice", "request-1", 1, give_up))
+        await records.claimed.wait()  # the record is written; the caller goes
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        records.gate.set()
+        await issuer.drain()
+        ids = queued_ids(it.broker)
+        assert len(ids) == 1
+        stored = await it.records.get("alice", ids.pop())
+        # Left claimed and unpublished, a repeat of request-1 would wait for it, then send it.
+        assert stored is not None and stored.request_id == "request-1"
+        assert stored.published_at is not None
+
+
+async def test_a_claim_of_a_request_id_held_already_issues_nothing_again(
+    postgres_url: str, own_redis: RedisServer
+) -> None:
+    async with issuing(postgres_url, own_redis) as it:
+        first, created = await it.issuer.claim("alice", "request-1", 1, give_up)
+        again, created_again = await it.issuer.claim("alice", "request-1", 1, give_up)
+        assert (created, created_again) == (True, False)
+        assert again.id == first.id
+        assert queued_ids(it.broker) == {first.id}
 
 
 async def test_a_failed_publish_drops_its_record_unless_a_worker_started_it(
