@@ -27,11 +27,19 @@ process's CPU and the PostgreSQL server process's that stores the page); and
 That measurement takes its turn between the runs of both sides, because this machine's speed
 drifts by tens of percent within minutes: a floor read once, before the runs, was 35 ms a
 page in one run and 56 ms in the next.
+
+`harvest_cpu_per_page` and `harvest_cpu_per_page_lxml` say where a run of ours spends the
+machine: the CPU seconds, per page, of every process a harvest runs on (the workers, the
+gateway, the PostgreSQL and Redis servers, the site, this process), summed over each run,
+against the floor's CPU a page. A rate short of its floor is either CPU spent beyond the
+page's parse and store (this figure says how much, and where) or cores left idle (this figure
+does not move).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import importlib.util
 import json
@@ -39,14 +47,15 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import psutil
+import redis
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -252,6 +261,19 @@ async def _backend(engine: AsyncEngine) -> psutil.Process:
         return psutil.Process((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
 
 
+async def _postmaster(engine: AsyncEngine) -> int:
+    """The pid of the PostgreSQL server `engine` talks to (its connections' parent)."""
+    parent = (await _backend(engine)).parent()
+    assert parent is not None, "a PostgreSQL backend without its postmaster"
+    return parent.pid
+
+
+def _redis_server(url: str) -> int:
+    """The pid of the Redis server at `url` (on this machine: the bench's are)."""
+    with redis.Redis.from_url(url) as client:
+        return int(client.info("server")["process_id"])
+
+
 def _cpu_seconds(process: psutil.Process) -> float:
     times = process.cpu_times()
     return times.user + times.system
@@ -275,6 +297,59 @@ async def _cpu_per_page(engine: AsyncEngine, batch_size: int, parser: SourcePars
         await store_projects(engine, parsed.items, batch_size)
         seconds.append(time.process_time() + _cpu_seconds(backend) - started)
     return median(seconds)
+
+
+# Who spends a harvest run's CPU, in the order the figure's note names them.
+ROLES = ("workers", "PostgreSQL", "gateway", "Redis", "site", "bench")
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    """The process `pid` and its descendants (a gateway's serving processes)."""
+    try:
+        process = psutil.Process(pid)
+        return [process, *process.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _cpu_of(processes: Sequence[psutil.Process]) -> dict[int, float]:
+    seconds = {}
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            seconds[process.pid] = _cpu_seconds(process)
+    return seconds
+
+
+@dataclass
+class _RoleCpu:
+    """The CPU seconds each role spends over a run."""
+
+    worker_pids: Callable[[], Sequence[int]]
+    gateway_pid: int
+    site_pid: int
+    postgres_pid: int  # the postmaster: its children are the connections and its own workers
+    redis_pid: int
+
+    def _processes(self) -> dict[str, list[psutil.Process]]:
+        return {
+            "workers": [p for pid in self.worker_pids() for p in _tree(pid)],
+            "PostgreSQL": _tree(self.postgres_pid),
+            "gateway": _tree(self.gateway_pid),
+            "Redis": _tree(self.redis_pid),
+            "site": _tree(self.site_pid),
+            "bench": [psutil.Process()],
+        }
+
+    def read(self) -> dict[str, dict[int, float]]:
+        return {role: _cpu_of(processes) for role, processes in self._processes().items()}
+
+    def since(self, before: dict[str, dict[int, float]]) -> dict[str, float]:
+        """Each role's CPU seconds since `before`; a process started meanwhile counts whole."""
+        spent = {}
+        for role, now in self.read().items():
+            earlier = before.get(role, {})
+            spent[role] = sum(cpu - earlier.get(pid, 0.0) for pid, cpu in now.items())
+        return spent
 
 
 def _start_baseline_worker(directory: Path, env: dict[str, str]) -> Process:
@@ -388,6 +463,9 @@ class _Harvest:
     ours: _Ours
     scrapy: _Scrapy
     baseline: _Baseline
+    role_cpu: _RoleCpu
+    # Per parser, each run's CPU seconds a page by role (the warm-up's first).
+    cpu_by_role: dict[SourceParser, list[dict[str, float]]] = field(default_factory=dict)
 
     def _prepare(self, table: str, numbers: Sequence[int]) -> None:
         self.loop.run_until_complete(_empty(self.engine, table))
@@ -396,7 +474,13 @@ class _Harvest:
     def run_ours(self, numbers: Sequence[int], parser: SourceParser) -> float:
         self.workers.use(parser)
         self._prepare("projects", numbers)
-        return self.loop.run_until_complete(self.ours.harvest(numbers))
+        before = self.role_cpu.read()
+        rate = self.loop.run_until_complete(self.ours.harvest(numbers))
+        spent = self.role_cpu.since(before)
+        self.cpu_by_role.setdefault(parser, []).append(
+            {role: seconds / len(numbers) for role, seconds in spent.items()}
+        )
+        return rate
 
     def run_scrapy(self, numbers: Sequence[int]) -> float:
         self.workers.stop()
@@ -417,8 +501,9 @@ class _Harvest:
 
 def _measure(
     options: Options, directory: Path, redis_url: str, prefix: str, database_url: str
-) -> tuple[dict[str, list[float]], int, int]:
-    """Samples of both sides and of the CPU floor, and the pages of each side's runs."""
+) -> tuple[dict[str, list[float]], dict[SourceParser, list[dict[str, float]]], int, int]:
+    """Samples of both sides and of the CPU floor, the CPU a page by role in our runs (after
+    the warm-ups), and the pages of each side's runs."""
     our_pages = list(range(1, (OUR_PAGES // 4 if options.quick else OUR_PAGES) + 1))
     base_pages = list(range(1, (BASELINE_PAGES // 3 if options.quick else BASELINE_PAGES) + 1))
     bodies = {
@@ -452,8 +537,8 @@ def _measure(
             database_url=database_url,
             source_url=site.source_url,
         )
-        workers = _Workers(directory, env)
-        with gateway(directory, env) as (_, address):
+        workers = ours_workers = _Workers(directory, env)
+        with gateway(directory, env) as (gateway_process, address):
             workers.use("beautifulsoup")
             processes.append(_start_baseline_worker(directory, env))
             loop.run_until_complete(_create_baseline_table(engine))
@@ -473,6 +558,13 @@ def _measure(
                 _Ours(loop, address, engine),
                 _Scrapy(directory, env),
                 _Baseline(loop, settings, engine),
+                _RoleCpu(
+                    lambda: [process.pid for process in ours_workers.processes],
+                    gateway_process.pid,
+                    site.process.pid,
+                    loop.run_until_complete(_postmaster(engine)),
+                    _redis_server(redis_url),
+                ),
             )
             sides = {
                 "ours": lambda: harvest.run_ours(our_pages, "beautifulsoup"),
@@ -492,6 +584,8 @@ def _measure(
                         "CPU s/page alone lxml": lambda: harvest.cpu_per_page("lxml"),
                     },
                 )
+                # The first of each parser's runs was its warm-up.
+                cpu_by_role = {parser: runs[1:] for parser, runs in harvest.cpu_by_role.items()}
             finally:
                 harvest.ours.close()
                 harvest.baseline.close()
@@ -503,7 +597,7 @@ def _measure(
         loop.run_until_complete(engine.dispose())
         loop.run_until_complete(floor_engine.dispose())
         loop.close()
-    return samples, len(our_pages), len(base_pages)
+    return samples, cpu_by_role, len(our_pages), len(base_pages)
 
 
 def run(options: Options) -> list[Figure]:
@@ -512,7 +606,7 @@ def run(options: Options) -> list[Figure]:
         redis_namespace() as (redis_url, prefix),
         postgres_database() as database_url,
     ):
-        samples, our_pages, base_pages = _measure(
+        samples, cpu_by_role, our_pages, base_pages = _measure(
             options, Path(name), redis_url, prefix, database_url
         )
     cores = os.cpu_count() or 1
@@ -555,6 +649,34 @@ def run(options: Options) -> list[Figure]:
                 samples={"cpu_seconds_per_page": cpu},
             ),
         ]
+        setting: SourceParser = "lxml" if suffix else "beautifulsoup"
+        runs = cpu_by_role.get(setting, [])
+        if runs:
+            totals = [sum(run.values()) for run in runs]
+            by_role = ", ".join(
+                f"{role} {median([run[role] for run in runs]) * 1000:.1f}" for role in ROLES
+            )
+            figures.append(
+                Figure(
+                    f"harvest_cpu_per_page{suffix}",
+                    median(totals) * 1000,
+                    cpu_per_page * 1000,
+                    "ms CPU",
+                    higher_is_better=False,
+                    note=(
+                        f"ours: the CPU of every process of a run of {our_pages} pages "
+                        f"({parser}), a page; medians by role, ms: {by_role}; "
+                        "baseline: the floor's, a page's parse and store alone"
+                    ),
+                    samples={
+                        "ms_per_page": [total * 1000 for total in totals],
+                        **{
+                            f"{role}_ms_per_page": [run[role] * 1000 for run in runs]
+                            for role in ROLES
+                        },
+                    },
+                ),
+            )
     if "scrapy" in samples:
         scrapy = median(samples["scrapy"])
         scrapy_note = (
