@@ -106,11 +106,12 @@ class Project(Base):
 class Feed(Base):
     """The one row that orders every change to `projects`: the WatchProjects feed's clock.
 
-    A commit that creates or changes projects bumps `revision` and stamps the rows with it, as
-    its last statements, so the row lock it takes is held until it commits: revisions are
-    handed out in commit order. A reader that has seen revision r therefore never sees a later
-    commit appear with a revision below r (a sequence drawn at INSERT time gives no such
-    promise). It also names the deployment and holds the key that signs tokens.
+    A commit that creates or changes projects bumps `revision` and stamps the rows with it
+    (`worker.store.upsert_statement`), and the row lock the bump takes is held until it
+    commits: revisions are handed out in commit order, and a revision may have no rows. A
+    reader that has seen revision r therefore never sees a later commit appear with a revision
+    below r (a sequence drawn at INSERT time gives no such promise). It also names the
+    deployment and holds the key that signs tokens.
     """
 
     __tablename__ = "feed"

@@ -447,8 +447,9 @@ class Settings(BaseSettings):
     upsert_batch_size: int = Field(
         default=500,
         ge=1,
-        le=4000,
-        description="Projects stored per upsert statement (and per database round trip).",
+        le=3000,
+        description="Projects stored per upsert statement (and per database round trip); at "
+        "most 3000, so that a batch's parameters fit one PostgreSQL statement.",
     )
     failpoints: str = Field(
         default="",

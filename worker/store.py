@@ -3,10 +3,11 @@ and each page's memo for its next, conditional, harvest.
 
 One INSERT ... ON CONFLICT DO UPDATE per batch, never a round trip per row; rows are sorted by
 link so concurrent workers lock them in the same order and do not deadlock. A batch that
-created or changed rows stamps them, in the same transaction and as its last statements, with
-the next revision of the feed (`core.db.Feed`), which orders WatchProjects by commit. Locks,
-deadlocks, serialization failures and lost connections are retried briefly here and then leave
-as `RetryableError`, so Celery tries the task again instead of failing it.
+created or changed rows stamps them with the next revision of the feed (`core.db.Feed`), which
+orders WatchProjects by commit: on PostgreSQL the upsert itself bumps it and stamps them, on
+SQLite the transaction's last statements do. Locks, deadlocks, serialization failures and lost
+connections are retried briefly here and then leave as `RetryableError`, so Celery tries the
+task again instead of failing it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, case, delete, func, or_, select, update
+from sqlalchemy import Integer, bindparam, case, delete, func, literal_column, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -88,12 +89,43 @@ async def _with_retries(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+# Bumps the feed's revision and takes its row lock, held until the commit (`core.db.Feed`).
+_NEXT_REVISION = (
+    update(Feed).where(Feed.id == 1).values(revision=Feed.revision + 1).returning(Feed.revision)
+)
+
+
 @functools.cache
-def upsert_statement(dialect: str) -> Any:
+def upsert_statement(dialect: str, stamp: bool = True) -> Any:
+    """The batch upsert; on PostgreSQL (unless `stamp` is false) it also stamps the rows it
+    creates or changes with the feed's next revision, which it bumps first in a CTE.
+
+    One statement writes each row once: a stamp after the upsert wrote every new or changed row
+    a second time (an UPDATE by id that PostgreSQL planned as a scan of the whole table while
+    the table was young). The feed's row lock is then held from the statement's start to its
+    commit, as long as the stamp after it held it before; a batch that changes nothing takes it
+    too, and moves the feed by a revision no row has. SQLite has no UPDATE within WITH: there
+    the rows are stamped after the upsert (`stamp_revision`), in its transaction.
+    """
     # Executed with a list of rows, so SQLAlchemy compiles it once and sends each batch as one
     # multi-row INSERT ("insertmanyvalues"); a `.values(rows)` statement would be compiled anew
     # for every batch (several times slower on SQLite; bench/README.md has the figure).
     statement = dialect_insert(dialect)(Project)
+    stamp = stamp and dialect == "postgresql"
+    if stamp:
+        # Without bound parameters: insertmanyvalues needs a row's parameters side by side,
+        # and a CTE's would come between them.
+        one = literal_column("1", Integer())
+        next_revision = (
+            update(Feed)
+            .where(Feed.id == one)
+            .values(revision=Feed.revision + one)
+            .returning(Feed.revision)
+            .cte("next_revision")
+        )
+        statement = statement.add_cte(next_revision).values(
+            revision=select(next_revision.c.revision).scalar_subquery()
+        )
     new = statement.excluded
     changed = or_(
         Project.title != new.title,
@@ -101,41 +133,24 @@ def upsert_statement(dialect: str) -> Any:
         Project.is_active != new.is_active,
         Project.start_date.is_distinct_from(new.start_date),
     )
-    return statement.on_conflict_do_update(
-        index_elements=[Project.url],
-        set_={
-            "title": new.title,
-            "description": new.description,
-            "is_active": new.is_active,
-            "start_date": new.start_date,
-            "last_seen_at": new.last_seen_at,
-            "updated_at": case((changed, new.updated_at), else_=Project.updated_at),
-        },
-    ).returning(Project.id, Project.first_seen_at, Project.updated_at)
-
-
-# Taken last in a transaction that changed projects: its row lock is held until the commit.
-_NEXT_REVISION = (
-    update(Feed).where(Feed.id == 1).values(revision=Feed.revision + 1).returning(Feed.revision)
-)
-
-
-# On PostgreSQL the bump and the stamp are one statement: the feed's row is then held for that
-# statement and the commit, not for a round trip more; every store of every worker waits on it.
-_NEXT = _NEXT_REVISION.cte("next_revision")
-_STAMP_WITH_NEXT = (
-    update(Project)
-    .where(Project.id.in_(bindparam("ids", expanding=True)))
-    .values(revision=select(_NEXT.c.revision).scalar_subquery())
-    .returning(Project.revision)
-)
+    set_: dict[str, Any] = {
+        "title": new.title,
+        "description": new.description,
+        "is_active": new.is_active,
+        "start_date": new.start_date,
+        "last_seen_at": new.last_seen_at,
+        "updated_at": case((changed, new.updated_at), else_=Project.updated_at),
+    }
+    if stamp:
+        set_["revision"] = case((changed, new.revision), else_=Project.revision)
+    return statement.on_conflict_do_update(index_elements=[Project.url], set_=set_).returning(
+        Project.id, Project.first_seen_at, Project.updated_at, Project.revision
+    )
 
 
 async def stamp_revision(conn: AsyncConnection, project_ids: list[int]) -> int:
-    """Give these rows, changed in `conn`'s open transaction, the feed's next revision."""
-    if conn.dialect.name == "postgresql":  # SQLite has no UPDATE within WITH
-        stamped = await conn.execute(_STAMP_WITH_NEXT, {"ids": project_ids})
-        return int(stamped.scalars().first() or 0)
+    """Give these rows, changed in `conn`'s open transaction, the feed's next revision (SQLite:
+    on PostgreSQL the upsert stamps them itself)."""
     revision = int((await conn.execute(_NEXT_REVISION)).scalar_one())
     await conn.execute(update(Project).where(Project.id.in_(project_ids)).values(revision=revision))
     return revision
@@ -149,6 +164,8 @@ async def store_projects(
     # Bounded in bytes: PostgreSQL's unique index refuses keys past ~2.7 KB, whatever the chars.
     storable = sorted(url for url in latest if len(url.encode()) <= MAX_URL_LENGTH)
     created = updated = revision = 0
+    dialect = engine.dialect.name
+    stamped = dialect == "postgresql"  # by the upsert itself (`upsert_statement`)
     for start in range(0, len(storable), batch_size):
         # `now` marks this statement's writes: a row that comes back with first_seen_at == now
         # was inserted by it, one with updated_at == now was changed by it.
@@ -170,11 +187,22 @@ async def store_projects(
         async def upsert(
             conn: AsyncConnection, rows: list[dict[str, Any]] = rows, now: dt.datetime = now
         ) -> tuple[list[Any], int]:
-            returned = list(await conn.execute(upsert_statement(engine.dialect.name), rows))
-            changed = [row.id for row in returned if row.updated_at == now]
-            return returned, (await stamp_revision(conn, changed) if changed else 0)
+            # All the rows in one INSERT, not split into statements of SQLAlchemy's default
+            # 1,000 rows that would each bump the feed and commit apart (UPSERT_BATCH_SIZE is
+            # bounded to fit PostgreSQL's parameter limit).
+            pages = {"insertmanyvalues_page_size": len(rows)}
+            returned = list(
+                await conn.execute(upsert_statement(dialect), rows, execution_options=pages)
+            )
+            changed = [row for row in returned if row.updated_at == now]
+            if not changed:
+                return returned, 0
+            if stamped:
+                return returned, max(int(row.revision) for row in changed)
+            return returned, await stamp_revision(conn, [row.id for row in changed])
 
-        returned, batch_revision = await _with_retries(engine, upsert, transaction=True)
+        # PostgreSQL's upsert is one statement, stamp included: no transaction around it.
+        returned, batch_revision = await _with_retries(engine, upsert, transaction=not stamped)
         revision = batch_revision or revision
         batch_created = sum(1 for row in returned if row.first_seen_at == now)
         created += batch_created

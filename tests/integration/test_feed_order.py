@@ -2,10 +2,10 @@
 
 The pitfall: a number drawn when a transaction writes is not the order in which transactions
 commit. Writer A draws revision 1, writer B draws 2 and commits first; a reader that saw 2 and
-resumes after it never sees 1. `worker.store` stamps revisions from one row-locked counter as
-the last statement before its commit, so B waits for A. Both are played here on PostgreSQL
-with the production reader (`ProjectStore.changes_after`): the naive drawing loses A's rows,
-the store's does not.
+resumes after it never sees 1. `worker.store` stamps revisions from one row-locked counter,
+bumped by the upsert itself and held until its commit, so B waits for A. Both are played here
+on PostgreSQL with the production reader (`ProjectStore.changes_after`): the naive drawing
+loses A's rows, the store's does not.
 """
 
 from __future__ import annotations
@@ -20,20 +20,43 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from core.db import Feed, Project, create_engine, utcnow
 from core.migrate import upgrade_to_head
 from gateway.project_store import BEGINNING, Position, ProjectStore
-from worker.store import stamp_revision, upsert_statement
+from worker.store import upsert_statement
 
 pytestmark = pytest.mark.postgres
 
-Stamp = Callable[[AsyncConnection, AsyncEngine, list[int]], Awaitable[int]]
+# Writes the rows for the urls in the connection's open transaction; the revision they got.
+Write = Callable[[AsyncConnection, AsyncEngine, list[str]], Awaitable[int]]
 
 
-async def stamp_in_the_transaction(conn: AsyncConnection, _: AsyncEngine, ids: list[int]) -> int:
-    """The store's way: the counter's row lock is taken here and held until `conn` commits."""
-    return await stamp_revision(conn, ids)
+def rows_for(urls: list[str]) -> list[dict[str, object]]:
+    now = utcnow()
+    return [
+        {
+            "url": url,
+            "title": url,
+            "description": "",
+            "is_active": True,
+            "start_date": None,
+            "first_seen_at": now,
+            "last_seen_at": now,
+            "updated_at": now,
+        }
+        for url in urls
+    ]
 
 
-async def stamp_drawn_apart(conn: AsyncConnection, engine: AsyncEngine, ids: list[int]) -> int:
-    """The naive way: a number drawn as a sequence would give it, committed at once."""
+async def write_as_the_store_does(conn: AsyncConnection, _: AsyncEngine, urls: list[str]) -> int:
+    """The store's statement: the counter's row lock is taken by it and held until `conn`
+    commits."""
+    returned = (await conn.execute(upsert_statement("postgresql"), rows_for(urls))).all()
+    return max(int(row.revision) for row in returned)
+
+
+async def write_drawn_apart(conn: AsyncConnection, engine: AsyncEngine, urls: list[str]) -> int:
+    """The naive way: the rows upserted, then a number drawn as a sequence would give it,
+    committed at once."""
+    plain = upsert_statement("postgresql", stamp=False)
+    ids = [row.id for row in (await conn.execute(plain, rows_for(urls))).all()]
     async with engine.begin() as draw:
         revision = int(
             (
@@ -47,26 +70,6 @@ async def stamp_drawn_apart(conn: AsyncConnection, engine: AsyncEngine, ids: lis
         )
     await conn.execute(update(Project).where(Project.id.in_(ids)).values(revision=revision))
     return revision
-
-
-async def write(conn: AsyncConnection, engine: AsyncEngine, urls: list[str], stamp: Stamp) -> int:
-    """Upsert projects for `urls` in `conn`'s open transaction and stamp them; the revision."""
-    now = utcnow()
-    rows = [
-        {
-            "url": url,
-            "title": url,
-            "description": "",
-            "is_active": True,
-            "start_date": None,
-            "first_seen_at": now,
-            "last_seen_at": now,
-            "updated_at": now,
-        }
-        for url in urls
-    ]
-    returned = (await conn.execute(upsert_statement("postgresql"), rows)).all()
-    return await stamp(conn, engine, [row.id for row in returned])
 
 
 class Reader:
@@ -104,18 +107,18 @@ async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
-async def play(engine: AsyncEngine, stamp: Stamp) -> list[str]:
+async def play(engine: AsyncEngine, write: Write) -> list[str]:
     """A stamps and stays open; B writes and commits if it can; the reader reads between."""
     reader = Reader(ProjectStore(engine))
     a_urls = [f"https://example.test/a/{n}" for n in range(3)]
     b_urls = [f"https://example.test/b/{n}" for n in range(3)]
     async with engine.connect() as a, engine.connect() as b:
         await a.begin()
-        await write(a, engine, a_urls, stamp)
+        await write(a, engine, a_urls)
         pid = (await b.execute(text("SELECT pg_backend_pid()"))).scalar_one()
 
         async def writer_b() -> None:  # in the transaction the pid query began
-            await write(b, engine, b_urls, stamp)
+            await write(b, engine, b_urls)
             await b.commit()
 
         b_done = asyncio.ensure_future(writer_b())
@@ -137,12 +140,12 @@ async def test_revisions_drawn_at_write_time_lose_a_commit_that_lands_late(
 ) -> None:
     # The pitfall this design avoids, shown on the same reader: B commits first with the higher
     # revision; the reader moves past it, and A's rows, committed later below it, are missed.
-    seen = await play(engine, stamp_drawn_apart)
+    seen = await play(engine, write_drawn_apart)
     assert seen == [f"https://example.test/b/{n}" for n in range(3)]
 
 
-async def test_revisions_stamped_last_under_the_feed_lock_follow_commit_order(
+async def test_revisions_stamped_by_the_upsert_under_the_feed_lock_follow_commit_order(
     engine: AsyncEngine,
 ) -> None:
-    seen = await play(engine, stamp_in_the_transaction)
+    seen = await play(engine, write_as_the_store_does)
     assert seen == [f"https://example.test/{w}/{n}" for w in "ab" for n in range(3)]

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import MAX_URL_LENGTH, Project, TaskRecord, create_engine, utcnow
 from core.migrate import upgrade_to_head
+from core.settings import Settings
 from tests.support.projects import project_item, project_items
 from worker.errors import RetryableError
 from worker.parse import ProjectItem
@@ -163,6 +164,24 @@ async def test_batches_smaller_than_the_items_count_the_same(database_url: str) 
     assert second == StoreCounts(created=2, updated=4, unstorable=0)
     assert third == StoreCounts(created=0, updated=0, unstorable=0)
     assert {url: fields(row) for url, row in rows.items()} == {i.url: i for i in new_items}
+
+
+async def test_the_largest_batch_is_stored_as_one_statement_under_one_revision(
+    database_url: str,
+) -> None:
+    """SQLAlchemy splits a many-row INSERT into statements of 1,000 rows by default; each would
+    take a revision of its own (on PostgreSQL the upsert takes it) and commit apart."""
+    largest = Settings.model_fields["upsert_batch_size"].metadata
+    size = next(rule.le for rule in largest if getattr(rule, "le", None) is not None)
+    items = project_items(size)
+
+    async with engine_for(database_url) as engine:
+        counts = await store_projects(engine, items, batch_size=size)
+        rows = await stored(engine)
+
+    assert counts.created == size
+    assert {row.revision for row in rows.values()} == {counts.revision}
+    assert counts.revision > 0
 
 
 async def test_over_long_link_is_not_stored_and_counted_unstorable(database_url: str) -> None:
