@@ -17,6 +17,7 @@ identical results.
 from __future__ import annotations
 
 import datetime
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -158,10 +159,37 @@ def collapse_whitespace(text: str) -> str:
 
 def resolve_link(href: object, page_url: str) -> str | None:
     """`href` as an absolute http(s) URL against the page, or None when it is no project link."""
-    if not isinstance(href, str) or not href.strip():
+    if not isinstance(href, str) or not (href := href.strip()):
         return None
+    if _PLAIN_ROOT_PATH.fullmatch(href) and "/." not in href:
+        origin = _origin(page_url)
+        if origin is not None:
+            return origin + href
+    return _joined_link(href, page_url)
+
+
+# A path from the site's root ("/projects/7") that urljoin would copy as it is: none of the
+# parts it splits off and may drop when empty (";", "?", "#"), no dot segments, no second "/"
+# that starts a host, nothing it strips. A listing's links are mostly these, and urljoin, which
+# splits the page's URL anew for every link, was most of a page's link resolving.
+_PLAIN_ROOT_PATH = re.compile(r"/(?!/)[A-Za-z0-9\-._~!$&'()*+,=@%/]*")
+
+
+@functools.lru_cache(maxsize=64)
+def _origin(page_url: str) -> str | None:
+    """`scheme://host` of an http(s) page, as urljoin writes it; None for another page."""
     try:
-        url = urljoin(page_url, href.strip())
+        parts = urlsplit(page_url)
+    except ValueError:
+        return None
+    if parts.scheme not in _WEB_SCHEMES or not parts.netloc:
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _joined_link(href: str, page_url: str) -> str | None:
+    try:
+        url = urljoin(page_url, href)
         parts = urlsplit(url)
     except ValueError:
         # e.g. "http://[::1" is an invalid IPv6 host; a link we cannot resolve is no link.
