@@ -5,6 +5,8 @@ Not named test_*.py, so a plain `pytest tests/cluster` does not collect it.
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import threading
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from tests.cluster.harness import cluster
 
 
 def test_cluster_until_interrupted(tmp_path: Path) -> None:
+    # The parent asks for every thread's stack with SIGUSR1 when the teardown takes too long.
+    faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
     with cluster(tmp_path, workers=1, gateways=1) as c:
         pids = " ".join(str(p.pid) for p in c.processes)
         print(f"cluster up; processes {pids}; postgres {c.postmaster_pid()}", flush=True)

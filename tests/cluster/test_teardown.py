@@ -8,9 +8,12 @@ for what the child's run made: its namespaces, links (the bridge, the veth pairs
 from __future__ import annotations
 
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.cluster import network
 from tests.support.processes import PYTHON, Process, clean_environment, poll_until
@@ -31,10 +34,26 @@ def all_gone(pids: list[int]) -> bool:
     return not [pid for pid in pids if psutil.pid_exists(pid)]
 
 
+# The child's teardown may take this long by the harness's own bounds: each of its 4
+# processes (redis, site, a gateway, a worker) is given 10 s to stop and 5 s more once killed.
+TEARDOWN_BOUND_SECONDS = 4 * (10 + 5) + 30
+
+
+@pytest.mark.timeout(120 + TEARDOWN_BOUND_SECONDS)
 def test_interrupted_run_removes_everything_it_made(tmp_path: Path) -> None:
     child, pids = start_child(tmp_path)
     child.send(signal.SIGINT)
-    code = child.popen.wait(60)
+    try:
+        code = child.popen.wait(TEARDOWN_BOUND_SECONDS)
+    except subprocess.TimeoutExpired:
+        child.send(signal.SIGUSR1)  # the child's stacks, where its teardown waits
+        time.sleep(1)
+        alive = [pid for pid in pids if psutil.pid_exists(pid)]
+        child.stop()
+        raise AssertionError(
+            f"the interrupted child did not end within {TEARDOWN_BOUND_SECONDS} s; "
+            f"of its cluster's processes {alive} were alive; its output:\n{child.output()}"
+        ) from None
     child.stop()
     assert code != 0, child.output()  # interrupted, not passed
     assert network.leftovers_of(child.pid) == [], child.output()
