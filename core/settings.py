@@ -449,7 +449,8 @@ class Settings(BaseSettings):
         ge=1,
         le=3000,
         description="Projects stored per upsert statement (and per database round trip); at "
-        "most 3000, so that a batch's parameters fit one PostgreSQL statement.",
+        "most 3000: SQLAlchemy splits a larger batch into several statements to keep within "
+        "its bound of parameters a statement.",
     )
     failpoints: str = Field(
         default="",

@@ -189,7 +189,7 @@ async def store_projects(
         ) -> tuple[list[Any], int]:
             # All the rows in one INSERT, not split into statements of SQLAlchemy's default
             # 1,000 rows that would each bump the feed and commit apart (UPSERT_BATCH_SIZE is
-            # bounded to fit PostgreSQL's parameter limit).
+            # bounded so that SQLAlchemy's own bound of parameters a statement splits none).
             pages = {"insertmanyvalues_page_size": len(rows)}
             returned = list(
                 await conn.execute(upsert_statement(dialect), rows, execution_options=pages)
