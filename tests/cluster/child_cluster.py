@@ -14,6 +14,10 @@ from tests.cluster.harness import cluster
 
 
 def test_cluster_until_interrupted(tmp_path: Path) -> None:
+    # Started by a pytest that a non-interactive shell ran in the background (a CI runner's
+    # `make ... &`), this process inherits SIGINT ignored, and Python then leaves it ignored:
+    # the parent's Ctrl-C would never arrive. Ctrl-C at a terminal is what is played here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # The parent asks for every thread's stack with SIGUSR1 when the teardown takes too long.
     faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
     with cluster(tmp_path, workers=1, gateways=1) as c:
