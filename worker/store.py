@@ -90,9 +90,20 @@ async def _with_retries(
 
 
 # Bumps the feed's revision and takes its row lock, held until the commit (`core.db.Feed`).
+# Without bound parameters, so that it can be the upsert's CTE: insertmanyvalues needs a
+# row's parameters side by side, and a CTE's would come between them.
+_ONE = literal_column("1", Integer())
 _NEXT_REVISION = (
-    update(Feed).where(Feed.id == 1).values(revision=Feed.revision + 1).returning(Feed.revision)
+    update(Feed)
+    .where(Feed.id == _ONE)
+    .values(revision=Feed.revision + _ONE)
+    .returning(Feed.revision)
 )
+
+
+def _upsert_stamps(dialect: str) -> bool:
+    """Whether the upsert stamps the rows itself; SQLite has no UPDATE within WITH."""
+    return dialect == "postgresql"
 
 
 @functools.cache
@@ -111,18 +122,9 @@ def upsert_statement(dialect: str, stamp: bool = True) -> Any:
     # multi-row INSERT ("insertmanyvalues"); a `.values(rows)` statement would be compiled anew
     # for every batch (several times slower on SQLite; bench/README.md has the figure).
     statement = dialect_insert(dialect)(Project)
-    stamp = stamp and dialect == "postgresql"
+    stamp = stamp and _upsert_stamps(dialect)
     if stamp:
-        # Without bound parameters: insertmanyvalues needs a row's parameters side by side,
-        # and a CTE's would come between them.
-        one = literal_column("1", Integer())
-        next_revision = (
-            update(Feed)
-            .where(Feed.id == one)
-            .values(revision=Feed.revision + one)
-            .returning(Feed.revision)
-            .cte("next_revision")
-        )
+        next_revision = _NEXT_REVISION.cte("next_revision")
         statement = statement.add_cte(next_revision).values(
             revision=select(next_revision.c.revision).scalar_subquery()
         )
@@ -165,7 +167,7 @@ async def store_projects(
     storable = sorted(url for url in latest if len(url.encode()) <= MAX_URL_LENGTH)
     created = updated = revision = 0
     dialect = engine.dialect.name
-    stamped = dialect == "postgresql"  # by the upsert itself (`upsert_statement`)
+    stamped = _upsert_stamps(dialect)
     for start in range(0, len(storable), batch_size):
         # `now` marks this statement's writes: a row that comes back with first_seen_at == now
         # was inserted by it, one with updated_at == now was changed by it.
