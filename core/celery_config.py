@@ -102,5 +102,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # other monitors; a sent event costs the gateway a message per task, in the same
         # pipeline as the task's own.
         "worker_send_task_events": settings.task_events,
+        # Sends the buffered task events together, a few times a second (worker/consumer.py).
+        "worker_consumer": "worker.consumer:Consumer",
         "task_send_sent_event": settings.task_events,
     }

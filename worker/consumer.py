@@ -1,0 +1,70 @@
+"""The worker's Celery consumer: task events sent together, at most every EVENT_FLUSH_SECONDS.
+
+Celery buffers a worker's task events (received, started, succeeded, ...) and sends what the
+buffer holds as one `task.multi` message, but it asks for that send on the event loop's next
+turn after every event: at a harvest's rate nearly every event went out as a message of its
+own, a kombu publish each, about an eighth of a worker's CPU (bench/README.md). Here the first
+event after a quiet spell still goes out on the loop's next turn; the ones after it wait until
+EVENT_FLUSH_SECONDS have passed since that send, and go out together. A monitor (`celery
+events`, Flower) sees an event at most that much later; a full buffer (Celery's 24 events)
+is sent at once, as before, and so is what is left when the consumer stops.
+
+Set as the worker's consumer class by `worker_consumer` in core/celery_config.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from time import monotonic
+from typing import Any
+
+from celery.worker.consumer import Consumer as CeleryConsumer
+
+log = logging.getLogger(__name__)
+
+EVENT_FLUSH_SECONDS = 0.1
+# A send set on the loop's timer that has not come this long after it was due was lost with
+# that loop (a reconnect makes a new one): the next event sets another.
+LOST_SEND_SECONDS = 1.0
+
+
+class Consumer(CeleryConsumer):
+    hub: Any  # kombu's Hub, Celery's event loop (None without one); absent from the stubs
+    # Used from the event loop's thread only: Celery runs `_flush_events` there.
+    _events_sent_at = 0.0  # monotonic() of the last send
+    _send_due: float | None = None  # when the send set on the loop's timer is due
+
+    def _flush_events(self) -> None:
+        now = monotonic()
+        if self._send_due is not None and now < self._send_due + LOST_SEND_SECONDS:
+            return
+        wait = self._events_sent_at + EVENT_FLUSH_SECONDS - now
+        if wait > 0 and self.hub is not None:
+            self._send_due = now + wait
+            self.hub.call_later(wait, self._send_events)
+            return
+        self._send_events()
+
+    def _send_events(self) -> None:
+        self._send_due = None
+        self._events_sent_at = monotonic()
+        # Celery's own send of the buffer; private, and absent from the stubs.
+        super()._flush_events()  # type: ignore[misc]
+
+    def stop(self) -> None:
+        self._send_pending()
+        super().stop()
+
+    def shutdown(self) -> None:
+        self._send_pending()
+        super().shutdown()
+
+    def _send_pending(self) -> None:
+        """What waits on the timer, which stops with the loop; a broker that is gone by then
+        must not stop the shutdown."""
+        if self._send_due is None:
+            return
+        try:
+            self._send_events()
+        except Exception:
+            log.warning("task events not sent at shutdown", exc_info=True)
