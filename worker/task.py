@@ -112,8 +112,11 @@ async def _fetch_parse_store(
         )
     # After the store: a memo never promises rows that were not stored.
     fresh = fetched.validators
-    links = [item.url for item in parsed.items]
-    await remember_page(engine, url, fresh.etag, fresh.last_modified, links)
+    if memo is not None or fresh.etag or fresh.last_modified:
+        # (With neither, there is nothing to keep and no memo of ours to forget. One another
+        # delivery wrote meanwhile is left: written after its own store, it holds.)
+        links = [item.url for item in parsed.items]
+        await remember_page(engine, url, fresh.etag, fresh.last_modified, links)
     if counts.revision:
         await runtime.events.publish(ProjectsChanged(counts.revision))
     return task_pb2.UploadResult(
