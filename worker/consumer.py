@@ -3,7 +3,7 @@
 Celery buffers a worker's task events (received, started, succeeded, ...) and sends what the
 buffer holds as one `task.multi` message, but it asks for that send on the event loop's next
 turn after every event: at a harvest's rate nearly every event went out as a message of its
-own, a kombu publish each, about an eighth of a worker's CPU (bench/README.md). Here the first
+own, a kombu publish and a Redis PUBLISH each (bench/README.md has the profile). Here the first
 event after a quiet spell still goes out on the loop's next turn; the ones after it wait until
 EVENT_FLUSH_SECONDS have passed since that send, and go out together. A monitor (`celery
 events`, Flower) sees an event at most that much later; a full buffer (Celery's 24 events)
