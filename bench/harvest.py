@@ -286,8 +286,8 @@ async def _cpu_per_page(engine: AsyncEngine, batch_size: int, parser: SourcePars
     This process's CPU and that of the PostgreSQL backend that stores the pages: both are the
     machine's work for a page. `engine` has one connection, so one backend does all of it.
     The backend's CPU is read from /proc, in clock ticks of 10 ms: read around each page, a
-    page's 2-10 ms came out as 0 or 10 (and the median of such readings as either), so it is
-    read around the block.
+    page's 2-10 ms came out as whole ticks (and the median of such readings as 0 or 10), so it
+    is read around the block.
     """
     # Links of their own, not those of the runs, and new on every turn: the table is emptied
     # before each run of ours, and a turn stores after one.

@@ -6,8 +6,9 @@ turn after every event: at a harvest's rate nearly every event went out as a mes
 own, a kombu publish and a Redis PUBLISH each (bench/README.md has the profile). Here the first
 event after a quiet spell still goes out on the loop's next turn; the ones after it wait until
 EVENT_FLUSH_SECONDS have passed since that send, and go out together. A monitor (`celery
-events`, Flower) sees an event at most that much later; a full buffer (Celery's 24 events)
-is sent at once, as before, and so is what is left when the consumer stops.
+events`, Flower) sees an event that much later at most while the broker answers; a full
+buffer (Celery's 24 events) is sent at once, as before, and what waits is sent when the
+connection is lost (so that Celery's reconnect carries it over) and when the consumer stops.
 
 Set as the worker's consumer class by `worker_consumer` in core/celery_config.py.
 """
@@ -23,8 +24,9 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 log = logging.getLogger(__name__)
 
 EVENT_FLUSH_SECONDS = 0.1
-# A send set on the loop's timer that has not come this long after it was due was lost with
-# that loop (a reconnect makes a new one): the next event sets another.
+# A send set on the loop's timer that has not come this long after it was due is taken as
+# lost (the timer outlives a reconnect, so only a loop held up that long could delay it): the
+# next event sends, rather than waiting on it.
 LOST_SEND_SECONDS = 1.0
 
 
@@ -50,6 +52,14 @@ class Consumer(CeleryConsumer):
         self._events_sent_at = monotonic()
         # Celery's own send of the buffer; private, and absent from the stubs.
         super()._flush_events()  # type: ignore[misc]
+
+    def on_close(self) -> None:
+        # The connection is lost (or the consumer stops): Celery is about to replace the event
+        # dispatcher, and carries over only what the old one failed to send, not what it
+        # buffers. Sent now, what waits is either sent or, the broker being gone, kept among
+        # the failed sends that go out once it is back.
+        self._send_pending()
+        super().on_close()
 
     def stop(self) -> None:
         self._send_pending()
