@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Any
 
 from google.protobuf import timestamp_pb2
@@ -23,8 +24,15 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MICROSECOND = dt.timedelta(microseconds=1)
 
 
+@functools.lru_cache(maxsize=1024)
 def timestamp_fields(value: dt.datetime) -> dict[str, int]:
-    """`value` as a Timestamp's fields, a naive datetime taken as UTC (as FromDatetime does)."""
+    """`value` as a Timestamp's fields, a naive datetime taken as UTC (as FromDatetime does).
+
+    Remembered: the rows one statement stored share its timestamps, so a page of projects
+    holds few distinct ones, and their arithmetic was a tenth of the gateway's CPU a row of
+    ListProjects (bench/README.md). The dict is shared between callers: read it, copy it into
+    a message, never change it.
+    """
     # Timestamp.FromDatetime goes through a time tuple and calendar.timegm, a sizeable share of
     # an Upload's own work in the gateway; the datetime's own arithmetic gives the same instant.
     if value.tzinfo is None:

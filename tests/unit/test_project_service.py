@@ -7,7 +7,6 @@ real TokenSigner; a fake context turns the handler's abort into an exception to 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -499,8 +498,8 @@ def test_a_delivery_with_nothing_for_the_filter_sends_nothing() -> None:
 
 
 def test_a_change_says_whether_its_project_is_new_and_carries_its_fields() -> None:
-    created = dataclasses.replace(ROWS[0], updated_at=ROWS[0].first_seen_at)
-    changed = dataclasses.replace(ROWS[1], updated_at=ROWS[1].first_seen_at + dt.timedelta(1))
+    created = ROWS[0]._replace(updated_at=ROWS[0].first_seen_at)
+    changed = ROWS[1]._replace(updated_at=ROWS[1].first_seen_at + dt.timedelta(1))
     response = service()._delivered(Delivery([created, changed]), BEGINNING, None)
 
     assert response is not None
