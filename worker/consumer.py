@@ -2,7 +2,7 @@
 
 Celery buffers a worker's task events (received, started, succeeded, ...) and sends what the
 buffer holds as one `task.multi` message, but it asks for that send on the event loop's next
-turn after every event: at a harvest's rate nearly every event went out as a message of its
+turn after every event: at a harvest's rate most events went out as a message of their
 own, a kombu publish and a Redis PUBLISH each (bench/README.md has the profile). Here the first
 event after a quiet spell still goes out on the loop's next turn; the ones after it wait until
 EVENT_FLUSH_SECONDS have passed since that send, and go out together. A monitor (`celery
@@ -70,11 +70,11 @@ class Consumer(CeleryConsumer):
         super().shutdown()
 
     def _send_pending(self) -> None:
-        """What waits on the timer, which stops with the loop; a broker that is gone by then
-        must not stop the shutdown."""
+        """What waits on the timer, which stops with the loop (or the connection); a broker
+        that is gone by then must not stop the shutdown or the reconnect."""
         if self._send_due is None:
             return
         try:
             self._send_events()
         except Exception:
-            log.warning("task events not sent at shutdown", exc_info=True)
+            log.warning("task events not sent as the connection closed", exc_info=True)
