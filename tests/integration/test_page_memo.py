@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.db import PageMemo
 from core.settings import Settings
 from sample_site.pages import render_listing, sample_page
-from tests.integration.test_store import engine_for
+from tests.support.databases import engine_for
 from worker.fetch import FetchedPage, Validators
 from worker.task import _fetch_parse_store
 
@@ -90,7 +90,7 @@ async def _memo(engine: AsyncEngine) -> tuple[str | None, str | None] | None:
 
 async def test_an_answer_without_validators_costs_no_memo_write(engine: AsyncEngine) -> None:
     statements = _memo_statements(engine)
-    await _harvest(engine, _Source([_answer(), _answer()]))
+    await _harvest(engine, _Source([_answer()]))
     await _harvest(engine, _Source([_answer()]))
     # Each harvest reads the memo; with nothing to keep and nothing kept, none is written.
     assert statements == ["SELECT", "SELECT"]

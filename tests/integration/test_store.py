@@ -7,13 +7,12 @@ would be at start.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import datetime as dt
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -21,25 +20,14 @@ from sqlalchemy import func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db import MAX_URL_LENGTH, Project, TaskRecord, create_engine, utcnow
-from core.migrate import upgrade_to_head
 from core.settings import Settings
+from tests.support.databases import engine_for
 from tests.support.projects import project_item, project_items
 from worker.errors import RetryableError
 from worker.parse import ProjectItem
 from worker.store import StoreCounts, record_start, store_projects
 
 BATCH = 500
-
-
-@contextlib.asynccontextmanager
-async def engine_for(url: str, *, migrate: bool = True) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(url)
-    try:
-        if migrate:
-            await upgrade_to_head(engine)
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 async def stored(engine: AsyncEngine) -> dict[str, Any]:
