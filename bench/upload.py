@@ -12,6 +12,11 @@ flight), so the table shows how much of the gap is gRPC itself. It runs both as 
 as many processes as the gateway serves with, and each floor figure takes the better of the two
 (one process has had the lower p99 here, the clients sharing the 2 cores with it).
 
+And beside the no-op, the no-op `--grouped`: an Upload that still does nothing but waits the way
+ours does, on a group that goes to one thread and back (`bench/noop_gateway.py`), as many
+processes as the gateway: `noop_grouped_vs_noop_grpc` is what that shape alone costs under
+grpc.aio, against the plain no-op of as many processes.
+
 One gateway takes every Upload of the section: 2,000 as the warm-up, then the measured runs up
 to 20,000 in all. Its RSS after the first 2,000 divided by its RSS after all 20,000 is
 `gateway_rss_growth` (1.0: no growth; the target allows 10%).
@@ -107,8 +112,11 @@ def _send_task_loop(settings: Settings) -> tuple[PublishingCelery, Callable[[int
 
 
 @contextlib.contextmanager
-def _noop_gateway(directory: Path, env: dict[str, str], count: int) -> Iterator[str]:
-    """`count` running `bench.noop_gateway`s on one port; its address."""
+def _noop_gateway(
+    directory: Path, env: dict[str, str], count: int, grouped: bool = False
+) -> Iterator[str]:
+    """`count` running `bench.noop_gateway`s (`--grouped` ones if `grouped`) on one port; its
+    address."""
     address = f"127.0.0.1:{free_port()}"
     processes: list[Process] = []
     try:
@@ -116,7 +124,13 @@ def _noop_gateway(directory: Path, env: dict[str, str], count: int) -> Iterator[
             processes.append(
                 Process(
                     f"noop-gateway-{index}",
-                    [PYTHON, "-m", "bench.noop_gateway", address],
+                    [
+                        PYTHON,
+                        "-m",
+                        "bench.noop_gateway",
+                        address,
+                        *(["--grouped"] if grouped else []),
+                    ],
                     clean_environment({"PYTHONPATH": env["PYTHONPATH"]}),
                     directory,
                 )
@@ -167,8 +181,13 @@ def run(options: Options) -> list[Figure]:
                 count: stack.enter_context(_noop_gateway(directory, env, count))
                 for count in sorted({1, GATEWAY_PROCESSES})
             }
+            grouped_address = stack.enter_context(
+                _noop_gateway(directory, env, GATEWAY_PROCESSES, grouped=True)
+            )
             clients = _Clients(address)
             stack.callback(clients.close)
+            grouped_clients = _Clients(grouped_address)
+            stack.callback(grouped_clients.close)
             noop_clients: dict[int, _Clients] = {}
             for count, noop_address in noop_addresses.items():
                 noop_clients[count] = _Clients(noop_address)
@@ -177,20 +196,23 @@ def run(options: Options) -> list[Figure]:
             say(f"upload: {CLIENTS} clients; warm-up of {warm} Uploads, then runs of {per_run}")
             clients.uploads(warm)
             sends(warm)
-            for each in noop_clients.values():
+            for each in [*noop_clients.values(), grouped_clients]:
                 each.uploads(warm)
             rss_warm = _rss(process.pid)
             ours: list[Run] = []
             base: list[Run] = []
             noops: dict[int, list[Run]] = {count: [] for count in noop_clients}
+            grouped: list[Run] = []
             for index in range(options.runs):
                 ours.append(clients.uploads(per_run))
                 base.append(sends(per_run))
                 for count, each in noop_clients.items():
                     noops[count].append(each.uploads(per_run))
+                grouped.append(grouped_clients.uploads(per_run))
                 shown = ", ".join(
                     f"no-op gRPC x{count} {runs[-1][0]:.0f}/s" for count, runs in noops.items()
                 )
+                shown += f", grouped no-op x{GATEWAY_PROCESSES} {grouped[-1][0]:.0f}/s"
                 say(
                     f"  run {index + 1}/{options.runs}: ours {ours[-1][0]:.0f}/s, "
                     f"send_task loop {base[-1][0]:.0f}/s, {shown}"
@@ -253,6 +275,7 @@ def run(options: Options) -> list[Figure]:
             rates[fastest],
             "calls/s",
             higher_is_better=True,
+            target=0.7,
             note=(
                 "the floor: the same clients against a grpc.aio Upload that does nothing; "
                 + noop_note(rates, "calls/s")
@@ -265,6 +288,8 @@ def run(options: Options) -> list[Figure]:
             p99s[steadiest],
             "ms",
             higher_is_better=False,
+            # At most 1.5x the no-op's p99 (the ratio is the no-op's over ours).
+            target=round(1 / 1.5, 3),
             note=(
                 "p99 of the no-op gRPC Upload, 32 calls in flight: the least a Python gateway "
                 "has; " + noop_note(p99s, "ms")
@@ -272,6 +297,22 @@ def run(options: Options) -> list[Figure]:
             samples={
                 "ours": quantile_ms(ours, 0.99),
                 "baseline": quantile_ms(noops[steadiest], 0.99),
+            },
+        ),
+        Figure(
+            "noop_grouped_vs_noop_grpc",
+            median([rate for rate, _ in grouped]),
+            rates[GATEWAY_PROCESSES],
+            "calls/s",
+            higher_is_better=True,
+            note=(
+                "ours: the no-op Upload waiting as ours does, on a group that goes to one "
+                "thread and back (nothing recorded or sent); baseline: the plain no-op; both "
+                f"{GATEWAY_PROCESSES} processes: what the wait's shape alone costs"
+            ),
+            samples={
+                "ours": [r for r, _ in grouped],
+                "baseline": [r for r, _ in noops[GATEWAY_PROCESSES]],
             },
         ),
         Figure(
